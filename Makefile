@@ -1,0 +1,17 @@
+# The two commands of the README: `make demo` (the main job) and `make test`. Both set up what is missing.
+# Uses the active virtualenv if there is one, else .venv/ in the checkout.
+PY := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(CURDIR)/.venv/bin/python)
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	PATH="$(dir $(PY)):$$PATH" bash scripts/demo.sh
+
+lint: setup
+	$(PY) -m ruff check rmt_fairseq user_dir tests

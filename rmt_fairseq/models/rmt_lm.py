@@ -1,0 +1,318 @@
+"""The `rmt_lm` model: a Transformer-XL decoder with RMT memory tokens, an XL cache, both, or neither.
+
+Legend: B batch (streams), T segment tokens, M memory tokens, L XL-cache length, C model dim, V vocabulary.
+
+Memory modes, all from flags on the same backbone:
+  --mem-tokens 0 --mem-len 0      no memory (the baseline)
+  --mem-len L                     Transformer-XL: per-layer hidden states of the last L tokens, detached
+  --mem-tokens M                  RMT: [read mem | segment | write mem]; write output -> next read memory
+  --mem-tokens M --mem-len L      RMT + XL cache
+  --memory-layout mt              the paper's MT ablation: memory tokens at the start only, no recurrence
+"""
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq import options
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import FairseqDecoder, FairseqLanguageModel, register_model, register_model_architecture
+from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
+from omegaconf import II
+from torch import nn
+
+from rmt_fairseq.errors import check
+from rmt_fairseq.modules.memory import Layout, LayoutCache, MemoryTokens
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
+from rmt_fairseq.modules.relative_attention import RelativeDecoderLayer
+
+logger = logging.getLogger(__name__)
+
+MEMORY_LAYOUTS = ChoiceEnum(["rmt", "mt"])
+
+
+@dataclass
+class RMTLanguageModelConfig(FairseqDataclass):
+    decoder_layers: int = field(default=16, metadata={"help": "number of decoder layers"})
+    decoder_embed_dim: int = field(default=410, metadata={"help": "model dimension C"})
+    decoder_ffn_embed_dim: int = field(default=2100, metadata={"help": "feed-forward inner dimension"})
+    decoder_attention_heads: int = field(default=10, metadata={"help": "attention heads (C must divide by it)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings, residuals and output"})
+    attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
+    activation_dropout: float = field(default=0.0, metadata={"help": "dropout inside the feed-forward block"})
+    mem_tokens: int = field(
+        default=10,
+        metadata={"help": "RMT memory tokens M (read block before, write block after each segment); 0 = none"},
+    )
+    mem_len: int = field(
+        default=0, metadata={"help": "Transformer-XL cache length L (detached per-layer states); 0 = none"}
+    )
+    memory_layout: MEMORY_LAYOUTS = field(
+        default="rmt",
+        metadata={"help": "rmt: read+write memory carried across segments; mt: memory tokens at the start "
+                  "only, no recurrence (the paper's MT ablation)"},
+    )
+    share_decoder_input_output_embed: bool = field(
+        default=False, metadata={"help": "tie input embedding and output projection"}
+    )
+    no_scale_embedding: bool = field(default=False, metadata={"help": "do not multiply embeddings by sqrt(C)"})
+    adaptive_softmax_cutoff: Optional[str] = field(
+        default=None, metadata={"help": "comma-separated adaptive softmax cutoffs, e.g. 20000,40000,200000"}
+    )
+    adaptive_softmax_dropout: float = field(default=0.0, metadata={"help": "dropout in adaptive softmax tails"})
+    adaptive_softmax_factor: float = field(default=4.0, metadata={"help": "adaptive softmax dimension factor"})
+    adaptive_input: bool = field(default=False, metadata={"help": "use fairseq's AdaptiveInput embeddings"})
+    adaptive_input_factor: float = field(default=4.0, metadata={"help": "adaptive input dimension factor"})
+    adaptive_input_cutoff: Optional[str] = field(
+        default=None, metadata={"help": "adaptive input cutoffs (default: the adaptive softmax cutoffs)"}
+    )
+    tie_adaptive_weights: bool = field(
+        default=False, metadata={"help": "tie adaptive input and adaptive softmax weights"}
+    )
+    tie_adaptive_proj: bool = field(
+        default=False, metadata={"help": "also tie the adaptive input/softmax projections"}
+    )
+    tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
+
+
+class RMTDecoder(FairseqDecoder):
+    """Transformer-XL decoder with memory tokens; implements the segment interface of modules/recurrence.py."""
+
+    def __init__(self, cfg: RMTLanguageModelConfig, dictionary, embed_tokens: nn.Module):
+        super().__init__(dictionary)
+        C, H = cfg.decoder_embed_dim, cfg.decoder_attention_heads
+        self.embed_dim, self.num_layers = C, cfg.decoder_layers
+        self.mem_len = cfg.mem_len
+        self.layout_name = str(cfg.memory_layout)
+        self.padding_idx = dictionary.pad()
+        self.embed_tokens = embed_tokens
+        self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(C)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.memory = MemoryTokens(cfg.mem_tokens, C) if cfg.mem_tokens > 0 else None
+        head_dim = C // H
+        self.layers = nn.ModuleList(
+            RelativeDecoderLayer(C, H, head_dim, cfg.decoder_ffn_embed_dim, cfg.dropout, cfg.attention_dropout,
+                                 cfg.activation_dropout)
+            for _ in range(cfg.decoder_layers)
+        )
+        # XL's u and v (r_w_bias, r_r_bias), shared across layers as in the original (untie_r=False)
+        self.pos_bias_u = nn.Parameter(torch.zeros(H, head_dim))
+        self.pos_bias_v = nn.Parameter(torch.zeros(H, head_dim))
+        self.layouts = LayoutCache(C)
+
+        self.adaptive_softmax = None
+        self.output_projection = None
+        if cfg.adaptive_softmax_cutoff is not None:
+            self.adaptive_softmax = AdaptiveSoftmax(
+                len(dictionary), C, options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int),
+                dropout=cfg.adaptive_softmax_dropout,
+                adaptive_inputs=embed_tokens if cfg.tie_adaptive_weights else None,
+                factor=cfg.adaptive_softmax_factor, tie_proj=cfg.tie_adaptive_proj,
+            )
+        else:
+            self.output_projection = nn.Linear(C, len(dictionary), bias=False)
+            if cfg.share_decoder_input_output_embed:
+                self.output_projection.weight = embed_tokens.weight
+            else:
+                nn.init.normal_(self.output_projection.weight, mean=0, std=C**-0.5)
+
+    # ---- the segment interface used by modules/recurrence.py -------------------------------------------
+
+    @property
+    def num_mem_tokens(self) -> int:
+        return self.memory.num_tokens if self.memory is not None else 0
+
+    @property
+    def recurrent(self) -> bool:
+        return self.memory is not None and self.layout_name == "rmt"
+
+    def initial_memory(self, batch_size: int) -> Optional[torch.Tensor]:
+        return self.memory.initial(batch_size) if self.recurrent else None
+
+    def forward_segment(
+        self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache: Optional[List[torch.Tensor]]
+    ) -> SegmentOutput:
+        B, T = tokens.shape
+        M = self.num_mem_tokens
+        x = self.dropout(self.embed_scale * self.embed_tokens(tokens))  # B x T x C
+        if M == 0:
+            h, W = x, 0
+        elif self.recurrent:
+            read = memory if memory is not None else self.memory.initial(B)  # B x M x C
+            # paper §3.2: the same memory is placed as the read block and as the write block
+            h, W = torch.cat([read, x, read], dim=1), M  # B x (M+T+M) x C
+        else:  # MT: learned tokens in front of every segment, nothing carried
+            h, W = torch.cat([self.memory.initial(B), x], dim=1), 0  # B x (M+T) x C
+        L = cache[0].size(1) if cache is not None else 0
+        pos_emb, rel_index, mask_bias = self.layouts.get(Layout(L, M, T, W), h.device, h.dtype)
+        pos_emb = self.dropout(pos_emb)
+
+        new_cache = [] if self.mem_len > 0 else None
+        for i, layer in enumerate(self.layers):
+            if new_cache is not None:
+                # XL caches each layer's input for the segment tokens only; memory travels through RMT
+                seg = h[:, M : M + T]  # B x T x C
+                prev = cache[i] if cache is not None else seg[:, :0]
+                new_cache.append(torch.cat([prev, seg], dim=1)[:, -self.mem_len :].detach())  # B x L' x C
+            h = layer(h, cache[i] if cache is not None else None, pos_emb, rel_index, mask_bias,
+                      self.pos_bias_u, self.pos_bias_v)  # B x (M+T+W) x C
+        hidden = self.dropout(h[:, M : M + T])  # B x T x C
+        new_memory = h[:, M + T :] if self.recurrent else None  # B x M x C
+        return SegmentOutput(hidden=hidden, memory=new_memory, cache=new_cache)
+
+    def segment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Summed NLL (nats, fp32) of target B x T given hidden B x T x C; pad targets are ignored."""
+        if self.adaptive_softmax is not None:
+            # as fairseq's adaptive_loss criterion: one cross-entropy per cluster
+            logits, targets = self.adaptive_softmax(hidden, target.reshape(-1))
+            loss = hidden.new_zeros((), dtype=torch.float)
+            for lg, tg in zip(logits, targets):
+                if tg is not None:
+                    loss = loss + F.cross_entropy(lg.float(), tg, ignore_index=self.padding_idx, reduction="sum")
+            return loss
+        logits = self.output_projection(hidden)  # B x T x V
+        return F.cross_entropy(logits.float().flatten(0, 1), target.reshape(-1), ignore_index=self.padding_idx,
+                               reduction="sum")
+
+    # ---- fairseq decoder interface (used by fairseq-eval-lm's SequenceScorer) ----------------------------
+
+    def output_layer(self, features: torch.Tensor) -> torch.Tensor:
+        if self.adaptive_softmax is not None:
+            return features  # AdaptiveSoftmax.get_log_prob takes the features
+        return self.output_projection(features)
+
+    def forward(self, prev_output_tokens, **kwargs):
+        raise RuntimeError("RMTDecoder runs through RMTLanguageModel.forward / modules.recurrence.run_segments")
+
+    def max_positions(self):
+        return None  # relative positions: any segment length; streams have no length limit
+
+
+@register_model("rmt_lm", dataclass=RMTLanguageModelConfig)
+class RMTLanguageModel(FairseqLanguageModel):
+    def __init__(self, decoder: RMTDecoder, cfg: RMTLanguageModelConfig):
+        super().__init__(decoder)
+        self.cfg = cfg
+        # Recurrent state for callers that only have model(**net_input), i.e. fairseq-eval-lm's
+        # SequenceScorer. The task's batches carry net_input["reset"] on the first batch of every pass, which
+        # resets it. Training and validation never use it: they pass their own explicit state.
+        self.stream_state = RecurrentState()
+
+    @classmethod
+    def build_model(cls, cfg: RMTLanguageModelConfig, task):
+        validate_config(cfg, len(task.source_dictionary))
+        dictionary = task.source_dictionary
+        C = cfg.decoder_embed_dim
+        if cfg.adaptive_input:
+            cutoff = cfg.adaptive_input_cutoff or cfg.adaptive_softmax_cutoff
+            check(cutoff is not None, "--adaptive-input needs --adaptive-input-cutoff or --adaptive-softmax-cutoff")
+            embed_tokens = AdaptiveInput(len(dictionary), dictionary.pad(), C, cfg.adaptive_input_factor, C,
+                                         options.eval_str_list(cutoff, type=int))
+        else:
+            embed_tokens = nn.Embedding(len(dictionary), C, padding_idx=dictionary.pad())
+            nn.init.normal_(embed_tokens.weight, mean=0, std=C**-0.5)
+            nn.init.constant_(embed_tokens.weight[dictionary.pad()], 0)
+        return cls(RMTDecoder(cfg, dictionary, embed_tokens), cfg)
+
+    def forward(self, src_tokens, src_lengths=None, reset=None, segment_len: Optional[int] = None, **kwargs):
+        """Score a batch of consecutive segments with memory carried in `self.stream_state`.
+
+        src_tokens: B x (S*T). Returns (logits B x S*T x V, or features when adaptive softmax is used, extra).
+        """
+        if reset is not None and bool(reset.any()):
+            self.stream_state.reset()
+        seg_len = segment_len or self.cfg.tokens_per_sample or src_tokens.size(1)
+        out = run_segments(self.decoder, src_tokens, None, self.stream_state, seg_len=int(seg_len),
+                           return_hidden=True)
+        features = torch.cat(out.hidden, dim=1)  # B x S*T x C
+        return self.decoder.output_layer(features), {"attn": None, "inner_states": None}
+
+    def max_positions(self):
+        return None
+
+
+def validate_config(cfg, vocab_size: int) -> None:
+    """Stop before training on a flag that cannot work, naming the flag and its value."""
+    for flag, value, low in [
+        ("--mem-tokens", cfg.mem_tokens, 0),
+        ("--mem-len", cfg.mem_len, 0),
+        ("--decoder-layers", cfg.decoder_layers, 1),
+        ("--decoder-embed-dim", cfg.decoder_embed_dim, 1),
+        ("--decoder-ffn-embed-dim", cfg.decoder_ffn_embed_dim, 1),
+        ("--decoder-attention-heads", cfg.decoder_attention_heads, 1),
+    ]:
+        check(value >= low, f"{flag} must be >= {low}, got {value}")
+    for flag, value in [("--dropout", cfg.dropout), ("--attention-dropout", cfg.attention_dropout),
+                        ("--activation-dropout", cfg.activation_dropout)]:
+        check(0.0 <= value < 1.0, f"{flag} must be in [0, 1), got {value}")
+    check(cfg.decoder_embed_dim % cfg.decoder_attention_heads == 0,
+          f"--decoder-embed-dim {cfg.decoder_embed_dim} is not divisible by --decoder-attention-heads "
+          f"{cfg.decoder_attention_heads}")
+    check(str(cfg.memory_layout) in ("rmt", "mt"), f"--memory-layout must be rmt or mt, got {cfg.memory_layout}")
+    check(not (str(cfg.memory_layout) == "mt" and cfg.mem_tokens == 0),
+          "--memory-layout mt needs --mem-tokens > 0, got --mem-tokens 0")
+    for flag, value in [("--adaptive-softmax-cutoff", cfg.adaptive_softmax_cutoff),
+                        ("--adaptive-input-cutoff", cfg.adaptive_input_cutoff)]:
+        if value is None:
+            continue
+        try:
+            cut = options.eval_str_list(value, type=int)
+        except Exception:
+            check(False, f"{flag} must be comma-separated integers, got {value!r}")
+        check(all(0 < a < b for a, b in zip([0] + cut, cut)) and cut[-1] < vocab_size,
+              f"{flag} {value}: cutoffs must be increasing and smaller than the vocabulary size ({vocab_size})")
+    if cfg.share_decoder_input_output_embed:
+        check(cfg.adaptive_softmax_cutoff is None,
+              "--share-decoder-input-output-embed does not apply with --adaptive-softmax-cutoff "
+              "(use --tie-adaptive-weights)")
+
+
+# ---- architectures: size presets; every field stays overridable on the command line ---------------------
+
+
+def _defaults(args, **values):
+    for k, v in values.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+@register_model_architecture("rmt_lm", "rmt_wt103")
+def rmt_wt103(args):
+    """Transformer-XL base for WikiText-103 (Dai et al. 2019) with 10 memory tokens; segment 150."""
+    _defaults(args, decoder_layers=16, decoder_embed_dim=410, decoder_attention_heads=10,
+              decoder_ffn_embed_dim=2100, dropout=0.1, attention_dropout=0.0, mem_tokens=10, mem_len=0,
+              adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=1.0, adaptive_input=True,
+              adaptive_input_factor=1.0, tie_adaptive_weights=True, tie_adaptive_proj=True, tokens_per_sample=150)
+
+
+@register_model_architecture("rmt_lm", "rmt_enwik8")
+def rmt_enwik8(args):
+    """Transformer-XL 12-layer enwik8 model with 10 memory tokens; segment 512, byte vocabulary."""
+    _defaults(args, decoder_layers=12, decoder_embed_dim=512, decoder_attention_heads=8,
+              decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0, mem_tokens=10, mem_len=0,
+              share_decoder_input_output_embed=True, tokens_per_sample=512)
+
+
+@register_model_architecture("rmt_lm", "transformer_xl_wt103")
+def transformer_xl_wt103(args):
+    """The same backbone as rmt_wt103 as plain Transformer-XL: cache of 150, no memory tokens."""
+    _defaults(args, mem_tokens=0, mem_len=150)
+    rmt_wt103(args)
+
+
+@register_model_architecture("rmt_lm", "transformer_xl_enwik8")
+def transformer_xl_enwik8(args):
+    """The same backbone as rmt_enwik8 as plain Transformer-XL: cache of 512, no memory tokens."""
+    _defaults(args, mem_tokens=0, mem_len=512)
+    rmt_enwik8(args)
+
+
+@register_model_architecture("rmt_lm", "rmt_tiny")
+def rmt_tiny(args):
+    """2 layers, C=64: for tests and the CPU demo."""
+    _defaults(args, decoder_layers=2, decoder_embed_dim=64, decoder_attention_heads=2,
+              decoder_ffn_embed_dim=128, dropout=0.0, attention_dropout=0.0, mem_tokens=4, mem_len=0,
+              share_decoder_input_output_embed=True, tokens_per_sample=32)

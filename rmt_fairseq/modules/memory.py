@@ -1,0 +1,111 @@
+"""Memory tokens, the [read | segment | write] layout and its attention mask (RMT paper §3.2, Fig 6d).
+
+Legend: B batch, T segment tokens, M memory tokens, L XL-cache length, C model dim, N = M + T + Mw query
+positions, K = L + N key positions, P distinct relative distances.
+
+Mask (rows = queries, cols = keys; "all" = the whole block is visible):
+
+                    cache (L) | read mem (M) | segment (T) | write mem (Mw)
+    read mem  (M)       -     |     all      |      -      |      -
+    segment   (T)      all    |     all      |   causal    |      -
+    write mem (Mw)     all    |     all      |     all     |     all
+
+Write memory sees the whole segment, so the memory handed to the next segment summarises it; segment tokens
+never see write memory (it has seen their future). Read memory sees only itself: it is the previous
+segment's summary and must not change with this segment's tokens. In the MT layout (the paper's "MT"
+ablation) there is no write block (Mw = 0) and no recurrence.
+
+Positions: the blocks are laid out in this order, [cache | read | segment | write], and relative distances
+are taken in that order (as the authors' LM-RMT does by concatenation).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from rmt_fairseq.modules.relative_attention import sinusoid_table
+
+
+class MemoryTokens(nn.Module):
+    """M distinct learned memory vectors. (LM-RMT starts all M from one shared vector; identical slots are
+    symmetric under attention and only diverge through position, so we give each its own initialisation.)"""
+
+    def __init__(self, num_tokens: int, embed_dim: int, init_std: float = 1.0):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.weight = nn.Parameter(torch.randn(num_tokens, embed_dim) * init_std)  # M x C
+
+    def initial(self, batch_size: int) -> torch.Tensor:
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)  # B x M x C
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of the blocks of one segment's input: cache L, read memory M, segment T, write memory Mw."""
+
+    cache: int
+    read: int
+    segment: int
+    write: int
+
+    @property
+    def queries(self) -> int:
+        return self.read + self.segment + self.write
+
+    @property
+    def keys(self) -> int:
+        return self.cache + self.queries
+
+
+def visibility(layout: Layout) -> torch.Tensor:
+    """N x K bool, True where query row may attend to key column (the table in the module docstring)."""
+    L, M, T, W = layout.cache, layout.read, layout.segment, layout.write
+    N, K = layout.queries, layout.keys
+    vis = torch.zeros(N, K, dtype=torch.bool)
+    r_read, r_seg, r_write = slice(0, M), slice(M, M + T), slice(M + T, N)
+    c_cache, c_read, c_seg, c_write = slice(0, L), slice(L, L + M), slice(L + M, L + M + T), slice(L + M + T, K)
+    vis[r_read, c_read] = True
+    vis[r_seg, c_cache] = True
+    vis[r_seg, c_read] = True
+    vis[r_seg, c_seg] = torch.ones(T, T, dtype=torch.bool).tril()  # causal within the segment
+    vis[r_write, :] = True  # write memory sees cache, read memory, the whole segment and all write memory
+    del c_write
+    return vis
+
+
+def relative_distances(layout: Layout) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Distances (i - j) of query i to key j in [cache | read | segment | write] order.
+
+    Returns (distances P, descending from the largest visible one to the smallest, as float) and the N x K
+    long index of each (i, j) into that list. Masked pairs are clamped into range (their score is -inf)."""
+    L, N, K = layout.cache, layout.queries, layout.keys
+    q_pos = torch.arange(N) + L  # query i sits at key position L + i
+    dist = q_pos[:, None] - torch.arange(K)[None, :]  # N x K
+    vis = visibility(layout)
+    dmax = int(dist[vis].max())
+    dmin = int(dist[vis].min())
+    distances = torch.arange(dmax, dmin - 1, -1, dtype=torch.float)  # P
+    index = (dmax - dist).clamp(0, dmax - dmin)  # N x K
+    return distances, index
+
+
+class LayoutCache:
+    """Masks and relative-position tables depend only on the layout sizes: build them once per layout and
+    device instead of every step."""
+
+    def __init__(self, embed_dim: int):
+        self.embed_dim = embed_dim
+        self._tables: Dict[Tuple[Layout, torch.device, torch.dtype], Tuple[torch.Tensor, ...]] = {}
+
+    def get(self, layout: Layout, device: torch.device, dtype: torch.dtype):
+        """-> (pos_emb P x C, rel_index N x K long, mask_bias N x K with 0 / -inf)."""
+        key = (layout, device, dtype)
+        if key not in self._tables:
+            distances, index = relative_distances(layout)
+            pos_emb = sinusoid_table(distances, self.embed_dim).to(device=device, dtype=dtype)
+            mask_bias = torch.zeros(layout.queries, layout.keys, dtype=dtype)
+            mask_bias.masked_fill_(~visibility(layout), float("-inf"))
+            self._tables[key] = (pos_emb, index.to(device), mask_bias.to(device))
+        return self._tables[key]

@@ -1,0 +1,98 @@
+"""Transformer-XL relative multi-head attention (Dai et al. 2019, §3.3) and the decoder layer built on it.
+
+Legend: B batch, N query positions (M + T + M for RMT), K key positions (L + N with an XL cache of L),
+C model dim, H heads, D head dim, P number of distinct relative distances.
+
+Score(i, j) = (q_i + u) . k_j  +  (q_i + v) . W_r R_{i-j}        (terms (a)+(c) and (b)+(d) of XL eq. 4)
+
+R is the sinusoid table of relative distances. Unlike the original code, which builds R for non-negative
+distances only and relies on the "rel-shift" trick, we look the distance table up with an explicit index, so
+negative distances (write memory attending to later write memory, paper Fig 6d) get a real embedding instead
+of a value the shift trick leaves undefined. The (b)+(d) term is passed to scaled_dot_product_attention as an
+additive bias together with the mask, so the attention itself runs through PyTorch's fused kernels.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoid_table(distances: torch.Tensor, dim: int) -> torch.Tensor:
+    """distances: P (float) -> P x C sinusoidal embeddings, as Transformer-XL's PositionalEmbedding."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0.0, dim, 2.0, device=distances.device) / dim))
+    angles = distances[:, None] * inv_freq[None, :]  # P x C/2
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)  # P x C
+
+
+class RelativeMultiheadAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, attention_dropout: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.qkv = nn.Linear(embed_dim, 3 * inner, bias=False)
+        self.r_proj = nn.Linear(embed_dim, inner, bias=False)  # W_{k,R} in XL eq. 4
+        self.out_proj = nn.Linear(inner, embed_dim, bias=False)
+        self.attention_dropout = attention_dropout
+        self.scale = 1.0 / math.sqrt(head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # B x N x C
+        cache: Optional[torch.Tensor],  # B x L x C (detached XL cache) or None
+        pos_emb: torch.Tensor,  # P x C, sinusoids of the distances dmax, dmax-1, ..., dmin
+        rel_index: torch.Tensor,  # N x K long, index into pos_emb of distance (i - j)
+        mask_bias: torch.Tensor,  # N x K float, 0 where visible, -inf where masked
+        u: torch.Tensor,  # H x D content bias
+        v: torch.Tensor,  # H x D position bias
+    ) -> torch.Tensor:
+        B, N, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        q, k, val = self.qkv(x).chunk(3, dim=-1)  # each B x N x H*D
+        if cache is not None and cache.size(1) > 0:
+            _, ck, cv = self.qkv(cache).chunk(3, dim=-1)  # B x L x H*D (queries of the cache are unused)
+            k = torch.cat([ck, k], dim=1)  # B x K x H*D
+            val = torch.cat([cv, val], dim=1)  # B x K x H*D
+        Kn = k.size(1)
+        q = q.view(B, N, H, D).transpose(1, 2)  # B x H x N x D
+        k = k.view(B, Kn, H, D).transpose(1, 2)  # B x H x K x D
+        val = val.view(B, Kn, H, D).transpose(1, 2)  # B x H x K x D
+        r = self.r_proj(pos_emb).view(-1, H, D)  # P x H x D
+
+        # position term (b)+(d): (q + v) . r_{i-j}, computed for every distance once, then gathered.
+        bd = torch.einsum("bhnd,phd->bhnp", q + v[None, :, None, :], r)  # B x H x N x P
+        bd = bd.gather(-1, rel_index.expand(B, H, N, Kn))  # B x H x N x K
+        bias = bd * self.scale + mask_bias  # B x H x N x K
+        out = F.scaled_dot_product_attention(
+            q + u[None, :, None, :],
+            k,
+            val,
+            attn_mask=bias.to(q.dtype),
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            scale=self.scale,
+        )  # B x H x N x D
+        out = out.transpose(1, 2).reshape(B, N, H * D)  # B x N x H*D
+        return self.out_proj(out)
+
+
+class RelativeDecoderLayer(nn.Module):
+    """Post-norm Transformer-XL layer (the XL default): x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, embed_dim, num_heads, head_dim, ffn_dim, dropout, attention_dropout, activation_dropout):
+        super().__init__()
+        self.attn = RelativeMultiheadAttention(embed_dim, num_heads, head_dim, attention_dropout)
+        self.attn_norm = nn.LayerNorm(embed_dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(embed_dim, ffn_dim),
+            nn.ReLU(),
+            nn.Dropout(activation_dropout),
+            nn.Linear(ffn_dim, embed_dim),
+        )
+        self.ffn_norm = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cache, pos_emb, rel_index, mask_bias, u, v):
+        x = self.attn_norm(x + self.dropout(self.attn(x, cache, pos_emb, rel_index, mask_bias, u, v)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))

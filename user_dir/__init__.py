@@ -1,0 +1,4 @@
+# fairseq --user-dir shim: import the registrations, nothing else.
+import rmt_fairseq.criterions.rmt_cross_entropy  # noqa: F401
+import rmt_fairseq.models.rmt_lm  # noqa: F401
+import rmt_fairseq.tasks.rmt_lm  # noqa: F401
