@@ -1,0 +1,54 @@
+"""Shared helpers for the tests: tiny models built without the CLI, and generated fairseq data dirs."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from fairseq.data import Dictionary
+
+import user_dir  # noqa: F401  (registrations)
+from rmt_fairseq.models.rmt_lm import RMTLanguageModel, RMTLanguageModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+class _Task:
+    def __init__(self, dictionary):
+        self.source_dictionary = self.target_dictionary = dictionary
+
+
+def dictionary(n_symbols: int) -> Dictionary:
+    d = Dictionary()
+    for i in range(n_symbols):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def tiny_model(vocab: int = 40, seed: int = 0, **overrides) -> RMTLanguageModel:
+    torch.manual_seed(seed)
+    cfg = dict(decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=2, decoder_ffn_embed_dim=64,
+               mem_tokens=3, mem_len=0, tokens_per_sample=8, dropout=0.0)
+    cfg.update(overrides)
+    return RMTLanguageModel.build_model(RMTLanguageModelConfig(**cfg), _Task(dictionary(vocab)))
+
+
+def cli(name: str, *args, check=True, timeout=600, cwd=REPO) -> subprocess.CompletedProcess:
+    """Run one of the installed console scripts (fairseq-train, fairseq-eval-lm, rmt-data ...)."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2")
+    p = subprocess.run([os.path.join(BIN, name), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def make_recall_data(root: str, gap: int = 7, train_docs: int = 600, valid_docs: int = 120, seed: int = 1) -> str:
+    """Generate the recall corpus and fairseq-preprocess it; returns the data-bin directory."""
+    raw, out = os.path.join(root, "raw"), os.path.join(root, "bin")
+    cli("rmt-data", "recall", "--out", raw, "--gap", gap, "--train-docs", train_docs, "--valid-docs", valid_docs,
+        "--test-docs", valid_docs, "--seed", seed)
+    cli("fairseq-preprocess", "--only-source", "--trainpref", f"{raw}/train.txt", "--validpref", f"{raw}/valid.txt",
+        "--testpref", f"{raw}/test.txt", "--destdir", out, "--workers", 1)
+    return out

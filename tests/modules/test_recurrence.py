@@ -1,0 +1,127 @@
+"""Truncated BPTT, tested on gradients (test 3 of issue 2).
+
+Segment j is built from its own range of token ids, so d loss / d embedding(segment j) is the gradient on
+that range's rows of the (untied) embedding table: non-zero iff the loss reaches segment j."""
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+
+T, R, B = 8, 6, 2  # segment length, token ids per segment, streams
+FIRST = 4  # first non-special id
+
+
+def segment_tokens(j: int, gen) -> torch.Tensor:
+    return torch.randint(FIRST + j * R, FIRST + (j + 1) * R, (B, T), generator=gen)
+
+
+def reached(model, loss, num_segments):
+    """Which segments' embeddings the loss has a non-zero gradient on."""
+    model.zero_grad()
+    loss.backward(retain_graph=True)
+    g = model.decoder.embed_tokens.weight.grad
+    if g is None:
+        return [False] * num_segments
+    return [bool(g[FIRST + j * R : FIRST + (j + 1) * R].abs().sum() > 0) for j in range(num_segments)]
+
+
+def _model(**kw):
+    S = 9
+    return tiny_model(vocab=FIRST + S * R, share_decoder_input_output_embed=False, **kw), S
+
+
+@pytest.mark.parametrize("K", [0, 1, 2])
+def test_block_mode_reaches_back_to_the_block_start(K):
+    model, S = _model()
+    gen = torch.Generator().manual_seed(0)
+    segs = [segment_tokens(j, gen) for j in range(S)]
+    target = torch.full((B, T), 3)
+    state = RecurrentState()
+    s = 0
+    while s + K + 1 <= S:
+        x = torch.cat(segs[s : s + K + 1], dim=1)
+        out = run_segments(model.decoder, x, target.repeat(1, K + 1), state, seg_len=T, bptt_unroll=K)
+        for p, loss in enumerate(out.losses):  # p = position of segment s+p inside its block
+            got = reached(model, loss, S)
+            want = [s <= j <= s + p for j in range(S)]  # j' = s+p-j <= p, and never before the block
+            assert got == want, (K, s + p)
+        s += K + 1
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_sliding_mode_reaches_back_exactly_K(K):
+    model, S = _model()
+    gen = torch.Generator().manual_seed(0)
+    segs = [segment_tokens(j, gen) for j in range(S)]
+    target = torch.full((B, T), 3)
+    state = RecurrentState()
+    for s in range(S):
+        out = run_segments(model.decoder, segs[s], target, state, seg_len=T, bptt_unroll=K, bptt_mode="sliding")
+        assert len(out.losses) == 1  # loss on the newest segment only
+        got = reached(model, out.losses[0], S)
+        assert got == [s - K <= j <= s for j in range(S)], (K, s)
+
+
+def test_sliding_mode_keeps_training_the_initial_memory_inside_the_window():
+    model, S = _model()
+    gen = torch.Generator().manual_seed(0)
+    state = RecurrentState()
+    target = torch.full((B, T), 3)
+    for s in range(4):
+        out = run_segments(model.decoder, segment_tokens(s, gen), target, state, seg_len=T, bptt_unroll=2,
+                           bptt_mode="sliding")
+        model.zero_grad()
+        out.losses[0].backward()
+        g = model.decoder.memory.weight.grad
+        got = g is not None and g.abs().sum() > 0
+        assert bool(got) == (s <= 2), s  # the learned initial memory is inside the window for s <= K
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode,K,mem_len,dropout", [("block", 3, 0, 0.0), ("block", 2, 4, 0.1),
+                                                    ("sliding", 2, 0, 0.1), ("sliding", 2, 4, 0.0)])
+def test_checkpoint_segments_gives_the_same_gradients(mode, K, mem_len, dropout):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(FIRST, 40, (B, 4 * T), generator=gen)
+    y = torch.randint(FIRST, 40, (B, 4 * T), generator=gen)
+    results = []
+    for ckpt in (False, True):
+        model = tiny_model(mem_len=mem_len, dropout=dropout, seed=0).train()
+        torch.manual_seed(123)  # same dropout masks in both runs
+        state = RecurrentState()
+        total = 0.0
+        seg_per_call = K + 1 if mode == "block" else 1
+        for s in range(0, 4, seg_per_call):
+            cols = slice(s * T, (s + seg_per_call) * T)
+            out = run_segments(model.decoder, x[:, cols], y[:, cols], state, seg_len=T, bptt_unroll=K,
+                               bptt_mode=mode, checkpoint_segments=ckpt)
+            loss = torch.stack(out.losses).sum()
+            loss.backward()
+            total += loss.item()
+        results.append((total, _grads(model), state.memory))
+    (l0, g0, m0), (l1, g1, m1) = results
+    assert abs(l0 - l1) < 1e-4
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
+    assert torch.allclose(m0, m1, atol=1e-6)
+
+
+def test_eval_without_grad_ignores_mode_and_carries_memory():
+    model = tiny_model().eval()
+    x = torch.randint(FIRST, 40, (B, 4 * T))
+    outs = []
+    with torch.no_grad():
+        for mode in ("block", "sliding"):
+            st = RecurrentState()
+            h = [run_segments(model.decoder, x[:, s * T:(s + 1) * T], None, st, seg_len=T, bptt_unroll=2,
+                              bptt_mode=mode, return_hidden=True).hidden[0] for s in range(4)]
+            outs.append(torch.cat(h, 1))
+        whole = run_segments(model.decoder, x, None, RecurrentState(), seg_len=T, return_hidden=True).hidden
+    assert torch.equal(outs[0], outs[1])
+    assert torch.allclose(outs[0], torch.cat(whole, 1), atol=1e-6)
