@@ -52,3 +52,30 @@ def make_recall_data(root: str, gap: int = 7, train_docs: int = 600, valid_docs:
     cli("fairseq-preprocess", "--only-source", "--trainpref", f"{raw}/train.txt", "--validpref", f"{raw}/valid.txt",
         "--testpref", f"{raw}/test.txt", "--destdir", out, "--workers", 1)
     return out
+
+
+def build_from_cli_args(args):
+    """Task, model and criterion built from fairseq-train style arguments, through fairseq's own parsers and
+    registries (the path fairseq-train takes)."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, [str(a) for a in args]))
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return cfg, task, model, criterion
+
+
+def validation_loss(task, model, criterion, split="valid"):
+    """The task's own validation over a split (base-2 loss per token), as fairseq-train's validate does."""
+    import math
+
+    task.load_dataset(split)
+    itr = task.get_batch_iterator(task.dataset(split)).next_epoch_itr(shuffle=False)
+    total, ntok = 0.0, 0
+    for sample in itr:
+        loss, n, _ = task.valid_step(sample, model, criterion)
+        total, ntok = total + loss.item(), ntok + n
+    return total / ntok / math.log(2)

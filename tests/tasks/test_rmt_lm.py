@@ -1,0 +1,74 @@
+"""Streams, state reset and eval-lm == validation (test 4 of issue 2), in-process through fairseq's own
+parsers, registries, SequenceScorer and eval_lm function."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import build_from_cli_args, validation_loss
+from rmt_fairseq.data.streams import StreamDataset
+
+
+def test_streams_score_every_token_once_across_segment_boundaries():
+    tokens = np.arange(1000, dtype=np.int64)
+    ds = StreamDataset(tokens, streams_per_shard=3, seg_len=7, segments_per_batch=2, split="train")
+    srcs = [ds.collater([i])["net_input"]["src_tokens"] for i in range(len(ds))]
+    tgts = [ds.collater([i])["target"] for i in range(len(ds))]
+    src, tgt = torch.cat(srcs, 1), torch.cat(tgts, 1)
+    n = (1000 - 1) // 3
+    assert src.shape == (3, n)
+    assert torch.equal(tgt, src + 1)  # the next token, also for the last token of every segment
+    assert torch.equal(src[1], torch.arange(n, 2 * n))  # contiguous streams
+    assert ds.collater([0])["net_input"]["reset"].all() and not ds.collater([1])["net_input"]["reset"].any()
+
+
+def test_streams_are_sharded_by_rank():
+    tokens = np.arange(1001, dtype=np.int64)
+    shards = [StreamDataset(tokens, 2, 5, 1, "train", shard_id=r, num_shards=2) for r in range(2)]
+    firsts = [s.collater([0])["net_input"]["src_tokens"][:, 0].tolist() for s in shards]
+    assert firsts == [[0, 250], [500, 750]]
+
+
+ARGS = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--criterion", "rmt_cross_entropy",
+        "--tokens-per-sample", 8, "--batch-size", 4, "--cpu", "--decoder-embed-dim", 32]
+
+
+@pytest.mark.parametrize("extra", [[], ["--mem-len", 8], ["--mem-len", 8, "--mem-tokens", 0],
+                                   ["--bptt-mode", "sliding", "--bptt-unroll", 2]])
+def test_eval_lm_equals_validation_and_passes_agree(recall_data, extra):
+    from fairseq_cli.eval_lm import eval_lm
+
+    cfg, task, model, criterion = build_from_cli_args([recall_data, *ARGS, *extra])
+    model.eval()
+    v1 = validation_loss(task, model, criterion)
+    v2 = validation_loss(task, model, criterion)
+    assert v1 == pytest.approx(v2, abs=1e-7)  # reset at every pass: two passes agree
+
+    itr = task.eval_lm_dataloader(task.dataset("valid"), batch_size=4, num_workers=0)
+    res = {k: float(v) for k, v in eval_lm([model], task.source_dictionary, itr).items()}
+    assert res["loss"] == pytest.approx(v1, abs=1e-4)
+    itr = task.eval_lm_dataloader(task.dataset("valid"), batch_size=4, num_workers=0)
+    assert float(eval_lm([model], task.source_dictionary, itr)["loss"]) == pytest.approx(res["loss"], abs=1e-7)
+
+    # and memory really is carried: scoring every segment from fresh memory gives a different loss
+    if "--mem-tokens" not in extra:
+        fresh = []
+        for sample in task.get_batch_iterator(task.dataset("valid")).next_epoch_itr(shuffle=False):
+            sample["batch_index"] = 0  # pretend every batch starts a pass
+            loss, n, _ = task.valid_step(sample, model, criterion)
+            fresh.append((loss.item(), n))
+        assert abs(sum(a for a, _ in fresh) / sum(b for _, b in fresh) / np.log(2) - v1) > 1e-4
+
+
+def test_training_state_is_saved_and_restored():
+    from rmt_fairseq.modules.recurrence import RecurrentState, WindowEntry
+
+    st = RecurrentState(memory=torch.randn(2, 3, 4), cache=[torch.randn(2, 5, 4)],
+                        window=[WindowEntry(torch.ones(2, 8, dtype=torch.long), None, None)], segments_seen=7)
+    buf = __import__("io").BytesIO()
+    torch.save(st.state_dict(), buf)
+    buf.seek(0)
+    st2 = RecurrentState()
+    st2.load_state_dict(torch.load(buf, weights_only=True))  # loadable under torch's safe default
+    assert torch.equal(st2.memory, st.memory) and torch.equal(st2.cache[0], st.cache[0])
+    assert st2.segments_seen == 7 and st2.window[0].memory is None
