@@ -166,12 +166,15 @@ class RMTDecoder(FairseqDecoder):
     def segment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Summed NLL (nats, fp32) of target B x T given hidden B x T x C; pad targets are ignored."""
         if self.adaptive_softmax is not None:
-            # as fairseq's adaptive_loss criterion: one cross-entropy per cluster
+            # one cross-entropy per cluster, as fairseq's adaptive_loss criterion, with one fix: that criterion
+            # passes ignore_index=pad to the tails too, where targets are shifted by the cluster's cutoff, so
+            # the word at cutoff+pad of every tail is silently never scored. pad lives in the head only.
             logits, targets = self.adaptive_softmax(hidden, target.reshape(-1))
             loss = hidden.new_zeros((), dtype=torch.float)
-            for lg, tg in zip(logits, targets):
+            for i, (lg, tg) in enumerate(zip(logits, targets)):
                 if tg is not None:
-                    loss = loss + F.cross_entropy(lg.float(), tg, ignore_index=self.padding_idx, reduction="sum")
+                    loss = loss + F.cross_entropy(lg.float(), tg, ignore_index=self.padding_idx if i == 0 else -100,
+                                                  reduction="sum")
             return loss
         logits = self.output_projection(hidden)  # B x T x V
         return F.cross_entropy(logits.float().flatten(0, 1), target.reshape(-1), ignore_index=self.padding_idx,
@@ -262,12 +265,14 @@ def validate_config(cfg, vocab_size: int) -> None:
             cut = options.eval_str_list(value, type=int)
         except Exception:
             check(False, f"{flag} must be comma-separated integers, got {value!r}")
-        check(all(0 < a < b for a, b in zip([0] + cut, cut)) and cut[-1] < vocab_size,
+        check(all(a < b for a, b in zip([0] + cut, cut)) and cut[-1] < vocab_size,
               f"{flag} {value}: cutoffs must be increasing and smaller than the vocabulary size ({vocab_size})")
-    if cfg.share_decoder_input_output_embed:
-        check(cfg.adaptive_softmax_cutoff is None,
-              "--share-decoder-input-output-embed does not apply with --adaptive-softmax-cutoff "
-              "(use --tie-adaptive-weights)")
+    if cfg.share_decoder_input_output_embed and cfg.adaptive_softmax_cutoff is not None:
+        logger.warning("--share-decoder-input-output-embed is ignored with --adaptive-softmax-cutoff "
+                       "(tie adaptive input and softmax with --tie-adaptive-weights)")
+    if cfg.tie_adaptive_weights:
+        check(cfg.adaptive_input and cfg.adaptive_softmax_cutoff is not None,
+              "--tie-adaptive-weights needs --adaptive-input and --adaptive-softmax-cutoff")
 
 
 # ---- architectures: size presets; every field stays overridable on the command line ---------------------

@@ -118,3 +118,19 @@ def test_memory_init_is_distinct_per_slot():
 def test_relative_positions_cover_negative_write_distances():
     distances, _ = relative_distances(Layout(0, 3, 8, 3))
     assert distances.min() == -2 and distances.max() == 13
+
+
+def test_adaptive_softmax_training_loss_is_the_exact_nll_for_every_word():
+    """The training loss equals -log p from AdaptiveSoftmax.get_log_prob (what eval-lm scores), including the
+    tail words at cutoff + pad index that fairseq's adaptive_loss criterion ignores."""
+    model = tiny_model(vocab=20, adaptive_softmax_cutoff="8,16", adaptive_input=True, tie_adaptive_weights=True,
+                       tie_adaptive_proj=True, adaptive_softmax_factor=2, adaptive_input_factor=2).eval()
+    pad = model.decoder.padding_idx
+    torch.manual_seed(4)
+    x = torch.randint(4, 24, (2, 8))
+    y = torch.randint(4, 24, (2, 8))
+    y[0, :3] = torch.tensor([8 + pad, 16 + pad, 8])  # words whose in-cluster index equals pad
+    out = model.decoder.forward_segment(x, None, None)
+    lp = model.decoder.adaptive_softmax.get_log_prob(out.hidden, None).view(2, 8, -1)
+    exact = -lp.gather(-1, y.unsqueeze(-1)).sum()
+    assert torch.allclose(model.decoder.segment_loss(out.hidden, y), exact, atol=1e-4)

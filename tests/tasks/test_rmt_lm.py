@@ -34,7 +34,11 @@ ARGS = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--c
 
 
 @pytest.mark.parametrize("extra", [[], ["--mem-len", 8], ["--mem-len", 8, "--mem-tokens", 0],
-                                   ["--bptt-mode", "sliding", "--bptt-unroll", 2]])
+                                   ["--bptt-mode", "sliding", "--bptt-unroll", 2],
+                                   ["--adaptive-softmax-cutoff", "8,16", "--adaptive-input", "--tie-adaptive-weights",
+                                    "--tie-adaptive-proj", "--adaptive-softmax-factor", 2,
+                                    "--adaptive-input-factor", 2]],
+                         ids=["rmt", "rmt+xl", "xl", "sliding", "adaptive"])
 def test_eval_lm_equals_validation_and_passes_agree(recall_data, extra):
     from fairseq_cli.eval_lm import eval_lm
 
