@@ -21,7 +21,12 @@ def _train_losses(log: str):
 
 
 @pytest.mark.parametrize("memory", [["--mem-tokens", 4], ["--mem-tokens", 0, "--mem-len", 8],
-                                    ["--mem-tokens", 4, "--mem-len", 8]], ids=["rmt", "xl", "rmt+xl"])
+                                    ["--mem-tokens", 4, "--mem-len", 8],
+                                    # the WikiText-103 preset (adaptive input + tied adaptive softmax), shrunk
+                                    ["--arch", "rmt_wt103", "--decoder-layers", 1, "--decoder-embed-dim", 32,
+                                     "--decoder-attention-heads", 2, "--decoder-ffn-embed-dim", 32,
+                                     "--adaptive-softmax-cutoff", "8,16", "--mem-tokens", 2]],
+                         ids=["rmt", "xl", "rmt+xl", "wt103-shaped"])
 def test_train_then_eval_lm(recall_data, tmp_path, memory):
     save = tmp_path / "ckpt"
     p = cli("fairseq-train", recall_data, *TRAIN, *memory, "--max-update", 30, "--save-dir", save)
