@@ -61,17 +61,16 @@ class Layout:
 
 def visibility(layout: Layout) -> torch.Tensor:
     """N x K bool, True where query row may attend to key column (the table in the module docstring)."""
-    L, M, T, W = layout.cache, layout.read, layout.segment, layout.write
+    L, M, T = layout.cache, layout.read, layout.segment
     N, K = layout.queries, layout.keys
     vis = torch.zeros(N, K, dtype=torch.bool)
     r_read, r_seg, r_write = slice(0, M), slice(M, M + T), slice(M + T, N)
-    c_cache, c_read, c_seg, c_write = slice(0, L), slice(L, L + M), slice(L + M, L + M + T), slice(L + M + T, K)
+    c_cache, c_read, c_seg = slice(0, L), slice(L, L + M), slice(L + M, L + M + T)
     vis[r_read, c_read] = True
     vis[r_seg, c_cache] = True
     vis[r_seg, c_read] = True
     vis[r_seg, c_seg] = torch.ones(T, T, dtype=torch.bool).tril()  # causal within the segment
     vis[r_write, :] = True  # write memory sees cache, read memory, the whole segment and all write memory
-    del c_write
     return vis
 
 

@@ -4,7 +4,6 @@ corpus, fairseq-train --user-dir user_dir --task rmt_lm --arch rmt_tiny, fairseq
 import re
 
 import pytest
-
 from helpers import cli
 
 TRAIN = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--criterion", "rmt_cross_entropy",
@@ -17,7 +16,7 @@ def _valid_losses(log: str):
 
 
 def _train_losses(log: str):
-    return {int(u): float(l) for l, u in re.findall(r"train_inner .* loss=([0-9.]+),.* num_updates=(\d+)", log)}
+    return {int(u): float(v) for v, u in re.findall(r"train_inner .* loss=([0-9.]+),.* num_updates=(\d+)", log)}
 
 
 @pytest.mark.parametrize("memory", [["--mem-tokens", 4], ["--mem-tokens", 0, "--mem-len", 8],
