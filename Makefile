@@ -14,4 +14,5 @@ demo: setup
 	PATH="$(dir $(PY)):$$PATH" bash scripts/demo.sh
 
 lint: setup
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
 	$(PY) -m ruff check rmt_fairseq user_dir tests
