@@ -1,4 +1,5 @@
 # fairseq --user-dir shim: import the registrations, nothing else.
 import rmt_fairseq.criterions.rmt_cross_entropy  # noqa: F401
 import rmt_fairseq.models.rmt_lm  # noqa: F401
+import rmt_fairseq.tasks.rmt_algorithmic  # noqa: F401
 import rmt_fairseq.tasks.rmt_lm  # noqa: F401

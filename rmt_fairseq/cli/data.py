@@ -1,14 +1,23 @@
-"""`rmt-data`: write generated corpora as plain text splits for fairseq-preprocess.
+"""`rmt-data`: write generated datasets as plain text splits for fairseq-preprocess.
 
-    rmt-data recall --out DIR [--gap 31] [--num-keys 8] [--train-docs 4000] [--valid-docs 400] [--seed 1]
+    rmt-data copy      --out DIR [--src-len 24] [--vocab-size 10]      (target: the source twice)
+    rmt-data reverse   --out DIR [--src-len 24] [--vocab-size 10]      (target: the source reversed)
+    rmt-data associative_retrieval --out DIR [--num-pairs 4]           (target: the queried key's value)
+    rmt-data equations --out DIR                                       (Appendix A.3, 180 chars a sample)
+    rmt-data recall    --out DIR [--gap 31] [--num-keys 8]             (LM stream: key recalled later)
 
-writes DIR/train.txt, DIR/valid.txt, DIR/test.txt (one document per line).
+Each writes DIR/train.txt, DIR/valid.txt, DIR/test.txt (one sample per line; algorithmic samples are
+"source <gen> target", char-level tokens), deterministic from --seed, then binarize with
+    fairseq-preprocess --only-source --trainpref DIR/train.txt --validpref DIR/valid.txt \
+        --testpref DIR/test.txt --destdir DATA-BIN
+Default sizes are the paper's: 100000/5000/10000 samples (equations 100000/10000/20000).
 """
 
 import argparse
 import os
 import sys
 
+from rmt_fairseq.data.algorithmic import generate
 from rmt_fairseq.data.synthetic import recall_bounds, recall_documents
 
 
@@ -30,7 +39,27 @@ def main(argv=None):
     r.add_argument("--valid-docs", type=int, default=400)
     r.add_argument("--test-docs", type=int, default=400)
     r.add_argument("--seed", type=int, default=1)
+    algo = {}
+    for name, sizes in [("copy", (100000, 5000, 10000)), ("reverse", (100000, 5000, 10000)),
+                        ("associative_retrieval", (100000, 5000, 10000)), ("equations", (100000, 10000, 20000))]:
+        q = sub.add_parser(name, help=f"the paper's {name} task")
+        q.add_argument("--out", required=True, help="output directory")
+        if name in ("copy", "reverse"):
+            q.add_argument("--src-len", type=int, default=24, help="source length (paper: 24, 40, 120, 240, 360)")
+            q.add_argument("--vocab-size", type=int, default=10, help="number of distinct source symbols")
+        if name == "associative_retrieval":
+            q.add_argument("--num-pairs", type=int, default=4, help="key-value pairs (paper: 4)")
+            q.add_argument("--vocab-size", type=int, default=36, help="symbols for keys and values")
+        if name == "equations":
+            q.add_argument("--no-roots-rate", type=float, default=0.2, help="share without real roots")
+        q.add_argument("--train-size", type=int, default=sizes[0])
+        q.add_argument("--valid-size", type=int, default=sizes[1])
+        q.add_argument("--test-size", type=int, default=sizes[2])
+        q.add_argument("--seed", type=int, default=1)
+        algo[name] = q
     a = p.parse_args(argv)
+    if a.task in algo:
+        return _algorithmic(algo[a.task], a)
     for flag, v, low in [("--gap", a.gap, 0), ("--num-keys", a.num_keys, 2), ("--train-docs", a.train_docs, 1),
                          ("--valid-docs", a.valid_docs, 1), ("--test-docs", a.test_docs, 1)]:
         if v < low:
@@ -43,6 +72,33 @@ def main(argv=None):
     b = recall_bounds(a.gap, a.num_keys)
     print(f"wrote {a.out}/{{train,valid,test}}.txt; best loss without memory {b['no_memory_bits']:.4f} bits/token, "
           f"with memory {b['memory_bits']:.4f}")
+    return 0
+
+
+def _algorithmic(parser, a):
+    kwargs = {}
+    for flag, key, low in [("--src-len", "src_len", 1), ("--vocab-size", "vocab_size", 2),
+                           ("--num-pairs", "num_pairs", 1)]:
+        if hasattr(a, key):
+            if getattr(a, key) < low:
+                parser.error(f"{flag} must be >= {low}, got {getattr(a, key)}")
+            kwargs[key] = getattr(a, key)
+    if hasattr(a, "no_roots_rate"):
+        if not 0 <= a.no_roots_rate <= 1:
+            parser.error(f"--no-roots-rate must be in [0, 1], got {a.no_roots_rate}")
+        kwargs["no_roots_rate"] = a.no_roots_rate
+    for flag, v in [("--train-size", a.train_size), ("--valid-size", a.valid_size), ("--test-size", a.test_size)]:
+        if v < 1:
+            parser.error(f"{flag} must be >= 1, got {v}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        parser.error(f"--out {a.out} exists and is not a directory")
+    os.makedirs(a.out, exist_ok=True)
+    try:
+        for i, (split, n) in enumerate([("train", a.train_size), ("valid", a.valid_size), ("test", a.test_size)]):
+            _write(os.path.join(a.out, f"{split}.txt"), generate(a.task, n, seed=a.seed * 1000 + i, **kwargs))
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"wrote {a.out}/{{train,valid,test}}.txt ({a.task}: {a.train_size}/{a.valid_size}/{a.test_size})")
     return 0
 
 

@@ -182,6 +182,12 @@ class RMTDecoder(FairseqDecoder):
 
     # ---- fairseq decoder interface (used by fairseq-eval-lm's SequenceScorer) ----------------------------
 
+    def token_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """B x T x C -> B x T x V log-probabilities (greedy decoding, accuracies)."""
+        if self.adaptive_softmax is not None:
+            return self.adaptive_softmax.get_log_prob(hidden, None)
+        return F.log_softmax(self.output_projection(hidden).float(), dim=-1)
+
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:
         if self.adaptive_softmax is not None:
             return features  # AdaptiveSoftmax.get_log_prob takes the features
@@ -279,6 +285,12 @@ def validate_config(cfg, vocab_size: int) -> None:
 
 
 def _defaults(args, **values):
+    # tokens_per_sample is rmt_lm's segment length (a task flag: the argparse namespace is flat); other tasks
+    # segment their samples their own way, so the preset's segment length applies to --task rmt_lm only. (fairseq
+    # calls this function again on the model's own config, which has no `task`: the model's value is linked to
+    # the task's there.)
+    if getattr(args, "task", None) != "rmt_lm":
+        values.pop("tokens_per_sample", None)
     for k, v in values.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)

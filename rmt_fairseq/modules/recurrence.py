@@ -43,6 +43,8 @@ class SegmentModel(Protocol):
 
     def segment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
+    padding_idx: int  # targets equal to it are not scored
+
     @property
     def recurrent(self) -> bool: ...
 
@@ -139,7 +141,7 @@ def run_segments(
     target: Optional[torch.Tensor],  # B x S*T, or None to skip the loss
     state: RecurrentState,
     seg_len: int,
-    bptt_unroll: int = 0,
+    bptt_unroll: Optional[int] = 0,
     bptt_mode: str = "block",
     checkpoint_segments: bool = False,
     return_hidden: bool = False,
@@ -155,7 +157,8 @@ def run_segments(
     seg_targets = split_segments(target, seg_len) if target is not None else [None] * len(seg_tokens)
     grad = torch.is_grad_enabled()
     use_ckpt = checkpoint_segments and grad and not return_hidden
-    sliding = bptt_mode == "sliding" and grad and bptt_unroll > 0
+    # bptt_unroll None: gradient through every segment of the call (independent samples, e.g. rmt_algorithmic)
+    sliding = bptt_mode == "sliding" and grad and bptt_unroll is not None and bptt_unroll > 0
 
     memory = state.memory if state.memory is not None else model.initial_memory(B)
     cache = state.cache
@@ -184,12 +187,14 @@ def run_segments(
             on_segment(s, out)
         if loss is not None:
             losses.append(loss)
-            ntokens += tgt.numel()
+            ntokens += int(tgt.ne(model.padding_idx).sum())  # pad targets are not scored
         if return_hidden:
             hidden.append(out.hidden)
         memory, cache = out.memory, out.cache
         if sliding:
             memory = _detach(memory)  # the next segment reaches back through its own recomputed window
+        elif bptt_unroll is not None and (s + 1) % (bptt_unroll + 1) == 0:
+            memory = _detach(memory)  # block boundary inside a call (samples longer than K+1 segments)
         state.segments_seen += 1
     # truncation at the block boundary: the next call starts from detached memory
     state.memory, state.cache = _detach(memory), _detach(cache)

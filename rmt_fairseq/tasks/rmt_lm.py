@@ -63,10 +63,12 @@ DEFAULT_TOKENS_PER_SAMPLE = 128
 
 @register_task("rmt_lm", dataclass=RMTLMConfig)
 class RMTLMTask(FairseqTask):
+    allow_full_bptt = False  # streams are endless: gradient must be truncated
     def __init__(self, cfg: RMTLMConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
-        check(cfg.bptt_unroll >= 0, f"--bptt-unroll must be >= 0, got {cfg.bptt_unroll}")
+        check((cfg.bptt_unroll is None and self.allow_full_bptt) or (cfg.bptt_unroll or 0) >= 0,
+              f"--bptt-unroll must be >= 0, got {cfg.bptt_unroll}")
         check(str(cfg.bptt_mode) in BPTT_MODES, f"--bptt-mode must be one of {BPTT_MODES}, got {cfg.bptt_mode}")
         if cfg.tokens_per_sample is not None:
             check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
@@ -105,7 +107,7 @@ class RMTLMTask(FairseqTask):
         if self.cfg.tokens_per_sample is None and getattr(cfg, "tokens_per_sample", None):
             self.cfg.tokens_per_sample = int(cfg.tokens_per_sample)  # eval-lm without the flag: the trained T
         decoder = getattr(model, "decoder", None)
-        if self.bptt_mode == "sliding" and self.bptt_unroll > 0:
+        if self.bptt_mode == "sliding" and (self.bptt_unroll or 0) > 0:
             check(decoder is not None and getattr(decoder, "recurrent", False),
                   f"--bptt-mode sliding needs recurrent memory (--mem-tokens > 0 with --memory-layout rmt), got "
                   f"--mem-tokens {getattr(cfg, 'mem_tokens', 0)}")

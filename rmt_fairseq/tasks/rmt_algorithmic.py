@@ -1,0 +1,157 @@
+"""`rmt_algorithmic`: copy, reverse, associative retrieval and quadratic equations (RMT paper §4, App. A).
+
+Legend: B samples, S segments per sample, T segment length.
+
+Every sample "source <gen> target" is split into `--num-segments` equal segments (or segments of
+`--tokens-per-sample`) and run through the same segment loop as rmt_lm, with memory fresh for every sample.
+Loss and accuracies cover only the target. Validation logs, besides the teacher-forced loss:
+  acc_tf / em_tf   teacher-forced per-token accuracy and exact match (whole target right)
+  acc / em         the same for greedy decoding across segment boundaries (no teacher forcing): the reported
+                   accuracies (--no-eval-greedy skips them)
+  answer_acc       with --answer-len N: the last N target tokens all right (Table 1's equation accuracy:
+                   the 30-character answer slot)
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq import metrics
+from fairseq.dataclass import ChoiceEnum
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+from rmt_fairseq.data.algorithmic import GEN
+from rmt_fairseq.data.samples import SegmentedSampleDataset
+from rmt_fairseq.errors import check
+from rmt_fairseq.modules.generation import greedy_decode
+from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, run_segments
+from rmt_fairseq.tasks.rmt_lm import RMTLMConfig, RMTLMTask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RMTAlgorithmicConfig(RMTLMConfig):
+    num_segments: int = field(default=1, metadata={"help": "split every sample into S equal segments"})
+    tokens_per_sample: Optional[int] = field(
+        default=None, metadata={"help": "segment length T instead of --num-segments (S = ceil(length / T))"}
+    )
+    bptt_unroll: Optional[int] = field(
+        default=None, metadata={"help": "K: memory detached every K+1 segments (default: never, full BPTT)"}
+    )
+    bptt_mode: ChoiceEnum(BPTT_MODES) = field(default="block", metadata={"help": "see --task rmt_lm"})
+    no_eval_greedy: bool = field(
+        default=False, metadata={"help": "skip greedy decoding in validation (acc, em): teacher-forced metrics only"}
+    )
+    answer_len: int = field(
+        default=0, metadata={"help": "log answer_acc: the last N target tokens all right (30 for equations)"}
+    )
+    seed: int = II("common.seed")
+
+
+@register_task("rmt_algorithmic", dataclass=RMTAlgorithmicConfig)
+class RMTAlgorithmicTask(RMTLMTask):
+    allow_full_bptt = True
+
+    def __init__(self, cfg: RMTAlgorithmicConfig, dictionary):
+        super().__init__(cfg, dictionary)
+        check(cfg.num_segments >= 1, f"--num-segments must be >= 1, got {cfg.num_segments}")
+        check(cfg.answer_len >= 0, f"--answer-len must be >= 0, got {cfg.answer_len}")
+        self.gen_idx = dictionary.index(GEN)
+        check(self.gen_idx != dictionary.unk(), f"the dictionary of {cfg.data!r} has no {GEN} token: generate the "
+                                                f"data with rmt-data")
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        import os
+
+        from fairseq import utils
+        from fairseq.data import data_utils
+
+        split_path = os.path.join(utils.split_paths(self.cfg.data)[0], split)
+        data = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
+        check(data is not None, f"split '{split}' not found: no {split_path}.bin/.idx")
+        self.datasets[split] = SegmentedSampleDataset(
+            data, self.gen_idx, self.dictionary.pad(), self.dictionary.eos(), split,
+            num_segments=self.cfg.num_segments, seg_len=self.cfg.tokens_per_sample)
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, **kwargs):
+        check(max_sentences or self.cfg.batch_size, "--task rmt_algorithmic needs --batch-size")
+        kwargs.pop("disable_iterator_cache", None)
+        return FairseqTask.get_batch_iterator(self, dataset, max_tokens=max_tokens,
+                                              max_sentences=max_sentences or self.cfg.batch_size,
+                                              disable_iterator_cache=True, **kwargs)
+
+    @property
+    def seg_len(self):
+        return None  # per batch, from net_input["segment_len"]
+
+    # every sample starts from fresh memory
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        sample["rmt_state"] = RecurrentState()
+        return FairseqTask.train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def valid_step(self, sample, model, criterion):
+        sample["rmt_state"] = RecurrentState()
+        loss, sample_size, log = FairseqTask.valid_step(self, sample, model, criterion)
+        with torch.no_grad():
+            log.update(self.accuracy(model, sample))
+        return loss, sample_size, log
+
+    @torch.no_grad()
+    def accuracy(self, model, sample) -> dict:
+        dec = model.decoder
+        src, tgt, T = sample["net_input"]["src_tokens"], sample["target"], sample["net_input"]["segment_len"]
+        scored = tgt.ne(self.dictionary.pad())  # B x S*T
+        hidden = run_segments(dec, src, None, RecurrentState(), seg_len=T, return_hidden=True).hidden
+        pred = dec.token_log_probs(torch.cat(hidden, dim=1)).argmax(-1)  # B x S*T, teacher forced
+        out = self._counts("tf", pred, tgt, scored)
+        if not self.cfg.no_eval_greedy:
+            greedy = torch.empty_like(pred)
+            # decode rows with the same prompt length together (all rows, for the fixed-format tasks)
+            for g in sample["gen"].unique().tolist():
+                rows = (sample["gen"] == g).nonzero().squeeze(1)
+                last = int(scored[rows].nonzero()[:, 1].max()) if scored[rows].any() else g
+                seq, _ = greedy_decode(dec, src[rows], prompt_len=g + 1, end=last + 2, seg_len=T,
+                                       pad=self.dictionary.pad())
+                greedy[rows] = torch.nn.functional.pad(seq[:, 1:], (0, 1), value=self.dictionary.pad())
+            out.update(self._counts("greedy", greedy, tgt, scored))
+            if self.cfg.answer_len:
+                ok = []
+                for r in range(tgt.size(0)):
+                    pos = scored[r].nonzero().squeeze(1)[-self.cfg.answer_len :]
+                    ok.append(bool((greedy[r, pos] == tgt[r, pos]).all()))
+                out["answer_correct"] = sum(ok)
+        return out
+
+    @staticmethod
+    def _counts(prefix, pred, tgt, scored):
+        right = (pred == tgt) & scored
+        return {
+            f"{prefix}_correct": int(right.sum()),
+            f"{prefix}_total": int(scored.sum()),
+            f"{prefix}_exact": int((right | ~scored).all(dim=1).sum()),
+            "nseq": tgt.size(0),
+        }
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        total = lambda k: sum(log.get(k, 0) for log in logging_outputs)  # noqa: E731
+        if not any("tf_total" in log for log in logging_outputs):
+            return
+        n = total("nseq")
+        for prefix, acc, em in [("tf", "acc_tf", "em_tf"), ("greedy", "acc", "em")]:
+            if total(f"{prefix}_total"):
+                metrics.log_scalar(acc, 100.0 * total(f"{prefix}_correct") / total(f"{prefix}_total"),
+                                   total(f"{prefix}_total"), round=2)
+                metrics.log_scalar(em, 100.0 * total(f"{prefix}_exact") / n, n, round=2)
+        if any("answer_correct" in log for log in logging_outputs):
+            metrics.log_scalar("answer_acc", 100.0 * total("answer_correct") / n, n, round=2)
+
+    def get_checkpoint_dict(self):
+        return {}
+
+    def eval_lm_dataloader(self, *args, **kwargs):
+        check(False, "fairseq-eval-lm does not apply to --task rmt_algorithmic: use fairseq-validate "
+                     "(--valid-subset test) to score a checkpoint")
