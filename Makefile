@@ -11,7 +11,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
-	PATH="$(dir $(PY)):$$PATH" bash scripts/demo.sh
+	cd $(CURDIR) && $(dir $(PY))rmt-demo $(DEMO_ARGS)
 
 lint: setup
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff

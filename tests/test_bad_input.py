@@ -4,6 +4,7 @@ through the real fairseq-train, and leaves what is already on disk untouched."""
 import hashlib
 
 import pytest
+
 from helpers import cli
 
 BASE = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--criterion", "rmt_cross_entropy",

@@ -5,8 +5,8 @@ can reach, and the no-memory baseline with the same budget does not."""
 import os
 
 import torch
-from helpers import build_from_cli_args, make_recall_data, validation_loss
 
+from helpers import build_from_cli_args, make_recall_data, validation_loss
 from rmt_fairseq.data.synthetic import recall_bounds
 
 GAP, T, UPDATES = 7, 8, int(os.environ.get("RMT_LEARNING_UPDATES", 600))

@@ -4,6 +4,7 @@ corpus, fairseq-train --user-dir user_dir --task rmt_lm --arch rmt_tiny, fairseq
 import re
 
 import pytest
+
 from helpers import cli
 
 TRAIN = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--criterion", "rmt_cross_entropy",

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_model
 
+from helpers import tiny_model
 from rmt_fairseq.modules.memory import Layout, relative_distances
 from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 from rmt_fairseq.modules.relative_attention import sinusoid_table

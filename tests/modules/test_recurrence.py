@@ -5,8 +5,8 @@ that range's rows of the (untied) embedding table: non-zero iff the loss reaches
 
 import pytest
 import torch
-from helpers import tiny_model
 
+from helpers import tiny_model
 from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
 T, R, B = 8, 6, 2  # segment length, token ids per segment, streams

@@ -4,8 +4,8 @@ parsers, registries, SequenceScorer and eval_lm function."""
 import numpy as np
 import pytest
 import torch
-from helpers import build_from_cli_args, validation_loss
 
+from helpers import build_from_cli_args, validation_loss
 from rmt_fairseq.data.streams import StreamDataset
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The CPU demo (`make demo`): a generated stream where a key must be recalled exactly one segment later.
+# The CPU demo (examples/recall/run.sh): a generated stream where a key must be recalled exactly one segment later.
 # Trains rmt_tiny three ways with the same budget (RMT memory tokens, Transformer-XL cache, no memory),
 # evaluates each with fairseq-eval-lm on the test split, and prints a table against the best losses possible
 # with and without cross-segment memory. Outputs in $OUT (default demo-out/). A few minutes on 2 CPU cores.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-demo-out}"
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-outputs/recall}"
 UPDATES="${UPDATES:-1200}"
 T=8
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
