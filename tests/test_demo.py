@@ -1,4 +1,5 @@
-"""The demo command runs end to end (tiny budget) and writes a well-formed results.json and a PNG."""
+"""The demo command runs end to end (tiny budget) and writes a well-formed results.json and a PNG; the
+attention-plot command draws its checkpoint."""
 
 import json
 
@@ -14,3 +15,13 @@ def test_demo_writes_results_and_plot(tmp_path):
         assert 0 <= r["test_acc"] <= 100 and 0 <= r["test_em"] <= 100 and r["valid_curve"]
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "exact match" in p.stdout
+
+    line = (out / "data" / "raw" / "test.txt").read_text().splitlines()[0]
+    cli("rmt-plot-attention", "--path", out / "ckpt_rmt" / "checkpoint_last.pt", "--data", out / "data" / "bin",
+        "--input", line, "--num-segments", 3, "--out", tmp_path / "attn")
+    pngs = sorted(p.name for p in (tmp_path / "attn").iterdir())
+    assert pngs == [f"segment{s}_layer{layer}.png" for s in range(3) for layer in range(2)]
+    assert all((tmp_path / "attn" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    bad = cli("rmt-plot-attention", "--path", out / "ckpt_rmt" / "checkpoint_last.pt", "--data", out / "data" / "bin",
+              "--input", "zzz <gen>", "--out", tmp_path / "attn2", check=False)
+    assert bad.returncode == 2 and "zzz" in bad.stderr.strip().splitlines()[-1]

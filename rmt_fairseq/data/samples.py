@@ -60,21 +60,31 @@ class SegmentedSampleDataset(FairseqDataset):
         scored = (pos >= gen[:, None]) & tgt.ne(self.eos) & tgt.ne(self.pad)  # only what follows <gen>
         answer = tgt.clone()
         tgt[~scored] = self.pad
-        S, T = self.segment_layout(src.size(1))
-        extra = S * T - src.size(1)  # pad the end to S equal segments (affects nothing scored)
-        if extra:
-            src = torch.nn.functional.pad(src, (0, extra), value=self.pad)
-            tgt = torch.nn.functional.pad(tgt, (0, extra), value=self.pad)
-            answer = torch.nn.functional.pad(answer, (0, extra), value=self.pad)
-        return {
+        sample = {
             "id": torch.tensor([s["id"] for s in samples]),
-            "net_input": {"src_tokens": src, "src_lengths": torch.full((src.size(0),), src.size(1)),
-                          "segment_len": T},
+            "net_input": {"src_tokens": src, "src_lengths": torch.full((src.size(0),), src.size(1))},
             "target": tgt,  # B x S*T, pad outside the answer
             "answer": answer,  # B x S*T, the unmasked next tokens (for greedy decoding's reference)
             "gen": gen,
+            "length": src.size(1),
             "nsentences": len(samples),
             "ntokens": int(scored.sum()),
-            "num_segments": S,
             "split": self.split,
         }
+        return self.apply_layout(sample)
+
+    def apply_layout(self, sample):
+        """Split the batch into the current number of equal segments (pad the end; nothing padded is scored).
+        Called again at step time, because batches are collated ahead (prefetching) and the curriculum may
+        have changed the number of segments since."""
+        L = sample["length"]
+        S, T = self.segment_layout(L)
+        extra = S * T - L
+
+        def fit(x):
+            return torch.nn.functional.pad(x[:, :L], (0, extra), value=self.pad) if extra else x[:, :L]
+
+        sample["net_input"]["src_tokens"] = fit(sample["net_input"]["src_tokens"])
+        sample["target"], sample["answer"] = fit(sample["target"]), fit(sample["answer"])
+        sample["net_input"]["segment_len"], sample["num_segments"] = T, S
+        return sample

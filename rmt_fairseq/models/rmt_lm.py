@@ -40,6 +40,9 @@ class RMTLanguageModelConfig(FairseqDataclass):
     decoder_embed_dim: int = field(default=410, metadata={"help": "model dimension C"})
     decoder_ffn_embed_dim: int = field(default=2100, metadata={"help": "feed-forward inner dimension"})
     decoder_attention_heads: int = field(default=10, metadata={"help": "attention heads (C must divide by it)"})
+    decoder_head_dim: Optional[int] = field(
+        default=None, metadata={"help": "per-head dimension (Transformer-XL's d_head; default: C / heads)"}
+    )
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings, residuals and output"})
     attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
     activation_dropout: float = field(default=0.0, metadata={"help": "dropout inside the feed-forward block"})
@@ -92,7 +95,7 @@ class RMTDecoder(FairseqDecoder):
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(C)
         self.dropout = nn.Dropout(cfg.dropout)
         self.memory = MemoryTokens(cfg.mem_tokens, C) if cfg.mem_tokens > 0 else None
-        head_dim = C // H
+        head_dim = cfg.decoder_head_dim or C // H
         self.layers = nn.ModuleList(
             RelativeDecoderLayer(C, H, head_dim, cfg.decoder_ffn_embed_dim, cfg.dropout, cfg.attention_dropout,
                                  cfg.activation_dropout)
@@ -257,9 +260,11 @@ def validate_config(cfg, vocab_size: int) -> None:
     for flag, value in [("--dropout", cfg.dropout), ("--attention-dropout", cfg.attention_dropout),
                         ("--activation-dropout", cfg.activation_dropout)]:
         check(0.0 <= value < 1.0, f"{flag} must be in [0, 1), got {value}")
-    check(cfg.decoder_embed_dim % cfg.decoder_attention_heads == 0,
+    if cfg.decoder_head_dim is not None:
+        check(cfg.decoder_head_dim >= 1, f"--decoder-head-dim must be >= 1, got {cfg.decoder_head_dim}")
+    check(cfg.decoder_head_dim is not None or cfg.decoder_embed_dim % cfg.decoder_attention_heads == 0,
           f"--decoder-embed-dim {cfg.decoder_embed_dim} is not divisible by --decoder-attention-heads "
-          f"{cfg.decoder_attention_heads}")
+          f"{cfg.decoder_attention_heads} (or set --decoder-head-dim)")
     check(str(cfg.memory_layout) in ("rmt", "mt"), f"--memory-layout must be rmt or mt, got {cfg.memory_layout}")
     check(not (str(cfg.memory_layout) == "mt" and cfg.mem_tokens == 0),
           "--memory-layout mt needs --mem-tokens > 0, got --mem-tokens 0")

@@ -37,6 +37,8 @@ class RelativeMultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(inner, embed_dim, bias=False)
         self.attention_dropout = attention_dropout
         self.scale = 1.0 / math.sqrt(head_dim)
+        self.keep_attention = False  # set by the attention-plot tool to record weights
+        self.last_attention: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -65,6 +67,12 @@ class RelativeMultiheadAttention(nn.Module):
         bd = torch.einsum("bhnd,phd->bhnp", q + v[None, :, None, :], r)  # B x H x N x P
         bd = bd.gather(-1, rel_index.expand(B, H, N, Kn))  # B x H x N x K
         bias = bd * self.scale + mask_bias  # B x H x N x K
+        if self.keep_attention:  # explicit softmax, for plots (modules/attention_plot.py); same result
+            probs = torch.softmax(torch.einsum("bhnd,bhkd->bhnk", q + u[None, :, None, :], k) * self.scale + bias,
+                                  dim=-1)  # B x H x N x K
+            self.last_attention = probs.detach()
+            out = torch.einsum("bhnk,bhkd->bhnd", probs, val)  # B x H x N x D
+            return self.out_proj(out.transpose(1, 2).reshape(B, N, H * D))
         out = F.scaled_dot_product_attention(
             q + u[None, :, None, :],
             k,

@@ -45,6 +45,16 @@ class RMTAlgorithmicConfig(RMTLMConfig):
     no_eval_greedy: bool = field(
         default=False, metadata={"help": "skip greedy decoding in validation (acc, em): teacher-forced metrics only"}
     )
+    segment_curriculum: bool = field(
+        default=False,
+        metadata={"help": "grow --num-segments by one each time validation accuracy reaches "
+                  "--curriculum-threshold, up to --max-num-segments (Bulatov et al. 2023, §4.1). (fairseq's own "
+                  "--curriculum N is unrelated: it disables shuffling for N epochs)"},
+    )
+    curriculum_threshold: float = field(
+        default=95.0, metadata={"help": "validation accuracy (%; greedy acc, or acc_tf with --no-eval-greedy)"}
+    )
+    max_num_segments: int = field(default=8, metadata={"help": "the curriculum's last stage"})
     answer_len: int = field(
         default=0, metadata={"help": "log answer_acc: the last N target tokens all right (30 for equations)"}
     )
@@ -59,6 +69,12 @@ class RMTAlgorithmicTask(RMTLMTask):
         super().__init__(cfg, dictionary)
         check(cfg.num_segments >= 1, f"--num-segments must be >= 1, got {cfg.num_segments}")
         check(cfg.answer_len >= 0, f"--answer-len must be >= 0, got {cfg.answer_len}")
+        if cfg.segment_curriculum:
+            check(cfg.max_num_segments >= cfg.num_segments, f"--max-num-segments {cfg.max_num_segments} is below "
+                                                            f"--num-segments {cfg.num_segments}")
+            check(cfg.tokens_per_sample is None, "--segment-curriculum grows --num-segments: drop --tokens-per-sample")
+        self.num_segments = cfg.num_segments  # the current curriculum stage
+        self._valid_counts = None  # accuracy of the last validation pass, decided on at the next train step
         self.gen_idx = dictionary.index(GEN)
         check(self.gen_idx != dictionary.unk(), f"the dictionary of {cfg.data!r} has no {GEN} token: generate the "
                                                 f"data with rmt-data")
@@ -74,7 +90,7 @@ class RMTAlgorithmicTask(RMTLMTask):
         check(data is not None, f"split '{split}' not found: no {split_path}.bin/.idx")
         self.datasets[split] = SegmentedSampleDataset(
             data, self.gen_idx, self.dictionary.pad(), self.dictionary.eos(), split,
-            num_segments=self.cfg.num_segments, seg_len=self.cfg.tokens_per_sample)
+            num_segments=self.num_segments, seg_len=self.cfg.tokens_per_sample)
 
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, **kwargs):
         check(max_sentences or self.cfg.batch_size, "--task rmt_algorithmic needs --batch-size")
@@ -89,15 +105,59 @@ class RMTAlgorithmicTask(RMTLMTask):
 
     # every sample starts from fresh memory
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self._advance_curriculum()
+        self._layout(sample)
         sample["rmt_state"] = RecurrentState()
-        return FairseqTask.train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad)
+        loss, sample_size, log = FairseqTask.train_step(self, sample, model, criterion, optimizer, update_num,
+                                                        ignore_grad)
+        log["num_segments"] = sample["num_segments"]
+        return loss, sample_size, log
+
+    def begin_valid_epoch(self, epoch, model):
+        self._valid_counts = {"correct": 0, "total": 0}
 
     def valid_step(self, sample, model, criterion):
+        self._layout(sample)
         sample["rmt_state"] = RecurrentState()
         loss, sample_size, log = FairseqTask.valid_step(self, sample, model, criterion)
         with torch.no_grad():
             log.update(self.accuracy(model, sample))
+        if self._valid_counts is not None:
+            prefix = "tf" if self.cfg.no_eval_greedy else "greedy"
+            self._valid_counts["correct"] += log[f"{prefix}_correct"]
+            self._valid_counts["total"] += log[f"{prefix}_total"]
         return loss, sample_size, log
+
+    def _layout(self, sample):
+        if sample and sample.get("split") in self.datasets:
+            self.datasets[sample["split"]].apply_layout(sample)
+
+    # ---- curriculum ----------------------------------------------------------------------------------------
+
+    def _advance_curriculum(self):
+        """After a validation pass: one more segment per sample if its accuracy reached the threshold."""
+        counts, self._valid_counts = self._valid_counts, None
+        if not self.cfg.segment_curriculum or not counts or not counts["total"]:
+            return
+        acc = 100.0 * counts["correct"] / counts["total"]
+        if acc >= self.cfg.curriculum_threshold and self.num_segments < self.cfg.max_num_segments:
+            self.set_num_segments(self.num_segments + 1)
+            logger.info("curriculum: validation accuracy %.2f >= %.2f, now %d segments per sample", acc,
+                        self.cfg.curriculum_threshold, self.num_segments)
+
+    def set_num_segments(self, n: int):
+        # datasets collate lazily, so the next batch is split the new way (with --num-workers > 0, from the
+        # next epoch, when the workers get a fresh copy of the dataset)
+        self.num_segments = n
+        for ds in self.datasets.values():
+            ds.num_segments = n
+
+    def get_checkpoint_dict(self):
+        return {self.__class__.__name__: {"num_segments": self.num_segments}}
+
+    def set_checkpoint_dict(self, state):
+        if "num_segments" in state:
+            self.set_num_segments(int(state["num_segments"]))
 
     @torch.no_grad()
     def accuracy(self, model, sample) -> dict:
@@ -138,19 +198,19 @@ class RMTAlgorithmicTask(RMTLMTask):
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
         total = lambda k: sum(log.get(k, 0) for log in logging_outputs)  # noqa: E731
-        if not any("tf_total" in log for log in logging_outputs):
-            return
         n = total("nseq")
         for prefix, acc, em in [("tf", "acc_tf", "em_tf"), ("greedy", "acc", "em")]:
             if total(f"{prefix}_total"):
                 metrics.log_scalar(acc, 100.0 * total(f"{prefix}_correct") / total(f"{prefix}_total"),
                                    total(f"{prefix}_total"), round=2)
                 metrics.log_scalar(em, 100.0 * total(f"{prefix}_exact") / n, n, round=2)
+        if any("num_segments" in log for log in logging_outputs):  # training: the curriculum stage
+            metrics.log_scalar("num_segments", max(log.get("num_segments", 0) for log in logging_outputs),
+                               1, priority=250, round=1)
+        if not any("tf_total" in log for log in logging_outputs):
+            return
         if any("answer_correct" in log for log in logging_outputs):
             metrics.log_scalar("answer_acc", 100.0 * total("answer_correct") / n, n, round=2)
-
-    def get_checkpoint_dict(self):
-        return {}
 
     def eval_lm_dataloader(self, *args, **kwargs):
         check(False, "fairseq-eval-lm does not apply to --task rmt_algorithmic: use fairseq-validate "

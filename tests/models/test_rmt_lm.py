@@ -134,3 +134,17 @@ def test_adaptive_softmax_training_loss_is_the_exact_nll_for_every_word():
     lp = model.decoder.adaptive_softmax.get_log_prob(out.hidden, None).view(2, 8, -1)
     exact = -lp.gather(-1, y.unsqueeze(-1)).sum()
     assert torch.allclose(model.decoder.segment_loss(out.hidden, y), exact, atol=1e-4)
+
+
+def test_recorded_attention_path_equals_the_fused_path():
+    model = tiny_model(mem_len=4).eval()
+    x = torch.randint(4, 40, (2, 8))
+    cache = [torch.randn(2, 4, 32) for _ in range(2)]
+    fused = model.decoder.forward_segment(x, None, cache)
+    for layer in model.decoder.layers:
+        layer.attn.keep_attention = True
+    explicit = model.decoder.forward_segment(x, None, cache)
+    assert torch.allclose(fused.hidden, explicit.hidden, atol=1e-5)
+    w = model.decoder.layers[0].attn.last_attention  # B x H x N x K
+    assert torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)), atol=1e-5)
+    assert (w[:, :, :3, :4] == 0).all()  # read memory never attends to the XL cache

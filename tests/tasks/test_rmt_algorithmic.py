@@ -70,3 +70,19 @@ def test_train_and_validate_through_the_clis(tmp_path):
     mv = re.search(r"loss ([0-9.]+) \| acc_tf ([0-9.]+) .* acc ([0-9.]+)", v.stdout + v.stderr)
     assert mv, (v.stdout + v.stderr)[-3000:]
     assert float(mv.group(1)) == float(m.group(1))  # the checkpoint evaluates to its last validation
+
+
+def test_curriculum_advances_is_logged_and_survives_resume(tmp_path):
+    data = _data(tmp_path, "copy", "--src-len", 6)
+    save = tmp_path / "ckpt"
+    args = [data, *ARGS, "--segment-curriculum", "--curriculum-threshold", 0, "--max-num-segments", 3, "--optimizer",
+            "adam", "--lr", "1e-3", "--validate-interval-updates", 2, "--save-dir", save, "--num-workers", 0,
+            "--log-format", "simple", "--log-interval", 1, "--no-epoch-checkpoints", "--no-eval-greedy",
+            "--save-interval-updates", 2]
+    p = cli("fairseq-train", *args, "--max-update", 3)
+    stages = [float(x) for x in re.findall(r"train_inner .*num_segments=([0-9.]+)", p.stdout + p.stderr)]
+    # stage 1 for updates 1-2, validation (threshold 0 always passes), then 2 segments from update 3
+    assert stages == [1.0, 1.0, 2.0], (p.stdout + p.stderr)[-3000:]
+    p = cli("fairseq-train", *args, "--max-update", 6)  # resumes from checkpoint_last (update 3)
+    stages = [float(x) for x in re.findall(r"train_inner .*num_segments=([0-9.]+)", p.stdout + p.stderr)]
+    assert stages == [2.0, 3.0, 3.0], (p.stdout + p.stderr)[-3000:]  # the stage came back from the checkpoint
