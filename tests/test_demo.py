@@ -25,3 +25,11 @@ def test_demo_writes_results_and_plot(tmp_path):
     bad = cli("rmt-plot-attention", "--path", out / "ckpt_rmt" / "checkpoint_last.pt", "--data", out / "data" / "bin",
               "--input", "zzz <gen>", "--out", tmp_path / "attn2", check=False)
     assert bad.returncode == 2 and "zzz" in bad.stderr.strip().splitlines()[-1]
+
+    ex = cli("rmt-extrapolate", "--path", out / "ckpt_rmt" / "checkpoint_last.pt", "--data", out / "data" / "bin",
+             "--task", "copy", "--src-lens", "10,20", "--segment-len", 11, "--num-samples", 40, "--out",
+             tmp_path / "extra")
+    rows = json.loads((tmp_path / "extra" / "extrapolation.json").read_text())["results"]
+    assert [(r["src_len"], r["segments"]) for r in rows] == [(10, 3), (20, 6)]  # same T, more segments
+    assert all(0 <= r["acc"] <= 100 and 0 <= r["em"] <= 100 for r in rows) and "segments" in ex.stdout
+    assert (tmp_path / "extra" / "extrapolation.png").read_bytes()[:4] == b"\x89PNG"

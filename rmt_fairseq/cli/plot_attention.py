@@ -35,10 +35,10 @@ def main(argv=None):
 
     import logging
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq sets the root logger to DEBUG
     import matplotlib
 
     matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
     import torch
     from fairseq import checkpoint_utils

@@ -21,7 +21,7 @@ from fairseq import options
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqDecoder, FairseqLanguageModel, register_model, register_model_architecture
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
-from omegaconf import II
+from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 
 from rmt_fairseq.errors import check
@@ -215,6 +215,7 @@ class RMTLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg: RMTLanguageModelConfig, task):
+        cfg = _with_defaults(cfg)
         validate_config(cfg, len(task.source_dictionary))
         dictionary = task.source_dictionary
         C = cfg.decoder_embed_dim
@@ -244,6 +245,20 @@ class RMTLanguageModel(FairseqLanguageModel):
 
     def max_positions(self):
         return None
+
+
+def _with_defaults(cfg):
+    """Fields added after a checkpoint was written get their defaults, so old checkpoints stay loadable
+    (fairseq merges dataclass defaults only when --arch is the model name, not for the presets)."""
+    if not OmegaConf.is_config(cfg):
+        return cfg
+    missing = {k: v for k, v in vars(RMTLanguageModelConfig()).items() if k not in cfg and not k.startswith("_")
+               and not (isinstance(v, str) and v.startswith("${"))}
+    if missing:
+        with open_dict(cfg):
+            for k, v in missing.items():
+                cfg[k] = v
+    return cfg
 
 
 def validate_config(cfg, vocab_size: int) -> None:

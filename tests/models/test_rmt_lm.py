@@ -148,3 +148,16 @@ def test_recorded_attention_path_equals_the_fused_path():
     w = model.decoder.layers[0].attn.last_attention  # B x H x N x K
     assert torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)), atol=1e-5)
     assert (w[:, :, :3, :4] == 0).all()  # read memory never attends to the XL cache
+
+
+def test_a_config_written_before_a_field_existed_still_builds():
+    from omegaconf import OmegaConf
+
+    from helpers import _Task, dictionary
+    from rmt_fairseq.models.rmt_lm import RMTLanguageModel
+
+    old = OmegaConf.create({"_name": "rmt_tiny", "decoder_layers": 1, "decoder_embed_dim": 16,
+                            "decoder_ffn_embed_dim": 16, "decoder_attention_heads": 2, "mem_tokens": 2,
+                            "tokens_per_sample": 8})  # e.g. no decoder_head_dim, no memory_layout
+    model = RMTLanguageModel.build_model(old, _Task(dictionary(10)))
+    assert model.decoder.num_mem_tokens == 2 and model.decoder.layers[0].attn.head_dim == 8
