@@ -78,7 +78,8 @@ def main(argv=None):
                 for k in tot:
                     tot[k] += log[k]
         row = {"src_len": n, "tokens": 3 * n + 1 if a.task == "copy" else 2 * n + 1, "segments": segments,
-               "acc": 100.0 * tot["greedy_correct"] / tot["greedy_total"], "em": 100.0 * tot["greedy_exact"] / tot["nseq"]}
+               "acc": 100.0 * tot["greedy_correct"] / tot["greedy_total"],
+               "em": 100.0 * tot["greedy_exact"] / tot["nseq"]}
         rows.append(row)
         print(f"src_len {n:>5}  segments {segments:>4}  token acc {row['acc']:6.2f}%  exact match {row['em']:6.2f}%",
               flush=True)
