@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from fairseq import options
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models import FairseqDecoder, FairseqLanguageModel, register_model, register_model_architecture
+from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model, register_model_architecture
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
 from omegaconf import II, OmegaConf, open_dict
 from torch import nn
@@ -81,7 +81,7 @@ class RMTLanguageModelConfig(FairseqDataclass):
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
 
-class RMTDecoder(FairseqDecoder):
+class RMTDecoder(FairseqIncrementalDecoder):
     """Transformer-XL decoder with memory tokens; implements the segment interface of modules/recurrence.py."""
 
     def __init__(self, cfg: RMTLanguageModelConfig, dictionary, embed_tokens: nn.Module):
@@ -105,6 +105,7 @@ class RMTDecoder(FairseqDecoder):
         self.pos_bias_u = nn.Parameter(torch.zeros(H, head_dim))
         self.pos_bias_v = nn.Parameter(torch.zeros(H, head_dim))
         self.layouts = LayoutCache(C)
+        self.segment_len = int(cfg.tokens_per_sample or 128)  # for generation: the trained segment length
 
         self.adaptive_softmax = None
         self.output_projection = None
@@ -196,11 +197,89 @@ class RMTDecoder(FairseqDecoder):
             return features  # AdaptiveSoftmax.get_log_prob takes the features
         return self.output_projection(features)
 
-    def forward(self, prev_output_tokens, **kwargs):
-        raise RuntimeError("RMTDecoder runs through RMTLanguageModel.forward / modules.recurrence.run_segments")
+    # ---- generation (fairseq's SequenceGenerator: fairseq-interactive, hub sample()) ------------------------
+    #
+    # Completed segments go through the segment loop exactly as in training (their write memory and XL cache
+    # are computed by run_segments once the segment is full). Inside the current segment, each new token is
+    # one query row against cached keys/values: no recomputation of the segment per token.
+
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        """prev_output_tokens: B x t (the whole prefix). Returns (logits B x n x V for the n tokens not yet
+        seen in incremental_state, or for all t without it, extra)."""
+        if incremental_state is None:
+            out = run_segments(self, prev_output_tokens, None, RecurrentState(), seg_len=self.segment_len,
+                               return_hidden=True)
+            return self.output_layer(torch.cat(out.hidden, dim=1)), {"attn": None}
+        st = self.get_incremental_state(incremental_state, "rmt") or {"seen": 0, "t": 0, "state": RecurrentState()}
+        new = prev_output_tokens[:, st["seen"] :]
+        hidden = torch.stack([self._step(new[:, j], st) for j in range(new.size(1))], dim=1)  # B x n x C
+        st["seen"] = prev_output_tokens.size(1)
+        self.set_incremental_state(incremental_state, "rmt", st)
+        return self.output_layer(hidden), {"attn": None}
+
+    def _layout_tables(self, st):
+        L = st["state"].cache[0].size(1) if st["state"].cache is not None else 0
+        M = self.num_mem_tokens
+        layout = Layout(L, M, self.segment_len, M if self.recurrent else 0)
+        return L, M, self.layouts.get(layout, self.pos_bias_u.device, self.pos_bias_u.dtype)
+
+    def _start_segment(self, st, B):
+        """Keys/values of the XL cache and the read memory, per layer (rows 0..M-1 of the mask)."""
+        state = st["state"]
+        L, M, (pos_emb, rel_index, mask_bias) = self._layout_tables(st)
+        kv = []
+        x = None
+        if M:
+            x = state.memory if (self.recurrent and state.memory is not None) else self.memory.initial(B)
+        for i, layer in enumerate(self.layers):
+            past = layer.attn.project_kv(state.cache[i]) if state.cache is not None else None
+            if x is None:
+                kv.append(past)
+                continue
+            k, v = layer.attn.project_kv(x)
+            x_next = layer(x, None, pos_emb, rel_index[:M, : L + M],
+                           mask_bias[:M, : L + M], self.pos_bias_u, self.pos_bias_v, past)
+            kv.append((torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)) if past else (k, v))
+            x = x_next
+        st.update(kv=kv, seg=None, t=0)
+
+    def _step(self, token, st):
+        """One new token of the current segment -> its final hidden state B x C."""
+        T = self.segment_len
+        if st["t"] == T:  # the segment is complete: memory and cache through the segment loop, as in training
+            run_segments(self, st["seg"], None, st["state"], seg_len=T)
+            st["kv"] = None
+        if st["t"] == T or st.get("kv") is None:
+            self._start_segment(st, token.size(0))
+        L, M, (pos_emb, rel_index, mask_bias) = self._layout_tables(st)
+        row, cols = M + st["t"], L + M + st["t"] + 1
+        x = self.embed_scale * self.embed_tokens(token[:, None])  # B x 1 x C
+        for i, layer in enumerate(self.layers):
+            k, v = layer.attn.project_kv(x)
+            past = st["kv"][i]
+            x_next = layer(x, None, pos_emb, rel_index[row : row + 1, :cols], mask_bias[row : row + 1, :cols],
+                           self.pos_bias_u, self.pos_bias_v, past)
+            st["kv"][i] = (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)) if past else (k, v)
+            x = x_next
+        st["seg"] = token[:, None] if st["seg"] is None else torch.cat([st["seg"], token[:, None]], dim=1)
+        st["t"] += 1
+        return x[:, 0]
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        st = self.get_incremental_state(incremental_state, "rmt")
+        if st is None:
+            return
+        pick = lambda t: None if t is None else t.index_select(0, new_order)  # noqa: E731
+        state = st["state"]
+        state.memory = pick(state.memory)
+        state.cache = None if state.cache is None else [pick(c) for c in state.cache]
+        st["seg"] = pick(st["seg"])
+        st["kv"] = None if st.get("kv") is None else [None if kv is None else (pick(kv[0]), pick(kv[1]))
+                                                      for kv in st["kv"]]
+        self.set_incremental_state(incremental_state, "rmt", st)
 
     def max_positions(self):
-        return None  # relative positions: any segment length; streams have no length limit
+        return int(1e9)  # relative positions: any length (fairseq's generator needs a number)
 
 
 @register_model("rmt_lm", dataclass=RMTLanguageModelConfig)
@@ -244,7 +323,7 @@ class RMTLanguageModel(FairseqLanguageModel):
         return self.decoder.output_layer(features), {"attn": None, "inner_states": None}
 
     def max_positions(self):
-        return None
+        return self.decoder.max_positions()
 
 
 def _with_defaults(cfg):

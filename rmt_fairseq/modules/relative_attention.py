@@ -13,7 +13,7 @@ additive bias together with the mask, so the attention itself runs through PyTor
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,15 @@ class RelativeMultiheadAttention(nn.Module):
         self.keep_attention = False  # set by the attention-plot tool to record weights
         self.last_attention: Optional[torch.Tensor] = None
 
+    def project_kv(self, x: torch.Tensor):
+        """B x n x C -> keys, values B x H x n x D (for the XL cache and incremental decoding)."""
+        _, k, val = self.qkv(x).chunk(3, dim=-1)  # B x n x H*D (queries unused)
+        return self._heads(k), self._heads(val)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, n, _ = t.shape
+        return t.view(B, n, self.num_heads, self.head_dim).transpose(1, 2)  # B x H x n x D
+
     def forward(
         self,
         x: torch.Tensor,  # B x N x C
@@ -49,18 +58,17 @@ class RelativeMultiheadAttention(nn.Module):
         mask_bias: torch.Tensor,  # N x K float, 0 where visible, -inf where masked
         u: torch.Tensor,  # H x D content bias
         v: torch.Tensor,  # H x D position bias
+        past: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,  # keys, values B x H x K' x D before x
     ) -> torch.Tensor:
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        q, k, val = self.qkv(x).chunk(3, dim=-1)  # each B x N x H*D
+        q, k, val = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # each B x H x N x D
         if cache is not None and cache.size(1) > 0:
-            _, ck, cv = self.qkv(cache).chunk(3, dim=-1)  # B x L x H*D (queries of the cache are unused)
-            k = torch.cat([ck, k], dim=1)  # B x K x H*D
-            val = torch.cat([cv, val], dim=1)  # B x K x H*D
-        Kn = k.size(1)
-        q = q.view(B, N, H, D).transpose(1, 2)  # B x H x N x D
-        k = k.view(B, Kn, H, D).transpose(1, 2)  # B x H x K x D
-        val = val.view(B, Kn, H, D).transpose(1, 2)  # B x H x K x D
+            ck, cv = self.project_kv(cache)  # B x H x L x D
+            k, val = torch.cat([ck, k], dim=2), torch.cat([cv, val], dim=2)  # B x H x K x D
+        if past is not None:
+            k, val = torch.cat([past[0], k], dim=2), torch.cat([past[1], val], dim=2)  # B x H x K x D
+        Kn = k.size(2)
         r = self.r_proj(pos_emb).view(-1, H, D)  # P x H x D
 
         # position term (b)+(d): (q + v) . r_{i-j}, computed for every distance once, then gathered.
@@ -101,6 +109,6 @@ class RelativeDecoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, cache, pos_emb, rel_index, mask_bias, u, v):
-        x = self.attn_norm(x + self.dropout(self.attn(x, cache, pos_emb, rel_index, mask_bias, u, v)))
+    def forward(self, x, cache, pos_emb, rel_index, mask_bias, u, v, past=None):
+        x = self.attn_norm(x + self.dropout(self.attn(x, cache, pos_emb, rel_index, mask_bias, u, v, past)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))

@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 from fairseq import utils
-from fairseq.data import Dictionary, data_utils, iterators
+from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import FairseqTask, register_task
@@ -205,6 +206,21 @@ class RMTLMTask(FairseqTask):
             st.load_state_dict(state["train_state"])
             self.states[self.cfg.train_subset] = st
 
+    # ---- generation: fairseq-interactive and the hub interface's sample() -------------------------------------
+
+    def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
+        """Prompts (one per line, </s> dropped so generation continues them) for SequenceGenerator; the model
+        decodes across segment boundaries with incremental decoding inside a segment (models/rmt_lm.py)."""
+        return PromptDataset(src_tokens, self.source_dictionary)
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        check(constraints is None, "--constraints is not supported with --task rmt_lm")
+        with torch.no_grad():
+            if prefix_tokens is None and sample["net_input"]["src_tokens"].nelement():
+                prefix_tokens = sample["net_input"]["src_tokens"]  # the prompt is forced, then generation
+            return generator.generate(models, sample, prefix_tokens=prefix_tokens,
+                                      bos_token=self.source_dictionary.eos())  # </s> starts a line, as in training
+
     @property
     def source_dictionary(self):
         return self.dictionary
@@ -212,3 +228,29 @@ class RMTLMTask(FairseqTask):
     @property
     def target_dictionary(self):
         return self.dictionary
+
+
+class PromptDataset(FairseqDataset):
+    def __init__(self, prompts, dictionary):
+        super().__init__()
+        eos = dictionary.eos()
+        self.prompts = [p[:-1] if len(p) and p[-1] == eos else p for p in prompts]
+        self.pad = dictionary.pad()
+        self.sizes = np.array([len(p) for p in self.prompts])
+
+    def __getitem__(self, i):
+        return i
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def num_tokens(self, i):
+        return int(self.sizes[i])
+
+    def size(self, i):
+        return int(self.sizes[i])
+
+    def collater(self, items):
+        toks = data_utils.collate_tokens([self.prompts[i] for i in items], self.pad, left_pad=False)
+        return {"id": torch.tensor(items), "nsentences": len(items), "ntokens": int(toks.ne(self.pad).sum()),
+                "net_input": {"src_tokens": toks, "src_lengths": torch.tensor([len(self.prompts[i]) for i in items])}}

@@ -21,3 +21,35 @@ def test_greedy_tokens_and_scores_equal_teacher_forced(mem_tokens, mem_len):
     # the teacher-forced prediction at q is the token greedy decoding put at q + 1, with the same score
     assert torch.equal(lp[:, P - 1 : L - 1].argmax(-1), seq[:, P:L])
     assert torch.allclose(lp[:, P - 1 : L - 1].max(-1).values, scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("mem_tokens,mem_len,layout", [(3, 0, "rmt"), (3, 6, "rmt"), (0, 6, "rmt"), (0, 0, "rmt"),
+                                                       (3, 0, "mt")])
+def test_incremental_decoding_equals_the_full_forward_across_segments(mem_tokens, mem_len, layout):
+    """fairseq's incremental path (one query row per new token, cached keys/values inside the segment,
+    completed segments through the segment loop) gives the teacher-forced logits, over 3 boundaries."""
+    model = tiny_model(mem_tokens=mem_tokens, mem_len=mem_len, memory_layout=layout, seed=6).eval()
+    torch.manual_seed(1)
+    x = torch.randint(4, 40, (3, 29))  # segment length 8: boundaries after 8, 16, 24
+    with torch.no_grad():
+        full, _ = model.decoder(x)  # no incremental state: the segment loop over the whole prefix
+        inc_state, steps = {}, []
+        for t in range(1, 30):
+            if t in (5, 17):  # a beam-search reorder mid-way (identity permutation must change nothing)
+                model.decoder.reorder_incremental_state(inc_state, torch.arange(3))
+            out, _ = model.decoder(x[:, :t], incremental_state=inc_state)
+            steps.append(out[:, -1])
+        inc = torch.stack(steps, 1)
+    assert torch.allclose(inc, full, atol=1e-4), (inc - full).abs().max()
+
+
+def test_reorder_moves_the_streams_state():
+    model = tiny_model(seed=7).eval()
+    x = torch.randint(4, 40, (2, 12))
+    with torch.no_grad():
+        st = {}
+        model.decoder(x[:, :10], incremental_state=st)
+        model.decoder.reorder_incremental_state(st, torch.tensor([1, 0]))
+        swapped, _ = model.decoder(torch.cat([x[:, :10].flip(0), x[:, 10:11].flip(0)], 1), incremental_state=st)
+        ref, _ = model.decoder(torch.cat([x[:, :10].flip(0), x[:, 10:11].flip(0)], 1))
+    assert torch.allclose(swapped[:, -1], ref[:, -1], atol=1e-4)
