@@ -21,10 +21,11 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--path", required=True, help="checkpoint trained with --task rmt_algorithmic")
     ap.add_argument("--data", required=True, help="the training data-bin directory (for dict.txt)")
-    ap.add_argument("--task", required=True, choices=["copy", "reverse"], help="generator")
-    ap.add_argument("--src-lens", required=True, help="comma-separated source lengths, e.g. 10,20,40")
+    ap.add_argument("--task", required=True, choices=["copy", "reverse", "associative_retrieval"], help="generator")
+    ap.add_argument("--src-lens", required=True,
+                    help="comma-separated source lengths, e.g. 10,20,40 (associative_retrieval: numbers of pairs)")
     ap.add_argument("--segment-len", type=int, required=True, help="segment length T used in training")
-    ap.add_argument("--vocab-size", type=int, default=10, help="as for rmt-data")
+    ap.add_argument("--vocab-size", type=int, help="as for rmt-data (default: 10; associative_retrieval 36)")
     ap.add_argument("--num-samples", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--seed", type=int, default=12345)
@@ -60,8 +61,15 @@ def main(argv=None):
         raw, bin_dir = os.path.join(a.out, f"len{n}", "raw"), os.path.join(a.out, f"len{n}", "bin")
         os.makedirs(raw, exist_ok=True)
         with open(os.path.join(raw, "test.txt"), "w") as f:
-            f.write("\n".join(generate(a.task, a.num_samples, seed=a.seed + n, src_len=n, vocab_size=a.vocab_size))
-                    + "\n")
+            if a.task == "associative_retrieval":
+                kw = {"num_pairs": n, "vocab_size": a.vocab_size or 36}
+            else:
+                kw = {"src_len": n, "vocab_size": a.vocab_size or 10}
+            try:
+                lines = generate(a.task, a.num_samples, seed=a.seed + n, **kw)
+            except ValueError as e:
+                ap.error(str(e))
+            f.write("\n".join(lines) + "\n")
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source",
                         "--testpref", os.path.join(raw, "test.txt"), "--srcdict", os.path.join(a.data, "dict.txt"),
                         "--destdir", bin_dir, "--workers", "1"], check=True, capture_output=True)
@@ -77,7 +85,8 @@ def main(argv=None):
                 segments = sample["num_segments"]
                 for k in tot:
                     tot[k] += log[k]
-        row = {"src_len": n, "tokens": 3 * n + 1 if a.task == "copy" else 2 * n + 1, "segments": segments,
+        tokens = {"copy": 3 * n + 1, "reverse": 2 * n + 1, "associative_retrieval": 2 * n + 3}[a.task]
+        row = {"src_len": n, "tokens": tokens, "segments": segments,
                "acc": 100.0 * tot["greedy_correct"] / tot["greedy_total"],
                "em": 100.0 * tot["greedy_exact"] / tot["nseq"]}
         rows.append(row)
