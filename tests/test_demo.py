@@ -8,7 +8,7 @@ from helpers import cli
 
 def test_demo_writes_results_and_plot(tmp_path):
     out = tmp_path / "demo"
-    p = cli("rmt-demo", "--out", out, "--updates", 4, "--train-size", 200)
+    p = cli("rmt-demo", "--out", out, "--updates", 4, "--train-size", 200, "--test-size", 50)
     res = json.loads((out / "results.json").read_text())
     assert set(res["models"]) == {"rmt", "no_memory"} and res["num_segments"] == 3
     for r in res["models"].values():

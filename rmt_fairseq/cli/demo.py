@@ -47,10 +47,12 @@ def main(argv=None):
     ap.add_argument("--src-len", type=int, default=10, help="copy source length")
     ap.add_argument("--num-segments", type=int, default=3, help="segments per sample")
     ap.add_argument("--train-size", type=int, default=20000, help="training samples")
+    ap.add_argument("--test-size", type=int, default=1000, help="test samples")
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args(argv)
     for flag, v, low in [("--updates", a.updates, 1), ("--src-len", a.src_len, 1),
-                         ("--num-segments", a.num_segments, 1), ("--train-size", a.train_size, 1)]:
+                         ("--num-segments", a.num_segments, 1), ("--train-size", a.train_size, 1),
+                         ("--test-size", a.test_size, 1)]:
         if v < low:
             ap.error(f"{flag} must be >= {low}, got {v}")
     os.makedirs(a.out, exist_ok=True)
@@ -60,7 +62,7 @@ def main(argv=None):
           f"{a.num_segments} segments of {-(-total // a.num_segments)}: most of the answer is produced in "
           f"segments that never see the source.", flush=True)
     _run([_bin("rmt-data"), "copy", "--out", raw, "--src-len", str(a.src_len), "--train-size", str(a.train_size),
-          "--valid-size", "200", "--test-size", "1000", "--seed", str(a.seed)], os.path.join(a.out, "data.log"))
+          "--valid-size", "200", "--test-size", str(a.test_size), "--seed", str(a.seed)], os.path.join(a.out, "data.log"))
     _run([_bin("fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.txt", "--validpref",
           f"{raw}/valid.txt", "--testpref", f"{raw}/test.txt", "--destdir", data, "--workers", "1"],
          os.path.join(a.out, "preprocess.log"))
@@ -97,7 +99,7 @@ def main(argv=None):
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     _plot(results, os.path.join(a.out, "accuracy.png"))
-    print(f"\n[demo] wrote {a.out}/results.json and {a.out}/accuracy.png (greedy decoding, test split of 1000)")
+    print(f"\n[demo] wrote {a.out}/results.json and {a.out}/accuracy.png (greedy decoding, test split of {a.test_size})")
     return 0
 
 
