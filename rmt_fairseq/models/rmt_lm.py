@@ -27,7 +27,7 @@ from torch import nn
 from rmt_fairseq.errors import check
 from rmt_fairseq.modules.memory import Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
-from rmt_fairseq.modules.relative_attention import RelativeDecoderLayer
+from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,7 @@ class RMTDecoder(FairseqIncrementalDecoder):
             for _ in range(cfg.decoder_layers)
         )
         # XL's u and v (r_w_bias, r_r_bias), shared across layers as in the original (untie_r=False)
-        self.pos_bias_u = nn.Parameter(torch.zeros(H, head_dim))
-        self.pos_bias_v = nn.Parameter(torch.zeros(H, head_dim))
+        self.pos_bias = PositionBias(H, head_dim)
         self.layouts = LayoutCache(C)
         self.segment_len = int(cfg.tokens_per_sample or 128)  # for generation: the trained segment length
 
@@ -134,7 +133,7 @@ class RMTDecoder(FairseqIncrementalDecoder):
         return self.memory is not None and self.layout_name == "rmt"
 
     def initial_memory(self, batch_size: int) -> Optional[torch.Tensor]:
-        return self.memory.initial(batch_size) if self.recurrent else None
+        return self.memory(batch_size) if self.recurrent else None
 
     def forward_segment(
         self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache: Optional[List[torch.Tensor]]
@@ -145,14 +144,15 @@ class RMTDecoder(FairseqIncrementalDecoder):
         if M == 0:
             h, W = x, 0
         elif self.recurrent:
-            read = memory if memory is not None else self.memory.initial(B)  # B x M x C
+            read = memory if memory is not None else self.memory(B)  # B x M x C
             # paper §3.2: the same memory is placed as the read block and as the write block
             h, W = torch.cat([read, x, read], dim=1), M  # B x (M+T+M) x C
         else:  # MT: learned tokens in front of every segment, nothing carried
-            h, W = torch.cat([self.memory.initial(B), x], dim=1), 0  # B x (M+T) x C
+            h, W = torch.cat([self.memory(B), x], dim=1), 0  # B x (M+T) x C
         L = cache[0].size(1) if cache is not None else 0
         pos_emb, rel_index, mask_bias = self.layouts.get(Layout(L, M, T, W), h.device, h.dtype)
         pos_emb = self.dropout(pos_emb)
+        u, v = self.pos_bias()  # H x D each
 
         new_cache = [] if self.mem_len > 0 else None
         for i, layer in enumerate(self.layers):
@@ -161,8 +161,7 @@ class RMTDecoder(FairseqIncrementalDecoder):
                 seg = h[:, M : M + T]  # B x T x C
                 prev = cache[i] if cache is not None else seg[:, :0]
                 new_cache.append(torch.cat([prev, seg], dim=1)[:, -self.mem_len :].detach())  # B x L' x C
-            h = layer(h, cache[i] if cache is not None else None, pos_emb, rel_index, mask_bias,
-                      self.pos_bias_u, self.pos_bias_v)  # B x (M+T+W) x C
+            h = layer(h, cache[i] if cache is not None else None, pos_emb, rel_index, mask_bias, u, v)  # B x N x C
         hidden = self.dropout(h[:, M : M + T])  # B x T x C
         new_memory = h[:, M + T :] if self.recurrent else None  # B x M x C
         return SegmentOutput(hidden=hidden, memory=new_memory, cache=new_cache)
@@ -221,7 +220,8 @@ class RMTDecoder(FairseqIncrementalDecoder):
         L = st["state"].cache[0].size(1) if st["state"].cache is not None else 0
         M = self.num_mem_tokens
         layout = Layout(L, M, self.segment_len, M if self.recurrent else 0)
-        return L, M, self.layouts.get(layout, self.pos_bias_u.device, self.pos_bias_u.dtype)
+        w = self.embed_tokens.weight if hasattr(self.embed_tokens, "weight") else next(self.parameters())
+        return L, M, self.layouts.get(layout, w.device, torch.get_default_dtype())
 
     def _start_segment(self, st, B):
         """Keys/values of the XL cache and the read memory, per layer (rows 0..M-1 of the mask)."""
@@ -229,17 +229,18 @@ class RMTDecoder(FairseqIncrementalDecoder):
         L, M, (pos_emb, rel_index, mask_bias) = self._layout_tables(st)
         kv = []
         x = None
+        u, v = self.pos_bias()
         if M:
-            x = state.memory if (self.recurrent and state.memory is not None) else self.memory.initial(B)
+            x = state.memory if (self.recurrent and state.memory is not None) else self.memory(B)
         for i, layer in enumerate(self.layers):
             past = layer.attn.project_kv(state.cache[i]) if state.cache is not None else None
             if x is None:
                 kv.append(past)
                 continue
-            k, v = layer.attn.project_kv(x)
+            k_new, v_new = layer.attn.project_kv(x)
             x_next = layer(x, None, pos_emb, rel_index[:M, : L + M],
-                           mask_bias[:M, : L + M], self.pos_bias_u, self.pos_bias_v, past)
-            kv.append((torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)) if past else (k, v))
+                           mask_bias[:M, : L + M], u, v, past)
+            kv.append((torch.cat([past[0], k_new], 2), torch.cat([past[1], v_new], 2)) if past else (k_new, v_new))
             x = x_next
         st.update(kv=kv, seg=None, t=0)
 
@@ -254,12 +255,14 @@ class RMTDecoder(FairseqIncrementalDecoder):
         L, M, (pos_emb, rel_index, mask_bias) = self._layout_tables(st)
         row, cols = M + st["t"], L + M + st["t"] + 1
         x = self.embed_scale * self.embed_tokens(token[:, None])  # B x 1 x C
+        u, v = self.pos_bias()
         for i, layer in enumerate(self.layers):
-            k, v = layer.attn.project_kv(x)
+            k_new, v_new = layer.attn.project_kv(x)
             past = st["kv"][i]
             x_next = layer(x, None, pos_emb, rel_index[row : row + 1, :cols], mask_bias[row : row + 1, :cols],
-                           self.pos_bias_u, self.pos_bias_v, past)
-            st["kv"][i] = (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)) if past else (k, v)
+                           u, v, past)
+            st["kv"][i] = ((torch.cat([past[0], k_new], 2), torch.cat([past[1], v_new], 2)) if past
+                           else (k_new, v_new))
             x = x_next
         st["seg"] = token[:, None] if st["seg"] is None else torch.cat([st["seg"], token[:, None]], dim=1)
         st["t"] += 1

@@ -37,8 +37,12 @@ class MemoryTokens(nn.Module):
         self.num_tokens = num_tokens
         self.weight = nn.Parameter(torch.randn(num_tokens, embed_dim) * init_std)  # M x C
 
-    def initial(self, batch_size: int) -> torch.Tensor:
-        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)  # B x M x C
+    def forward(self, batch_size: int) -> torch.Tensor:
+        # a module call (not attribute access) and a copy: under ZeRO-3 a parameter is gathered for its own
+        # module's forward and released afterwards, so the result must not alias it
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1).clone()  # B x M x C
+
+    initial = forward
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,19 @@ class RelativeMultiheadAttention(nn.Module):
         return self.out_proj(out)
 
 
+class PositionBias(nn.Module):
+    """XL's content and position biases u, v (r_w_bias, r_r_bias), shared by all layers (untie_r=False).
+    Read through a module call that returns copies, so ZeRO-3 gathers them like any other parameter."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__()
+        self.u = nn.Parameter(torch.zeros(num_heads, head_dim))  # H x D
+        self.v = nn.Parameter(torch.zeros(num_heads, head_dim))  # H x D
+
+    def forward(self):
+        return self.u.clone(), self.v.clone()
+
+
 class RelativeDecoderLayer(nn.Module):
     """Post-norm Transformer-XL layer (the XL default): x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 

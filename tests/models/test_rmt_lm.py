@@ -85,8 +85,8 @@ def _reference_causal_xl(model, x):
             scores = torch.zeros(B, H, i + 1)
             for j in range(i + 1):
                 rel = r[T - 1 - (i - j)]  # embedding of distance i - j
-                scores[:, :, j] = ((q[:, i] + dec.pos_bias_u) * k[:, j]).sum(-1) + \
-                    ((q[:, i] + dec.pos_bias_v) * rel).sum(-1)
+                scores[:, :, j] = ((q[:, i] + dec.pos_bias.u) * k[:, j]).sum(-1) + \
+                    ((q[:, i] + dec.pos_bias.v) * rel).sum(-1)
             p = F.softmax(scores / math.sqrt(D), dim=-1)
             out[:, i] = torch.einsum("bhj,bjhd->bhd", p, v[:, : i + 1])
         h = layer.attn_norm(h + a.out_proj(out.reshape(B, T, H * D)))

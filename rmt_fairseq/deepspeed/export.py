@@ -1,0 +1,59 @@
+"""Export a DeepSpeed checkpoint of rmt-deepspeed-train to a normal fairseq checkpoint.
+
+    python -m rmt_fairseq.deepspeed.export --checkpoint-dir checkpoints/rmt [--tag update1000] --out model.pt
+
+ZeRO shards (any stage) are consolidated with DeepSpeed's get_fp32_state_dict_from_zero_checkpoint; the
+training config saved with the checkpoint becomes the fairseq checkpoint's cfg, so
+`fairseq-eval-lm DATA --user-dir user_dir --task rmt_lm --path model.pt` evaluates it. The output is written
+atomically (a temporary file renamed into place).
+"""
+
+import argparse
+import glob
+import os
+import sys
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="rmt-deepspeed-export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint-dir", required=True, help="the --save-dir of rmt-deepspeed-train")
+    ap.add_argument("--tag", help="checkpoint tag (default: the one in checkpoint-dir/latest)")
+    ap.add_argument("--out", required=True, help="fairseq checkpoint to write")
+    a = ap.parse_args(argv)
+    latest = os.path.join(a.checkpoint_dir, "latest")
+    if a.tag is None:
+        if not os.path.isfile(latest):
+            ap.error(f"--checkpoint-dir {a.checkpoint_dir}: no 'latest' file; pass --tag")
+        a.tag = open(latest).read().strip()
+    tag_dir = os.path.join(a.checkpoint_dir, a.tag)
+    if not os.path.isdir(tag_dir):
+        ap.error(f"--tag {a.tag}: no directory {tag_dir}")
+
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    states = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_00_model_states.pt")))
+    if not states:
+        ap.error(f"{tag_dir}: no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint)")
+    client = torch.load(states[0], map_location="cpu", weights_only=False)
+    model = get_fp32_state_dict_from_zero_checkpoint(a.checkpoint_dir, tag=a.tag)
+    ckpt = {
+        "cfg": client["cfg"],
+        "model": {k: v.float() for k, v in model.items()},
+        "optimizer_history": [{"criterion_name": "RMTCrossEntropyCriterion", "optimizer_name": "exported",
+                               "lr_scheduler_state": client.get("lr_scheduler", {}),
+                               "num_updates": client["num_updates"]}],
+        "extra_state": {"train_iterator": {"epoch": client["epoch"], "iterations_in_epoch": client["batch_index"]},
+                        "exported_from": os.path.abspath(tag_dir)},
+        "last_optimizer_state": None,
+    }
+    tmp = a.out + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, a.out)
+    print(f"wrote {a.out} ({len(model)} tensors, update {client['num_updates']}) from {tag_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
