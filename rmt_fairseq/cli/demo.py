@@ -62,7 +62,8 @@ def main(argv=None):
           f"{a.num_segments} segments of {-(-total // a.num_segments)}: most of the answer is produced in "
           f"segments that never see the source.", flush=True)
     _run([_bin("rmt-data"), "copy", "--out", raw, "--src-len", str(a.src_len), "--train-size", str(a.train_size),
-          "--valid-size", "200", "--test-size", str(a.test_size), "--seed", str(a.seed)], os.path.join(a.out, "data.log"))
+          "--valid-size", "200", "--test-size", str(a.test_size), "--seed", str(a.seed)],
+         os.path.join(a.out, "data.log"))
     _run([_bin("fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.txt", "--validpref",
           f"{raw}/valid.txt", "--testpref", f"{raw}/test.txt", "--destdir", data, "--workers", "1"],
          os.path.join(a.out, "preprocess.log"))
@@ -99,7 +100,8 @@ def main(argv=None):
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     _plot(results, os.path.join(a.out, "accuracy.png"))
-    print(f"\n[demo] wrote {a.out}/results.json and {a.out}/accuracy.png (greedy decoding, test split of {a.test_size})")
+    print(f"\n[demo] wrote {a.out}/results.json and {a.out}/accuracy.png "
+          f"(greedy decoding, test split of {a.test_size})")
     return 0
 
 
