@@ -39,10 +39,10 @@ def main(argv=None):
     client = torch.load(states[0], map_location="cpu", weights_only=False)
     model = get_fp32_state_dict_from_zero_checkpoint(a.checkpoint_dir, tag=a.tag)
     ckpt = {
-        "cfg": client["cfg"],
+        "cfg": _plain(client["cfg"]),  # torch.load(weights_only=True) in fairseq-eval-lm: plain values only
         "model": {k: v.float() for k, v in model.items()},
         "optimizer_history": [{"criterion_name": "RMTCrossEntropyCriterion", "optimizer_name": "exported",
-                               "lr_scheduler_state": client.get("lr_scheduler", {}),
+                               "lr_scheduler_state": client.get("fairseq_lr_scheduler", {}),
                                "num_updates": client["num_updates"]}],
         "extra_state": {"train_iterator": {"epoch": client["epoch"], "iterations_in_epoch": client["batch_index"]},
                         "exported_from": os.path.abspath(tag_dir)},
@@ -53,6 +53,17 @@ def main(argv=None):
     os.replace(tmp, a.out)
     print(f"wrote {a.out} ({len(model)} tensors, update {client['num_updates']}) from {tag_dir}")
     return 0
+
+
+def _plain(x):
+    """Namespaces (fairseq keeps a legacy copy of the args in its config) -> dicts, recursively."""
+    if isinstance(x, argparse.Namespace):
+        x = vars(x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
 
 
 if __name__ == "__main__":

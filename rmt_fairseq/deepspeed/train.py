@@ -92,7 +92,7 @@ def main(argv=None):
     if os.path.isfile(os.path.join(save_dir, "latest")) and not cfg.checkpoint.reset_dataloader:
         _, client = engine.load_checkpoint(save_dir)
         num_updates, epoch, start_batch = client["num_updates"], client["epoch"], client["batch_index"]
-        lr_scheduler.load_state_dict(client["lr_scheduler"])
+        lr_scheduler.load_state_dict(client["fairseq_lr_scheduler"])
         state_file = os.path.join(save_dir, client["tag"], f"rmt_state_rank{rank}.pt")
         st = RecurrentState()
         st.load_state_dict(torch.load(state_file, weights_only=True))
@@ -103,7 +103,7 @@ def main(argv=None):
         tag = f"update{num_updates}"
         state = task.states.get(cfg.dataset.train_subset, RecurrentState())
         client = {"num_updates": num_updates, "epoch": epoch, "batch_index": next_batch, "tag": tag,
-                  "lr_scheduler": lr_scheduler.state_dict(), "cfg": OmegaConf.to_container(cfg, resolve=True)}
+                  "fairseq_lr_scheduler": lr_scheduler.state_dict(), "cfg": OmegaConf.to_container(cfg, resolve=True)}
         engine.save_checkpoint(save_dir, tag=tag, client_state=client)  # all ranks, as DeepSpeed requires
         tmp = os.path.join(save_dir, tag, f"rmt_state_rank{rank}.pt.tmp")
         torch.save(state.state_dict(), tmp)
