@@ -23,6 +23,7 @@ from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, regi
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
 from omegaconf import II, OmegaConf, open_dict
 from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from rmt_fairseq.errors import check
 from rmt_fairseq.modules.memory import Layout, LayoutCache, MemoryTokens
@@ -58,6 +59,11 @@ class RMTLanguageModelConfig(FairseqDataclass):
         metadata={"help": "rmt: read+write memory carried across segments; mt: memory tokens at the start "
                   "only, no recurrence (the paper's MT ablation)"},
     )
+    checkpoint_activations: bool = field(
+        default=False,
+        metadata={"help": "recompute each layer's activations in backward (torch non-reentrant checkpoint: the "
+                  "kind that works under ZeRO-2/3 with weights shared across segments)"},
+    )
     share_decoder_input_output_embed: bool = field(
         default=False, metadata={"help": "tie input embedding and output projection"}
     )
@@ -89,6 +95,7 @@ class RMTDecoder(FairseqIncrementalDecoder):
         C, H = cfg.decoder_embed_dim, cfg.decoder_attention_heads
         self.embed_dim, self.num_layers = C, cfg.decoder_layers
         self.mem_len = cfg.mem_len
+        self.checkpoint_activations = cfg.checkpoint_activations
         self.layout_name = str(cfg.memory_layout)
         self.padding_idx = dictionary.pad()
         self.embed_tokens = embed_tokens
@@ -161,7 +168,11 @@ class RMTDecoder(FairseqIncrementalDecoder):
                 seg = h[:, M : M + T]  # B x T x C
                 prev = cache[i] if cache is not None else seg[:, :0]
                 new_cache.append(torch.cat([prev, seg], dim=1)[:, -self.mem_len :].detach())  # B x L' x C
-            h = layer(h, cache[i] if cache is not None else None, pos_emb, rel_index, mask_bias, u, v)  # B x N x C
+            layer_cache = cache[i] if cache is not None else None
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                h = torch_checkpoint(layer, h, layer_cache, pos_emb, rel_index, mask_bias, u, v, use_reentrant=False)
+            else:
+                h = layer(h, layer_cache, pos_emb, rel_index, mask_bias, u, v)  # B x (M+T+W) x C
         hidden = self.dropout(h[:, M : M + T])  # B x T x C
         new_memory = h[:, M + T :] if self.recurrent else None  # B x M x C
         return SegmentOutput(hidden=hidden, memory=new_memory, cache=new_cache)

@@ -125,3 +125,18 @@ def test_eval_without_grad_ignores_mode_and_carries_memory():
         whole = run_segments(model.decoder, x, None, RecurrentState(), seg_len=T, return_hidden=True).hidden
     assert torch.equal(outs[0], outs[1])
     assert torch.allclose(outs[0], torch.cat(whole, 1), atol=1e-6)
+
+
+def test_checkpoint_activations_per_layer_gives_the_same_gradients():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(FIRST, 40, (B, 3 * T), generator=gen)
+    y = torch.randint(FIRST, 40, (B, 3 * T), generator=gen)
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(mem_len=4, dropout=0.1, checkpoint_activations=ckpt).train()
+        torch.manual_seed(5)
+        out = run_segments(model.decoder, x, y, RecurrentState(), seg_len=T, bptt_unroll=2)
+        torch.stack(out.losses).sum().backward()
+        grads.append(_grads(model))
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
