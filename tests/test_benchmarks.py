@@ -1,0 +1,19 @@
+"""Benchmark scripts run in --quick mode and write well-formed JSON (figures are never asserted here)."""
+
+import json
+import subprocess
+import sys
+
+from helpers import REPO
+
+
+def test_deep_unroll_memory_quick(tmp_path):
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, "benchmarks/deep_unroll_memory.py", "--quick", "--out", str(out)], cwd=REPO,
+                   check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert {(r["K"], r["checkpoint_segments"]) for r in res["rows"]} == {(1, False), (2, False), (1, True),
+                                                                         (2, True)}
+    assert all(r["sec_per_segment"] > 0 and r["peak_mb"] >= 0 for r in res["rows"])
+    assert set(res["summary"]) == {"memory_ratio_kmax_vs_k1_with_ckpt", "memory_ratio_kmax_vs_k1_without_ckpt",
+                                   "time_per_segment_ratio_kmax_vs_k1_with_ckpt"}
