@@ -46,6 +46,7 @@ def main(argv=None):
 
     import deepspeed
     from fairseq import metrics, optim, tasks, utils
+    from fairseq.logging import progress_bar
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.optim.lr_scheduler import build_lr_scheduler
     from omegaconf import OmegaConf
@@ -138,6 +139,12 @@ def main(argv=None):
     done = num_updates >= max_update
     while not done and epoch <= max_epoch:
         itr = task.get_batch_iterator(train_ds, epoch=epoch).next_epoch_itr(shuffle=False)
+        # fairseq's own progress bar on rank 0: --log-format simple/json/tqdm, --tensorboard-logdir, --log-file
+        itr = progress_bar.progress_bar(
+            itr, log_format=cfg.common.log_format if rank == 0 else "none", log_interval=cfg.common.log_interval,
+            log_file=cfg.common.log_file, epoch=epoch,
+            tensorboard_logdir=cfg.common.tensorboard_logdir if rank == 0 else None,
+            default_log_format="none" if cfg.common.no_progress_bar else "simple")
         agg = [0.0, 0.0, 0.0]  # loss, ntokens, nsentences since the last log line
         t0 = time.time()
         for sample in itr:
@@ -158,12 +165,13 @@ def main(argv=None):
                 continue
             num_updates += 1
             lr = set_lr(num_updates)
-            if rank == 0 and num_updates % cfg.common.log_interval == 0:
-                wps = agg[1] / max(time.time() - t0, 1e-9)
-                log.info("train_inner | epoch %03d | loss=%.4f, ppl=%.2f, wps=%.1f, wpb=%.1f, bsz=%d, "
-                         "num_updates=%d, lr=%g", epoch, agg[0] / agg[1] / math.log(2),
-                         2 ** (agg[0] / agg[1] / math.log(2)), wps, agg[1] / cfg.common.log_interval,
-                         agg[2] / cfg.common.log_interval, num_updates, lr)
+            if num_updates % cfg.common.log_interval == 0:
+                loss_bits = agg[0] / agg[1] / math.log(2)
+                itr.log({"loss": round(loss_bits, 4), "ppl": round(2**loss_bits, 2),
+                         "wps": round(agg[1] / max(time.time() - t0, 1e-9), 1),
+                         "wpb": round(agg[1] / cfg.common.log_interval, 1),
+                         "bsz": round(agg[2] / cfg.common.log_interval, 1), "num_updates": num_updates,
+                         "lr": lr}, tag="train_inner", step=num_updates)
                 agg, t0 = [0.0, 0.0, 0.0], time.time()
             interval = cfg.checkpoint.save_interval_updates
             if interval and num_updates % interval == 0 and not cfg.checkpoint.no_save:
