@@ -15,4 +15,4 @@ demo: setup
 
 lint: setup
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
-	$(PY) -m ruff check rmt_fairseq user_dir tests
+	$(PY) -m ruff check rmt_fairseq user_dir tests benchmarks

@@ -81,8 +81,8 @@ def main(argv=None):
     rows = []
     for ckpt in (False, True):
         for K in Ks:
-            p = subprocess.run([sys.executable, __file__, "--single", f"{K},{int(ckpt)}"] + (["--quick"] if a.quick else []),
-                               capture_output=True, text=True, check=True)
+            cmd = [sys.executable, __file__, "--single", f"{K},{int(ckpt)}"] + (["--quick"] if a.quick else [])
+            p = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"K={K:<3} checkpoint_segments={str(ckpt):<5} peak +{r['peak_mb']:8.1f} MB  "

@@ -46,8 +46,8 @@ def main(argv=None):
 
     import deepspeed
     from fairseq import metrics, optim, tasks, utils
-    from fairseq.logging import progress_bar
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.logging import progress_bar
     from fairseq.optim.lr_scheduler import build_lr_scheduler
     from omegaconf import OmegaConf
 
