@@ -44,8 +44,9 @@ def reference(recall_data, tmp_path_factory):
     return _losses(p.stdout + p.stderr)
 
 
-@pytest.mark.parametrize("stage,extra", [(1, []), (2, []), (3, ["--checkpoint-segments", "--checkpoint-activations"])],
-                         ids=["zero1", "zero2", "zero3+checkpointing"])
+@pytest.mark.parametrize("stage,extra", [(1, []), (2, ["--checkpoint-segments", "--checkpoint-activations"]),
+                                         (3, ["--checkpoint-segments", "--checkpoint-activations"])],
+                         ids=["zero1", "zero2+checkpointing", "zero3+checkpointing"])
 def test_zero_stages_match_single_process_fairseq_train(recall_data, reference, stage, extra):
     out = deepspeed(recall_data, *COMMON, *extra, "--batch-size", 4, "--max-update", 8, "--no-save",
                     "--deepspeed-config", f"ds_configs/zero{stage}.json", port=29500 + stage)
