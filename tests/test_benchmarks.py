@@ -17,3 +17,14 @@ def test_deep_unroll_memory_quick(tmp_path):
     assert all(r["sec_per_segment"] > 0 and r["peak_mb"] >= 0 for r in res["rows"])
     assert set(res["summary"]) == {"memory_ratio_kmax_vs_k1_with_ckpt", "memory_ratio_kmax_vs_k1_without_ckpt",
                                    "time_per_segment_ratio_kmax_vs_k1_with_ckpt"}
+
+
+def test_throughput_quick(tmp_path):
+    out = tmp_path / "t.json"
+    subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--out", str(out)], cwd=REPO,
+                   check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [r["model"] for r in res["rows"]] == ["no_memory", "rmt_K0", "rmt_K2", "transformer_xl",
+                                                 "fairseq_transformer_lm"]
+    assert res["rows"][0]["ratio_to_no_memory"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and r["model_flops_fraction_of_gemm"] > 0 for r in res["rows"])
