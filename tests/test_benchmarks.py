@@ -28,3 +28,12 @@ def test_throughput_quick(tmp_path):
                                                  "fairseq_transformer_lm"]
     assert res["rows"][0]["ratio_to_no_memory"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["model_flops_fraction_of_gemm"] > 0 for r in res["rows"])
+
+
+def test_long_stream_quick_no_memory_growth_is_reported(tmp_path):
+    out = tmp_path / "l.json"
+    subprocess.run([sys.executable, "benchmarks/long_stream.py", "--quick", "--out", str(out)], cwd=REPO,
+                   check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [r["tokens"] for r in res["rows"]] == [16000, 128000]
+    assert set(res["summary"]) == {"time_per_token_longest_vs_16k", "peak_rss_longest_vs_16k"}
