@@ -28,26 +28,13 @@ def _current_rss_kb() -> int:
 
 def one(K, ckpt, layers, dim, T, B, M):
     import torch
+    from common import rmt_model, vocab_task
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fairseq.data import Dictionary
-
-    from rmt_fairseq.models.rmt_lm import RMTLanguageModel, RMTLanguageModelConfig
     from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
-    torch.manual_seed(0)
     torch.set_num_threads(2)
-    d = Dictionary()
-    for i in range(1000):
-        d.add_symbol(str(i))
-
-    class Task:
-        source_dictionary = target_dictionary = d
-
-    cfg = RMTLanguageModelConfig(decoder_layers=layers, decoder_embed_dim=dim, decoder_attention_heads=4,
-                                 decoder_ffn_embed_dim=4 * dim, mem_tokens=M, tokens_per_sample=T, dropout=0.0)
-    model = RMTLanguageModel.build_model(cfg, Task()).train()
-    x = torch.randint(4, len(d), (B, (K + 1) * T))
+    model = rmt_model(vocab_task(1000), layers, dim, mem_tokens=M, tokens_per_sample=T).train()
+    x = torch.randint(4, 1000, (B, (K + 1) * T))
 
     def step():
         out = run_segments(model.decoder, x, x, RecurrentState(), seg_len=T, bptt_unroll=K,

@@ -19,25 +19,12 @@ import time
 
 def one(n_tokens, T, layers, dim, M):
     import torch
+    from common import rmt_model, vocab_task
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fairseq.data import Dictionary
-
-    from rmt_fairseq.models.rmt_lm import RMTLanguageModel, RMTLanguageModelConfig
     from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    d = Dictionary()
-    for i in range(256):
-        d.add_symbol(str(i))
-
-    class Task:
-        source_dictionary = target_dictionary = d
-
-    cfg = RMTLanguageModelConfig(decoder_layers=layers, decoder_embed_dim=dim, decoder_attention_heads=4,
-                                 decoder_ffn_embed_dim=4 * dim, mem_tokens=M, tokens_per_sample=T, dropout=0.0)
-    model = RMTLanguageModel.build_model(cfg, Task()).eval()
+    model = rmt_model(vocab_task(256), layers, dim, mem_tokens=M, tokens_per_sample=T).eval()
     state = RecurrentState()
     gen = torch.Generator().manual_seed(0)
     block = torch.randint(4, 260, (1, 64 * T), generator=gen)  # reused: generating 10M tokens is not the point

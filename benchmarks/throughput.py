@@ -18,8 +18,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def gemm_flops(n=1024, reps=10):
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -35,27 +33,18 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps (CI smoke test)")
     ap.add_argument("--out", default="benchmarks/results/throughput.json")
     a = ap.parse_args(argv)
-    from fairseq.data import Dictionary
+    from common import rmt_model, vocab_task
     from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
-    from rmt_fairseq.models.rmt_lm import RMTLanguageModel, RMTLanguageModelConfig
     from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     L, C, H, T, B, M, V, steps = (2, 64, 2, 32, 2, 4, 200, 2) if a.quick else (4, 256, 4, 128, 8, 10, 10000, 6)
-    d = Dictionary()
-    for i in range(V):
-        d.add_symbol(str(i))
-
-    class Task:
-        source_dictionary = target_dictionary = d
+    task = vocab_task(V)
 
     def rmt(mem_tokens, mem_len):
-        torch.manual_seed(0)
-        cfg = RMTLanguageModelConfig(decoder_layers=L, decoder_embed_dim=C, decoder_attention_heads=H,
-                                     decoder_ffn_embed_dim=4 * C, mem_tokens=mem_tokens, mem_len=mem_len,
-                                     tokens_per_sample=T, dropout=0.0, share_decoder_input_output_embed=True)
-        return RMTLanguageModel.build_model(cfg, Task())
+        return rmt_model(task, L, C, H, mem_tokens=mem_tokens, mem_len=mem_len, tokens_per_sample=T,
+                         share_decoder_input_output_embed=True)
 
     def stock():
         torch.manual_seed(0)
@@ -63,7 +52,7 @@ def main(argv=None):
                                              decoder_ffn_embed_dim=4 * C, dropout=0.0, tokens_per_sample=T,
                                              max_target_positions=T, share_decoder_input_output_embed=True,
                                              decoder_input_dim=C, decoder_output_dim=C)
-        return TransformerLanguageModel.build_model(cfg, Task())
+        return TransformerLanguageModel.build_model(cfg, task)
 
     runs = [("no_memory", rmt(0, 0), 0), ("rmt_K0", rmt(M, 0), 0), ("rmt_K2", rmt(M, 0), 2),
             ("transformer_xl", rmt(0, T), 0), ("fairseq_transformer_lm", stock(), 0)]

@@ -15,6 +15,7 @@ def test_demo_writes_results_and_plot(tmp_path):
         assert 0 <= r["test_acc"] <= 100 and 0 <= r["test_em"] <= 100 and r["valid_curve"]
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "exact match" in p.stdout
+    cli("rmt-demo", "--out", out, "--updates", 1, "--train-size", 100, "--test-size", 20)  # a second run in place
 
     line = (out / "data" / "raw" / "test.txt").read_text().splitlines()[0]
     cli("rmt-plot-attention", "--path", out / "ckpt_rmt" / "checkpoint_last.pt", "--data", out / "data" / "bin",

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -64,6 +65,7 @@ def main(argv=None):
     _run([_bin("rmt-data"), "copy", "--out", raw, "--src-len", str(a.src_len), "--train-size", str(a.train_size),
           "--valid-size", "200", "--test-size", str(a.test_size), "--seed", str(a.seed)],
          os.path.join(a.out, "data.log"))
+    shutil.rmtree(data, ignore_errors=True)  # regenerated each run (fairseq-preprocess refuses to overwrite)
     _run([_bin("fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.txt", "--validpref",
           f"{raw}/valid.txt", "--testpref", f"{raw}/test.txt", "--destdir", data, "--workers", "1"],
          os.path.join(a.out, "preprocess.log"))
@@ -75,6 +77,7 @@ def main(argv=None):
                "models": {}}
     for name, flags in RUNS:
         save = os.path.join(a.out, f"ckpt_{name}")
+        shutil.rmtree(save, ignore_errors=True)  # same budget from scratch: never resume an earlier demo
         print(f"[demo] training {name} ({' '.join(flags)}) for {a.updates} updates; validation every 250 "
               f"with greedy decoding ...", flush=True)
         t0 = time.time()
@@ -82,7 +85,7 @@ def main(argv=None):
                     "--max-update", str(a.updates), "--validate-interval-updates", "250", "--save-dir", save,
                     "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "250"],
                    os.path.join(a.out, f"train_{name}.log"), show=lambda s: "valid on" in s)
-        curve = [{"update": int(m[5]), "acc": float(m[3]), "em": float(m[4]), "acc_tf": float(m[1])}  # noqa
+        curve = [{"update": int(m[5]), "acc": float(m[3]), "em": float(m[4]), "acc_tf": float(m[1])}
                  for m in VALID_RE.findall(log)]
         print(f"[demo] evaluating {name} on the test split (greedy) ...", flush=True)
         ev = _run([_bin("fairseq-validate"), data, "--user-dir", "user_dir", "--task", "rmt_algorithmic", "--path",
