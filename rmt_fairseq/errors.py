@@ -8,18 +8,22 @@ import sys
 
 
 class RMTConfigError(ValueError):
-    pass
+    """A bad flag, file or value, found before or while loading: exit status 2."""
+
+
+class RMTRunError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss): exit status 1."""
 
 
 def _excepthook(exc_type, exc, tb, _default=sys.excepthook):
-    if issubclass(exc_type, RMTConfigError):
+    if issubclass(exc_type, (RMTConfigError, RMTRunError)):
         sys.stderr.write(f"error: {exc}\n")
         sys.stdout.flush()
         sys.stderr.flush()
-        # sys.exit is not possible from an excepthook; the interpreter exits 1 after it. Force 2.
+        # sys.exit is not possible from an excepthook; the interpreter exits 1 after it. Force the status.
         import os
 
-        os._exit(2)
+        os._exit(2 if issubclass(exc_type, RMTConfigError) else 1)
     _default(exc_type, exc, tb)
 
 

@@ -15,7 +15,9 @@ def test_deep_unroll_memory_quick(tmp_path):
     assert {(r["K"], r["checkpoint_segments"]) for r in res["rows"]} == {(1, False), (2, False), (1, True),
                                                                          (2, True)}
     assert all(r["sec_per_segment"] > 0 and r["peak_mb"] >= 0 for r in res["rows"])
+    assert all(r["peak_mb_default_malloc"] >= 0 for r in res["rows"])
     assert set(res["summary"]) == {"memory_ratio_kmax_vs_k1_with_ckpt", "memory_ratio_kmax_vs_k1_without_ckpt",
+                                   "memory_ratio_kmax_vs_k1_with_ckpt_default_malloc",
                                    "time_per_segment_ratio_kmax_vs_k1_with_ckpt"}
 
 
@@ -37,3 +39,25 @@ def test_long_stream_quick_no_memory_growth_is_reported(tmp_path):
     res = json.loads(out.read_text())
     assert [r["tokens"] for r in res["rows"]] == [16000, 128000]
     assert set(res["summary"]) == {"time_per_token_longest_vs_16k", "peak_rss_longest_vs_16k"}
+
+
+def test_char_lm_quick_runs_the_real_clis(tmp_path):
+    """Quick mode on a generated text: fairseq-preprocess, fairseq-train and fairseq-eval-lm per configuration."""
+    import random
+
+    rng = random.Random(0)
+    words = ["thou", "art", "my", "lord", "and", "the", "king", "shall", "not", "be", "so", "good"]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(3000))
+    (tmp_path / "input.txt").write_text(text)
+    out = tmp_path / "c.json"
+    subprocess.run([sys.executable, "benchmarks/char_lm.py", "--quick", "--data", str(tmp_path / "input.txt"),
+                    "--out", str(out), "--png", str(tmp_path / "c.png"), "--workdir", str(tmp_path / "w")],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [r["config"] for r in res["rows"]] == ["none", "xl40", "rmt5_k1"]
+    n = len(text)
+    assert res["setup"]["characters"] == {"train": int(0.9 * n), "valid": int(0.95 * n) - int(0.9 * n),
+                                          "test": n - int(0.95 * n)}
+    for r in res["rows"]:
+        assert 0 < r["test_bpc"] < 10 and r["valid_curve"] and r["valid_curve"][-1][0] == res["setup"]["max_update"]
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -152,11 +152,12 @@ def main(argv=None):
                 continue
             engine.train()
             sample["rmt_state"] = task.state_for(sample)
+            sample["rmt_update"] = num_updates + 1
             loss, ntok, logging_output = criterion(engine.module, sample)
             # fairseq: sum of token losses / tokens of the whole global batch. DeepSpeed averages over ranks
             # (and divides by the accumulation steps in backward), so scale by world / global tokens.
             global_tok = all_sum([ntok])[0]
-            engine.backward(loss * world / global_tok)
+            engine.backward(loss * world / max(global_tok, 1))  # 0: every rank skipped (--on-nonfinite skip)
             engine.step()
             micro += 1
             s = all_sum([float(loss), ntok, logging_output["nsentences"]])
@@ -166,7 +167,7 @@ def main(argv=None):
             num_updates += 1
             lr = set_lr(num_updates)
             if num_updates % cfg.common.log_interval == 0:
-                loss_bits = agg[0] / agg[1] / math.log(2)
+                loss_bits = agg[0] / max(agg[1], 1) / math.log(2)
                 itr.log({"loss": round(loss_bits, 4), "ppl": round(2**loss_bits, 2),
                          "wps": round(agg[1] / max(time.time() - t0, 1e-9), 1),
                          "wpb": round(agg[1] / cfg.common.log_interval, 1),

@@ -108,6 +108,7 @@ class RMTAlgorithmicTask(RMTLMTask):
         self._advance_curriculum()
         self._layout(sample)
         sample["rmt_state"] = RecurrentState()
+        sample["rmt_update"] = update_num + 1
         loss, sample_size, log = FairseqTask.train_step(self, sample, model, criterion, optimizer, update_num,
                                                         ignore_grad)
         log["num_segments"] = sample["num_segments"]

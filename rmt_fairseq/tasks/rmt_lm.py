@@ -25,12 +25,14 @@ from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
+from rmt_fairseq import checkpoints
 from rmt_fairseq.data.streams import StreamDataset, flatten_indexed_dataset
 from rmt_fairseq.errors import RMTConfigError, check, install_excepthook
 from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState
 
 logger = logging.getLogger(__name__)
 install_excepthook()
+checkpoints.install()  # checkpoint files complete or absent; unreadable ones named (rmt_fairseq/checkpoints.py)
 
 
 @dataclass
@@ -51,6 +53,11 @@ class RMTLMConfig(FairseqDataclass):
         metadata={"help": "block: each update runs K+1 new segments, loss on all, memory detached between "
                   "blocks; sliding: each update adds one segment and recomputes the K before it (LM-RMT)"},
     )
+    restore_fallback: bool = field(
+        default=False,
+        metadata={"help": "if the checkpoint to resume from is truncated or corrupt, load the newest readable "
+                  "checkpoint*.pt in the same directory instead (a warning names both files)"},
+    )
     batch_size: Optional[int] = II("dataset.batch_size")
     batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
     train_subset: str = II("dataset.train_subset")
@@ -68,6 +75,7 @@ class RMTLMTask(FairseqTask):
     def __init__(self, cfg: RMTLMConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
+        checkpoints.set_fallback(getattr(cfg, "restore_fallback", False))
         check((cfg.bptt_unroll is None and self.allow_full_bptt) or (cfg.bptt_unroll or 0) >= 0,
               f"--bptt-unroll must be >= 0, got {cfg.bptt_unroll}")
         check(str(cfg.bptt_mode) in BPTT_MODES, f"--bptt-mode must be one of {BPTT_MODES}, got {cfg.bptt_mode}")
@@ -190,6 +198,7 @@ class RMTLMTask(FairseqTask):
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         # a dummy batch (ignore_grad) must not touch the streams' state
         sample["rmt_state"] = RecurrentState() if ignore_grad else self.state_for(sample)
+        sample["rmt_update"] = update_num + 1  # the update this batch belongs to (error messages)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):

@@ -1,0 +1,177 @@
+"""Char-level LM quality on tinyshakespeare (issue 5, figure 4): no memory, Transformer-XL, RMT.
+
+    python benchmarks/char_lm.py --data ../shared/data/tinyshakespeare/input.txt \\
+        [--quick] [--out results.json] [--png curves.png] [--workdir DIR] [--configs none,xl40,...]
+
+The corpus is split by characters, in order: train = first 90%, valid = next 5%, test = last 5%. One token per
+character (space written as "▁" so fairseq's whitespace tokenizer keeps it; a newline is the line's end of
+sentence token), so loss in bits per token is bits per character. Everything goes through the real CLIs:
+fairseq-preprocess, then per configuration fairseq-train (same backbone, segment length, updates, data and seed;
+validation every --validate-every updates gives the learning curve) and fairseq-eval-lm on the test split as
+one stream (memory and cache carried across the whole split). One update = one new segment per stream for every
+configuration; RMT with K >= 1 uses --bptt-mode sliding (the paper's / LM-RMT's protocol: each update recomputes
+the K segments before it), so all configurations see the same characters in the same order.
+
+Configurations (names for --configs): none (no memory), xl40 (Transformer-XL cache 40), rmt{M}_k{K} for M in
+5, 10 and K in 0, 1, 2 (M memory tokens, gradient through memory across K segments).
+Prints a table, writes JSON; --png draws validation bpc against updates.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_CONFIGS = ["none", "xl40", "rmt5_k0", "rmt5_k1", "rmt5_k2", "rmt10_k0", "rmt10_k1", "rmt10_k2"]
+QUICK_CONFIGS = ["none", "xl40", "rmt5_k1"]
+
+
+def config_flags(name: str):
+    """Model and task flags that distinguish one configuration from another."""
+    if name == "none":
+        return ["--mem-tokens", "0", "--mem-len", "0", "--bptt-unroll", "0"]
+    if name.startswith("xl"):
+        return ["--mem-tokens", "0", "--mem-len", name[2:], "--bptt-unroll", "0"]
+    m = re.fullmatch(r"rmt(\d+)_k(\d+)", name)
+    if not m:
+        raise SystemExit(f"error: --configs: unknown configuration {name!r} (known: {', '.join(ALL_CONFIGS)})")
+    mem, k = m.groups()
+    return ["--mem-tokens", mem, "--mem-len", "0", "--bptt-unroll", k] + (["--bptt-mode", "sliding"] if k != "0"
+                                                                          else [])
+
+
+def write_splits(text: str, out_dir: str):
+    """90/5/5 by characters, in order; each character a token, space shown as '▁', newline ends the line."""
+    n = len(text)
+    cuts = {"train": (0, int(0.9 * n)), "valid": (int(0.9 * n), int(0.95 * n)), "test": (int(0.95 * n), n)}
+    os.makedirs(out_dir, exist_ok=True)
+    for split, (a, b) in cuts.items():
+        with open(os.path.join(out_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
+            for line in text[a:b].split("\n"):
+                f.write(" ".join("▁" if c == " " else c for c in line) + "\n")
+    return {k: b - a for k, (a, b) in cuts.items()}
+
+
+def run(cmd, log_path):
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    with open(log_path, "w") as f:
+        f.write(p.stdout + p.stderr)
+    if p.returncode != 0:
+        sys.stderr.write((p.stdout + p.stderr)[-4000:])
+        raise SystemExit(f"error: {' '.join(cmd[:2])} failed with exit status {p.returncode}; log: {log_path}")
+    return p.stdout + p.stderr, time.perf_counter() - t0
+
+
+def parse_curves(log: str):
+    """(update, bpc) pairs of fairseq's json progress lines: train_inner and valid."""
+    train, valid = [], []
+    for line in log.splitlines():
+        for tag, rows, prefix in (("| train_inner | ", train, ""), ("| valid | ", valid, "valid_")):
+            if tag in line:
+                d = json.loads(line.split(tag, 1)[1])
+                rows.append((int(float(d[prefix + "num_updates"])), float(d[prefix + "loss"])))
+    return train, valid
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt"),
+                    help="the raw tinyshakespeare input.txt")
+    ap.add_argument("--quick", action="store_true", help="first 40K characters, tiny model, 3 configurations, "
+                    "a few updates (CI smoke test)")
+    ap.add_argument("--configs", default=None, help="comma-separated subset of " + ",".join(ALL_CONFIGS))
+    ap.add_argument("--out", default="benchmarks/results/char_lm.json")
+    ap.add_argument("--png", default=None, help="also draw validation bpc against updates")
+    ap.add_argument("--workdir", default="/tmp/rmt_char_lm", help="data-bin, checkpoints and logs (recreated)")
+    ap.add_argument("--max-update", type=int, default=None, help="updates per configuration (default 1500)")
+    ap.add_argument("--validate-every", type=int, default=None, help="updates between validations (default 250)")
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args(argv)
+    if not os.path.isfile(a.data):
+        raise SystemExit(f"error: --data: no such file {a.data!r} (the tinyshakespeare input.txt)")
+    configs = a.configs.split(",") if a.configs else (QUICK_CONFIGS if a.quick else ALL_CONFIGS)
+    for c in configs:
+        config_flags(c)
+    max_update = a.max_update or (6 if a.quick else 1500)
+    every = a.validate_every or (3 if a.quick else 250)
+    # backbone: layers, C, heads, FFN, segment T, streams B
+    L, C, H, F, T, B = (2, 32, 2, 64, 32, 4) if a.quick else (4, 128, 4, 512, 64, 8)
+
+    with open(a.data, encoding="utf-8") as f:
+        text = f.read()
+    if a.quick:
+        text = text[:40000]
+    shutil.rmtree(a.workdir, ignore_errors=True)
+    raw, bin_dir = os.path.join(a.workdir, "raw"), os.path.join(a.workdir, "data-bin")
+    chars = write_splits(text, raw)
+    bindir = os.path.dirname(sys.executable)
+    run([os.path.join(bindir, "fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.txt",
+         "--validpref", f"{raw}/valid.txt", "--testpref", f"{raw}/test.txt", "--destdir", bin_dir,
+         "--workers", "2"], os.path.join(a.workdir, "preprocess.log"))
+
+    common = [bin_dir, "--user-dir", os.path.join(REPO, "user_dir"), "--task", "rmt_lm", "--arch", "rmt_lm",
+              "--criterion", "rmt_cross_entropy", "--decoder-layers", str(L), "--decoder-embed-dim", str(C),
+              "--decoder-attention-heads", str(H), "--decoder-ffn-embed-dim", str(F),
+              "--share-decoder-input-output-embed", "--dropout", "0.1", "--tokens-per-sample", str(T),
+              "--batch-size", str(B), "--optimizer", "adam", "--adam-betas", "(0.9, 0.99)", "--lr", "2e-3",
+              "--lr-scheduler", "cosine", "--warmup-updates", str(max(1, max_update // 20)),
+              "--warmup-init-lr", "1e-7", "--min-lr", "1e-4", "--clip-norm", "1.0", "--max-update", str(max_update),
+              "--validate-interval-updates", str(every), "--save-interval-updates", "0", "--no-epoch-checkpoints",
+              "--log-format", "json", "--log-interval", str(every), "--seed", str(a.seed), "--cpu",
+              "--num-workers", "0"]
+    rows, t_all = [], time.perf_counter()
+    for name in configs:
+        save = os.path.join(a.workdir, "checkpoints", name)
+        log, train_s = run([os.path.join(bindir, "fairseq-train")] + common + config_flags(name) + ["--save-dir", save],
+                           os.path.join(a.workdir, f"train_{name}.log"))
+        train_curve, valid_curve = parse_curves(log)
+        out, eval_s = run([os.path.join(bindir, "fairseq-eval-lm"), bin_dir, "--user-dir",
+                           os.path.join(REPO, "user_dir"), "--task", "rmt_lm", "--path", f"{save}/checkpoint_last.pt",
+                           "--gen-subset", "test", "--batch-size", "1", "--tokens-per-sample", str(T), "--cpu"],
+                          os.path.join(a.workdir, f"eval_{name}.log"))
+        m = re.search(r"Loss \(base 2\): ([0-9.]+)", out)
+        if not m:
+            raise SystemExit(f"error: no 'Loss (base 2)' in fairseq-eval-lm output; log: {a.workdir}/eval_{name}.log")
+        row = {"config": name, "flags": config_flags(name), "test_bpc": float(m.group(1)),
+               "final_valid_bpc": valid_curve[-1][1] if valid_curve else None, "train_seconds": train_s,
+               "eval_seconds": eval_s, "valid_curve": valid_curve, "train_curve": train_curve}
+        rows.append(row)
+        print(f"{name:<9} test bpc {row['test_bpc']:.4f}  valid bpc {row['final_valid_bpc']}  "
+              f"train {train_s:7.1f} s  eval {eval_s:5.1f} s", flush=True)
+
+    setup = {"corpus": a.data, "characters": chars, "layers": L, "dim": C, "heads": H, "ffn": F, "segment": T,
+             "streams": B, "max_update": max_update, "validate_every": every, "seed": a.seed, "quick": a.quick,
+             "dropout": 0.1, "lr": 2e-3, "wall_seconds": time.perf_counter() - t_all}
+    print("\n| config | test bpc | valid bpc | train s |\n| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['config']} | {r['test_bpc']:.4f} | {r['final_valid_bpc']} | {r['train_seconds']:.0f} |")
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"setup": setup, "rows": rows}, f, indent=2)
+    if a.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in rows:
+            if r["valid_curve"]:
+                ax.plot(*zip(*r["valid_curve"]), marker=".", label=f"{r['config']} (test {r['test_bpc']:.3f})")
+        ax.set(xlabel="updates", ylabel="validation bits per character",
+               title=f"tinyshakespeare, {L} layers C={C}, segment {T}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(a.png, dpi=100)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

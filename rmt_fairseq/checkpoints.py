@@ -1,0 +1,139 @@
+"""Checkpoint files that are complete or absent; a clear error (or a fallback) for ones that are not.
+
+fairseq writes checkpoint_E_U.pt atomically (a .tmp file, then rename), but then copies it to
+checkpoint_last.pt / checkpoint_best.pt with shutil.copyfile, in place: a kill during that copy leaves a
+truncated checkpoint_last.pt, the very file the next run resumes from, and torch.load then fails with a message
+that does not name the file. `install()` (called when the plugin is imported) changes three fairseq functions,
+for local paths only:
+
+- torch_persistent_save: write to a temporary file in the same directory, flush and fsync, os.replace, fsync
+  the directory (fairseq's own rename, plus durability);
+- PathManager.copy: the same for the checkpoint_last/best copies, so they too are complete or absent;
+- load_checkpoint_to_cpu: an unreadable file raises RMTConfigError naming it (one `error:` line, exit 2); with
+  `--restore-fallback` (task rmt_lm) the newest readable checkpoint*.pt in the same directory is used instead,
+  with a warning naming both files.
+"""
+
+import glob
+import logging
+import os
+import shutil
+import tempfile
+
+from rmt_fairseq.errors import RMTConfigError
+
+logger = logging.getLogger(__name__)
+
+_state = {"installed": False, "fallback": False}
+
+
+def set_fallback(enabled: bool) -> None:
+    """--restore-fallback: on an unreadable checkpoint, load the newest readable one in its directory."""
+    _state["fallback"] = bool(enabled)
+
+
+def _is_local(path) -> bool:
+    return isinstance(path, str) and "://" not in path
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """write_fn(file object) into a temporary file beside `path`, fsync, then rename over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _readable_candidates(path: str):
+    """Other checkpoint*.pt files in path's directory, newest first."""
+    directory = os.path.dirname(os.path.abspath(path))
+    files = [f for f in glob.glob(os.path.join(directory, "checkpoint*.pt"))
+             if os.path.abspath(f) != os.path.abspath(path) and not os.path.basename(f).startswith("crash")]
+    return sorted(files, key=lambda f: os.path.getmtime(f), reverse=True)
+
+
+def install() -> None:
+    if _state["installed"]:
+        return
+    _state["installed"] = True
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+
+    original_save = checkpoint_utils.torch_persistent_save
+    original_copy = PathManager.copy
+    original_load = checkpoint_utils.load_checkpoint_to_cpu
+
+    def torch_persistent_save(obj, filename, async_write: bool = False):
+        if async_write or not _is_local(filename):
+            return original_save(obj, filename, async_write)
+        atomic_write(filename, lambda f: torch.save(obj, f))
+
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if not (_is_local(src_path) and _is_local(dst_path)):
+            return original_copy(src_path, dst_path, overwrite)
+        if os.path.exists(dst_path) and not overwrite:
+            raise FileExistsError(dst_path)
+
+        def write(f):
+            with open(src_path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+
+        atomic_write(dst_path, write)
+        return True
+
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        if _is_local(path) and not os.path.exists(path):
+            raise RMTConfigError(f"checkpoint {path}: no such file")
+        try:
+            return original_load(path, arg_overrides, load_on_all_ranks)
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError) as e:
+            if isinstance(e, RMTConfigError) or not _is_local(path) or _readable(path, torch):
+                raise  # the file reads: the error is about its contents (e.g. another architecture)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if _state["fallback"]:
+                for cand in _readable_candidates(path):
+                    if _readable(cand, torch):
+                        logger.warning(f"checkpoint {path} is truncated or corrupt ({reason}); --restore-fallback: "
+                                       f"loading {cand} instead")
+                        return original_load(cand, arg_overrides, load_on_all_ranks)
+                raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}) and --restore-fallback "
+                                     f"found no readable checkpoint*.pt beside it") from None
+            raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}); resume from an earlier one "
+                                 f"with --restore-file PATH, or pass --restore-fallback to load the newest readable "
+                                 f"checkpoint in {os.path.dirname(os.path.abspath(path))}") from None
+
+    checkpoint_utils.torch_persistent_save = torch_persistent_save
+    PathManager.copy = staticmethod(copy)
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+def _readable(path: str, torch) -> bool:
+    """Whether torch can read the file at all (a zip archive with every record intact)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=False)
+        return True
+    except Exception:
+        return False
