@@ -17,8 +17,11 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 
 import torch
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # without --heartbeat-timeout: how long a rank waits for a dead peer
 
 
 def parse_args(argv):
@@ -53,7 +56,10 @@ def main(argv=None):
 
     from rmt_fairseq.modules.recurrence import RecurrentState
 
-    deepspeed.init_distributed()
+    # a rank that dies on another node leaves the others blocked in a collective: they give up after this
+    # (torch's default is 30 minutes); fairseq's --heartbeat-timeout sets it, 600 s when not given
+    deepspeed.init_distributed(timeout=timedelta(seconds=args.heartbeat_timeout if args.heartbeat_timeout > 0
+                                                 else DEFAULT_COLLECTIVE_TIMEOUT_S))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
                         stream=sys.stdout, force=True)
