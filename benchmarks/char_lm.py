@@ -92,6 +92,8 @@ def main(argv=None):
     ap.add_argument("--max-update", type=int, default=None, help="updates per configuration (default 1500)")
     ap.add_argument("--validate-every", type=int, default=None, help="updates between validations (default 250)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true", help="train nothing: rebuild the table, JSON and plot "
+                    "from the logs a previous run left in --workdir (configurations without both logs are left out)")
     a = ap.parse_args(argv)
     if not os.path.isfile(a.data):
         raise SystemExit(f"error: --data: no such file {a.data!r} (the tinyshakespeare input.txt)")
@@ -107,13 +109,17 @@ def main(argv=None):
         text = f.read()
     if a.quick:
         text = text[:40000]
-    shutil.rmtree(a.workdir, ignore_errors=True)
     raw, bin_dir = os.path.join(a.workdir, "raw"), os.path.join(a.workdir, "data-bin")
-    chars = write_splits(text, raw)
     bindir = os.path.dirname(sys.executable)
-    run([os.path.join(bindir, "fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.txt",
-         "--validpref", f"{raw}/valid.txt", "--testpref", f"{raw}/test.txt", "--destdir", bin_dir,
-         "--workers", "2"], os.path.join(a.workdir, "preprocess.log"))
+    if a.report_only:
+        n = len(text)
+        chars = {"train": int(0.9 * n), "valid": int(0.95 * n) - int(0.9 * n), "test": n - int(0.95 * n)}
+    else:
+        shutil.rmtree(a.workdir, ignore_errors=True)
+        chars = write_splits(text, raw)
+        run([os.path.join(bindir, "fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.txt",
+             "--validpref", f"{raw}/valid.txt", "--testpref", f"{raw}/test.txt", "--destdir", bin_dir,
+             "--workers", "2"], os.path.join(a.workdir, "preprocess.log"))
 
     common = [bin_dir, "--user-dir", os.path.join(REPO, "user_dir"), "--task", "rmt_lm", "--arch", "rmt_lm",
               "--criterion", "rmt_cross_entropy", "--decoder-layers", str(L), "--decoder-embed-dim", str(C),
@@ -128,13 +134,21 @@ def main(argv=None):
     rows, t_all = [], time.perf_counter()
     for name in configs:
         save = os.path.join(a.workdir, "checkpoints", name)
-        log, train_s = run([os.path.join(bindir, "fairseq-train")] + common + config_flags(name) + ["--save-dir", save],
-                           os.path.join(a.workdir, f"train_{name}.log"))
+        train_log, eval_log = os.path.join(a.workdir, f"train_{name}.log"), os.path.join(a.workdir, f"eval_{name}.log")
+        if a.report_only:
+            if not (os.path.exists(train_log) and os.path.exists(eval_log)):
+                continue
+            log, out = open(train_log).read(), open(eval_log).read()
+            m = re.search(r"done training in ([0-9.]+) seconds", log)
+            train_s, eval_s = (float(m.group(1)) if m else None), None  # fairseq's own training time
+        else:
+            log, train_s = run([os.path.join(bindir, "fairseq-train")] + common + config_flags(name)
+                               + ["--save-dir", save], train_log)
+            out, eval_s = run([os.path.join(bindir, "fairseq-eval-lm"), bin_dir, "--user-dir",
+                               os.path.join(REPO, "user_dir"), "--task", "rmt_lm", "--path",
+                               f"{save}/checkpoint_last.pt", "--gen-subset", "test", "--batch-size", "1",
+                               "--tokens-per-sample", str(T), "--cpu"], eval_log)
         train_curve, valid_curve = parse_curves(log)
-        out, eval_s = run([os.path.join(bindir, "fairseq-eval-lm"), bin_dir, "--user-dir",
-                           os.path.join(REPO, "user_dir"), "--task", "rmt_lm", "--path", f"{save}/checkpoint_last.pt",
-                           "--gen-subset", "test", "--batch-size", "1", "--tokens-per-sample", str(T), "--cpu"],
-                          os.path.join(a.workdir, f"eval_{name}.log"))
         m = re.search(r"Loss \(base 2\): ([0-9.]+)", out)
         if not m:
             raise SystemExit(f"error: no 'Loss (base 2)' in fairseq-eval-lm output; log: {a.workdir}/eval_{name}.log")
@@ -143,14 +157,14 @@ def main(argv=None):
                "eval_seconds": eval_s, "valid_curve": valid_curve, "train_curve": train_curve}
         rows.append(row)
         print(f"{name:<9} test bpc {row['test_bpc']:.4f}  valid bpc {row['final_valid_bpc']}  "
-              f"train {train_s:7.1f} s  eval {eval_s:5.1f} s", flush=True)
+              f"train {train_s or 0:7.1f} s  eval {eval_s or 0:5.1f} s", flush=True)
 
     setup = {"corpus": a.data, "characters": chars, "layers": L, "dim": C, "heads": H, "ffn": F, "segment": T,
              "streams": B, "max_update": max_update, "validate_every": every, "seed": a.seed, "quick": a.quick,
              "dropout": 0.1, "lr": 2e-3, "wall_seconds": time.perf_counter() - t_all}
     print("\n| config | test bpc | valid bpc | train s |\n| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['config']} | {r['test_bpc']:.4f} | {r['final_valid_bpc']} | {r['train_seconds']:.0f} |")
+        print(f"| {r['config']} | {r['test_bpc']:.4f} | {r['final_valid_bpc']} | {r['train_seconds'] or 0:.0f} |")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"setup": setup, "rows": rows}, f, indent=2)
