@@ -64,6 +64,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny model, K in 1,2 (CI smoke test)")
     ap.add_argument("--out", default="benchmarks/results/deep_unroll_memory.json")
     ap.add_argument("--png", default=None, help="also draw memory and time against K")
+    ap.add_argument("--ks", default=None, help="comma-separated K values (default 1,2,4,8,16; quick: 1,2)")
     ap.add_argument("--single", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     size = dict(layers=2, dim=32, T=16, B=2, M=4) if a.quick else dict(layers=4, dim=256, T=128, B=8, M=10)
@@ -71,7 +72,7 @@ def main(argv=None):
         K, ckpt = a.single.split(",")
         print(json.dumps(one(int(K), ckpt == "1", **size)))
         return 0
-    Ks = [1, 2] if a.quick else [1, 2, 4, 8, 16]
+    Ks = [int(k) for k in a.ks.split(",")] if a.ks else ([1, 2] if a.quick else [1, 2, 4, 8, 16])
     rows = []
     for ckpt in (False, True):
         for K in Ks:
