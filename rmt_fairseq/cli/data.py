@@ -17,8 +17,15 @@ import argparse
 import os
 import sys
 
-from rmt_fairseq.data.algorithmic import generate
+from rmt_fairseq.data.algorithmic import SYMBOLS, generate
 from rmt_fairseq.data.synthetic import recall_bounds, recall_documents
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `error: <message>`, exit status 2, nothing written."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _write(path, lines):
@@ -29,7 +36,7 @@ def _write(path, lines):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="rmt-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(prog="rmt-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="task", required=True)
     r = sub.add_parser("recall", help="key recalled one segment later (LM memory test)")
     r.add_argument("--out", required=True, help="output directory")
@@ -63,9 +70,9 @@ def main(argv=None):
     for flag, v, low in [("--gap", a.gap, 0), ("--num-keys", a.num_keys, 2), ("--train-docs", a.train_docs, 1),
                          ("--valid-docs", a.valid_docs, 1), ("--test-docs", a.test_docs, 1)]:
         if v < low:
-            p.error(f"{flag} must be >= {low}, got {v}")
+            r.error(f"{flag} must be >= {low}, got {v}")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
-        p.error(f"--out {a.out} exists and is not a directory")
+        r.error(f"--out {a.out} exists and is not a directory")
     os.makedirs(a.out, exist_ok=True)
     for i, (split, n) in enumerate([("train", a.train_docs), ("valid", a.valid_docs), ("test", a.test_docs)]):
         _write(os.path.join(a.out, f"{split}.txt"), recall_documents(n, a.gap, a.num_keys, seed=a.seed * 1000 + i))
@@ -83,6 +90,10 @@ def _algorithmic(parser, a):
             if getattr(a, key) < low:
                 parser.error(f"{flag} must be >= {low}, got {getattr(a, key)}")
             kwargs[key] = getattr(a, key)
+    if hasattr(a, "vocab_size") and a.vocab_size > len(SYMBOLS):
+        parser.error(f"--vocab-size must be in [2, {len(SYMBOLS)}] (the symbols a-z, 0-9), got {a.vocab_size}")
+    if hasattr(a, "num_pairs") and a.num_pairs > a.vocab_size:
+        parser.error(f"--num-pairs {a.num_pairs} needs distinct keys: at most --vocab-size ({a.vocab_size})")
     if hasattr(a, "no_roots_rate"):
         if not 0 <= a.no_roots_rate <= 1:
             parser.error(f"--no-roots-rate must be in [0, 1], got {a.no_roots_rate}")

@@ -12,6 +12,8 @@ Memory modes, all from flags on the same backbone:
 
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -305,6 +307,7 @@ class RMTLanguageModel(FairseqLanguageModel):
         # SequenceScorer. The task's batches carry net_input["reset"] on the first batch of every pass, which
         # resets it. Training and validation never use it: they pass their own explicit state.
         self.stream_state = RecurrentState()
+        self.dictionary_file = None  # the data's dict.txt, named when a checkpoint's vocabulary differs
 
     @classmethod
     def build_model(cls, cfg: RMTLanguageModelConfig, task):
@@ -321,7 +324,21 @@ class RMTLanguageModel(FairseqLanguageModel):
             embed_tokens = nn.Embedding(len(dictionary), C, padding_idx=dictionary.pad())
             nn.init.normal_(embed_tokens.weight, mean=0, std=C**-0.5)
             nn.init.constant_(embed_tokens.weight[dictionary.pad()], 0)
-        return cls(RMTDecoder(cfg, dictionary, embed_tokens), cfg)
+        model = cls(RMTDecoder(cfg, dictionary, embed_tokens), cfg)
+        data = getattr(getattr(task, "cfg", None), "data", None)
+        if isinstance(data, str) and data not in ("", "???"):
+            model.dictionary_file = os.path.join(data.split(os.pathsep)[0], "dict.txt")
+        return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's load, after a one-line error for a checkpoint trained on another vocabulary (fairseq's own
+        is torch's size-mismatch traceback)."""
+        saved, built = vocabulary_size(state_dict), len(self.decoder.dictionary)
+        check(saved is None or saved == built,
+              f"the checkpoint was trained with a vocabulary of {saved} types, but "
+              f"{self.dictionary_file or 'the data dictionary'} has {built}: binarize the data with the checkpoint's "
+              f"dictionary (fairseq-preprocess --srcdict <its data>/dict.txt)")
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def forward(self, src_tokens, src_lengths=None, reset=None, segment_len: Optional[int] = None, **kwargs):
         """Score a batch of consecutive segments with memory carried in `self.stream_state`.
@@ -338,6 +355,15 @@ class RMTLanguageModel(FairseqLanguageModel):
 
     def max_positions(self):
         return self.decoder.max_positions()
+
+
+def vocabulary_size(state_dict) -> Optional[int]:
+    """The dictionary size a saved rmt_lm state dict was trained with: rows of its input embedding (the sum
+    over the bands of an adaptive input). None if it has neither."""
+    if "decoder.embed_tokens.weight" in state_dict:
+        return int(state_dict["decoder.embed_tokens.weight"].shape[0])
+    bands = [v for k, v in state_dict.items() if re.fullmatch(r"decoder\.embed_tokens\.embeddings\.\d+\.0\.weight", k)]
+    return sum(int(b.shape[0]) for b in bands) if bands else None
 
 
 def _with_defaults(cfg):

@@ -27,7 +27,7 @@ from rmt_fairseq.data.samples import SegmentedSampleDataset
 from rmt_fairseq.errors import check
 from rmt_fairseq.modules.generation import greedy_decode
 from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, run_segments
-from rmt_fairseq.tasks.rmt_lm import RMTLMConfig, RMTLMTask
+from rmt_fairseq.tasks.rmt_lm import RMTLMConfig, RMTLMTask, load_split
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class RMTAlgorithmicConfig(RMTLMConfig):
 @register_task("rmt_algorithmic", dataclass=RMTAlgorithmicConfig)
 class RMTAlgorithmicTask(RMTLMTask):
     allow_full_bptt = True
+    resumes_streams = False  # independent samples: no stream position or memory to continue
 
     def __init__(self, cfg: RMTAlgorithmicConfig, dictionary):
         super().__init__(cfg, dictionary)
@@ -83,11 +84,9 @@ class RMTAlgorithmicTask(RMTLMTask):
         import os
 
         from fairseq import utils
-        from fairseq.data import data_utils
 
         split_path = os.path.join(utils.split_paths(self.cfg.data)[0], split)
-        data = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
-        check(data is not None, f"split '{split}' not found: no {split_path}.bin/.idx")
+        data = load_split(split_path, split, self.dictionary, combine=combine)
         self.datasets[split] = SegmentedSampleDataset(
             data, self.gen_idx, self.dictionary.pad(), self.dictionary.eos(), split,
             num_segments=self.num_segments, seg_len=self.cfg.tokens_per_sample)

@@ -9,6 +9,9 @@ Legend: B streams per rank, T segment length (--tokens-per-sample), K BPTT unrol
   first batch of every pass (epoch start, every validation, every eval-lm run), and the training state is
   saved in checkpoints with the data position (fairseq's iterator state) so a resumed run continues.
 - No shuffling: segments must arrive in stream order.
+- Checkpoints are checked before fairseq loads them (check_checkpoint): fairseq-train turns every load failure
+  into "please ensure that the architectures match" with a traceback, and resumes a mid-epoch position with
+  whatever memory it finds. The checks name the file and what differs.
 """
 
 import logging
@@ -64,9 +67,67 @@ class RMTLMConfig(FairseqDataclass):
     # filled in automatically when distributed
     data_parallel_rank: Optional[int] = None
     data_parallel_size: Optional[int] = None
+    # the checkpoints fairseq-train resumes from and fairseq-eval-lm/-interactive load (check_checkpoint)
+    restore_file: Optional[str] = II("checkpoint.restore_file")
+    save_dir: Optional[str] = II("checkpoint.save_dir")
+    finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
+    reset_dataloader: Optional[bool] = II("checkpoint.reset_dataloader")
+    checkpoint_suffix: Optional[str] = II("checkpoint.checkpoint_suffix")
+    path: Optional[str] = II("common_eval.path")
 
 
 DEFAULT_TOKENS_PER_SAMPLE = 128
+
+# model fields that shape parameters: listed by name when a checkpoint does not fit the model of the flags
+STRUCTURAL_FIELDS = ["decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
+                     "decoder_head_dim", "mem_tokens", "share_decoder_input_output_embed", "adaptive_input",
+                     "adaptive_input_cutoff", "adaptive_input_factor", "adaptive_softmax_cutoff",
+                     "adaptive_softmax_factor", "tie_adaptive_weights", "tie_adaptive_proj"]
+
+
+def _linked(cfg, key):
+    """A linked (II) config value, or None where the link is unset or cannot resolve (a task config built
+    on its own, as in unit tests, or a checkpoint's config from before the field existed)."""
+    try:
+        value = getattr(cfg, key, None)
+    except Exception:
+        return None
+    return None if isinstance(value, str) and value.startswith("${") else value
+
+
+def _saved(state, group: str, key: str):
+    """A value of the config saved in a checkpoint (`cfg`, or the legacy argparse `args`)."""
+    cfg = state.get("cfg")
+    if cfg is not None:
+        sub = cfg.get(group)
+        return sub.get(key) if sub is not None else None
+    args = state.get("args")
+    if key == "_name":
+        key = {"model": "arch", "task": "task"}[group]
+    return getattr(args, key, None)
+
+
+def _bad_dictionary_line(path: str) -> Optional[str]:
+    """The first line of a dict.txt that is not `<token> <count> [#fairseq:overwrite]`, for the error."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            fields = line.rstrip("\n").replace(" #fairseq:overwrite", "").rsplit(" ", 1)
+            if len(fields) != 2 or not fields[1].strip().isdigit():
+                return f"line {n} {line.rstrip()!r} is not '<token> <count>'"
+    return None
+
+
+def load_split(split_path: str, split: str, dictionary, combine: bool = False):
+    """The indexed dataset of one split, or a one-line error for a split that is missing or empty."""
+    bin_path = split_path + ".bin"
+    check(not (os.path.isfile(bin_path) and os.path.getsize(bin_path) == 0),
+          f"split '{split}' is empty ({bin_path} has 0 bytes: fairseq-preprocess was given an empty file); "
+          f"binarize a non-empty --{split}pref, or choose another split with --train-subset / --valid-subset / "
+          f"--gen-subset")
+    data = data_utils.load_indexed_dataset(split_path, dictionary, combine=combine)
+    check(data is not None, f"split '{split}' not found: no {split_path}.bin/.idx (run fairseq-preprocess "
+                            f"with --{split}pref, or pass --valid-subset / --gen-subset)")
+    return data
 
 
 @register_task("rmt_lm", dataclass=RMTLMConfig)
@@ -84,18 +145,32 @@ class RMTLMTask(FairseqTask):
         if cfg.batch_size is not None:
             check(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
         self.states = {}  # split -> RecurrentState
-        self.char_level = all(len(dictionary[i]) == 1 for i in range(dictionary.nspecial, len(dictionary)))
+        # fairseq-preprocess pads the dictionary to a multiple of 8 with madeupwordNNNN entries: not symbols
+        self.char_level = all(len(dictionary[i]) == 1 or dictionary[i].startswith("madeupword")
+                              for i in range(dictionary.nspecial, len(dictionary)))
 
     @classmethod
     def setup_task(cls, cfg: RMTLMConfig, **kwargs):
         paths = utils.split_paths(cfg.data) if cfg.data not in (None, "???") else []
         check(len(paths) > 0, "no data directory given (the first positional argument, DATA)")
-        check(os.path.isdir(paths[0]), f"data directory {paths[0]!r} does not exist")
+        check(os.path.exists(paths[0]), f"data directory {paths[0]!r} does not exist")
+        check(os.path.isdir(paths[0]), f"data directory {paths[0]!r} is a file, not a directory: pass the "
+                                       f"--destdir of fairseq-preprocess")
         dict_path = os.path.join(paths[0], "dict.txt")
         check(os.path.isfile(dict_path), f"{dict_path} not found: is {paths[0]!r} a fairseq-preprocess output?")
-        dictionary = Dictionary.load(dict_path)
+        try:
+            dictionary = Dictionary.load(dict_path)
+        except ValueError as e:  # fairseq's message quotes part of the line only
+            raise RMTConfigError(f"{dict_path} is not a fairseq dictionary: {_bad_dictionary_line(dict_path) or e}; "
+                                 f"re-run fairseq-preprocess") from None
         logger.info("dictionary: %d types", len(dictionary))
-        return cls(cfg, dictionary)
+        task = cls(cfg, dictionary)
+        checkpoints_to_load = _linked(cfg, "path")
+        if checkpoints_to_load and not kwargs.get("from_checkpoint"):
+            # fairseq-eval-lm / -interactive / -generate --path: named here rather than by a traceback
+            for path in utils.split_paths(checkpoints_to_load):
+                task.check_checkpoint(path, f"--path {path}")
+        return task
 
     # ---- configuration shared with model and criterion -----------------------------------------------------
 
@@ -116,13 +191,150 @@ class RMTLMTask(FairseqTask):
         if self.cfg.tokens_per_sample is None and getattr(cfg, "tokens_per_sample", None):
             self.cfg.tokens_per_sample = int(cfg.tokens_per_sample)  # eval-lm without the flag: the trained T
         decoder = getattr(model, "decoder", None)
+        check(hasattr(decoder, "forward_segment"),
+              f"--task {self._name()} runs rmt_lm models (--arch rmt_*, transformer_xl_*), got --arch "
+              f"{getattr(cfg, '_name', None)} ({type(model).__name__})")
         if self.bptt_mode == "sliding" and (self.bptt_unroll or 0) > 0:
             check(decoder is not None and getattr(decoder, "recurrent", False),
                   f"--bptt-mode sliding needs recurrent memory (--mem-tokens > 0 with --memory-layout rmt), got "
                   f"--mem-tokens {getattr(cfg, 'mem_tokens', 0)}")
         if getattr(decoder, "recurrent", False) and self.bptt_unroll == 0:
             logger.warning("--bptt-unroll 0 with memory tokens: write memory receives no gradient; use >= 1")
+        if not from_checkpoint:
+            resume = self._resume_checkpoint()
+            if resume is not None:
+                path, source, continues = resume
+                self.check_checkpoint(path, source, model=model, resume=continues)
         return model
+
+    # ---- checkpoints: checked before fairseq loads them --------------------------------------------------------
+
+    resumes_streams = True  # a mid-epoch checkpoint continues stateful streams (rmt_algorithmic: no)
+
+    def _name(self) -> str:
+        from fairseq.tasks import TASK_REGISTRY
+
+        return next((n for n, c in TASK_REGISTRY.items() if c is type(self)), type(self).__name__)
+
+    def _resume_checkpoint(self):
+        """(file, how it was given, whether the run continues from its position) for the checkpoint
+        fairseq-train is about to load, as fairseq's checkpoint_utils.load_checkpoint picks it; None if none."""
+        restore, save_dir = _linked(self.cfg, "restore_file"), _linked(self.cfg, "save_dir")
+        if restore is None or save_dir is None or "://" in restore + save_dir:
+            return None
+        suffix = _linked(self.cfg, "checkpoint_suffix") or ""
+        last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+        reset = bool(_linked(self.cfg, "reset_dataloader"))
+        if restore == "checkpoint_last.pt":
+            if os.path.exists(last):
+                return last, f"{last} (the last checkpoint in --save-dir, resumed automatically)", not reset
+            finetune = _linked(self.cfg, "finetune_from_model")
+            if finetune is None:
+                return None  # a new run
+            check(os.path.exists(finetune), f"--finetune-from-model {finetune}: no such file")
+            return finetune, f"--finetune-from-model {finetune}", False
+        path = restore.replace(".pt", suffix + ".pt")
+        if not os.path.exists(path) and os.path.abspath(path) == os.path.abspath(last):
+            return None  # checkpoint_last.pt of --save-dir spelled out: a first launch starts a new run
+        check(os.path.exists(path), f"--restore-file {restore}: no such file (fairseq-train would silently start "
+                                    f"from scratch); give an existing checkpoint, or drop the flag for a new run")
+        return path, f"--restore-file {path}", not reset
+
+    def check_checkpoint(self, path: str, source: str, model=None, resume: bool = False) -> None:
+        """Stop with one line naming the file (`source`) if the checkpoint cannot serve this task and data:
+        not a fairseq checkpoint, another model family, another vocabulary; with the model of the flags, other
+        parameter shapes; when resuming, another task, or a mid-epoch position whose streams or memory state
+        do not match. An unreadable file is left to fairseq's loader (rmt_fairseq/checkpoints.py names it)."""
+        from fairseq.models import ARCH_MODEL_REGISTRY
+
+        from rmt_fairseq.models.rmt_lm import RMTLanguageModel, vocabulary_size
+
+        if "://" in path:
+            return
+        check(os.path.isfile(path), f"{source}: no such file")
+        try:  # mmap: only what is looked at is read, so a large checkpoint costs little here
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            return
+        check(isinstance(state, dict) and isinstance(state.get("model"), dict)
+              and (state.get("cfg") is not None or state.get("args") is not None),
+              f"{source} is not a fairseq checkpoint (no 'model' and 'cfg' entries; a bare state dict?): load "
+              f"it into a model and save it with fairseq's checkpoint_utils, or give a checkpoint fairseq wrote")
+        name, again = self._name(), ("use another --save-dir" if "--save-dir" in source else "give another file")
+        arch, saved_task = _saved(state, "model", "_name"), _saved(state, "task", "_name")
+        family = ARCH_MODEL_REGISTRY.get(arch)
+        check(family is not None and issubclass(family, RMTLanguageModel),
+              f"{source} holds a {arch} model ({family.__name__ if family else 'not registered'}, trained with "
+              f"--task {saved_task}), not an rmt_lm one: --task {name} cannot run it; {again}")
+        if resume:
+            check(saved_task == name, f"{source} was written by --task {saved_task}, not --task {name}: its data "
+                                      f"position does not apply; pass --reset-dataloader (and --reset-optimizer) to "
+                                      f"start from its weights only, or {again}")
+        saved_vocab = vocabulary_size(state["model"])
+        dict_path = os.path.join(utils.split_paths(self.cfg.data)[0], "dict.txt")
+        check(saved_vocab is None or saved_vocab == len(self.dictionary),
+              f"{source} was trained with a vocabulary of {saved_vocab} types, but {dict_path} has "
+              f"{len(self.dictionary)}: the data was binarized with another dictionary; binarize it with the "
+              f"checkpoint's (fairseq-preprocess --srcdict <its data>/dict.txt)")
+        if model is None:
+            return
+        mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
+        if mine != theirs:
+            cfg = getattr(model, "cfg", None)
+            diffs = [f"--{k.replace('_', '-')} {_saved(state, 'model', k)} vs {getattr(cfg, k, None)}"
+                     for k in STRUCTURAL_FIELDS if _saved(state, "model", k) != getattr(cfg, k, None)]
+            if not diffs:
+                key = sorted(set(mine) ^ set(theirs)) or [k for k in sorted(mine) if mine[k] != theirs[k]]
+                diffs = [f"parameter {key[0]} {theirs.get(key[0])} vs {mine.get(key[0])}"]
+            raise RMTConfigError(f"{source} (--arch {arch}) does not fit the model of these flags (--arch "
+                                 f"{getattr(cfg, '_name', None)}): {', '.join(diffs)} (checkpoint vs flags); pass "
+                                 f"the checkpoint's values, or {again}")
+        if resume and self.resumes_streams:
+            self._check_stream_position(state, source, model)
+
+    def _check_stream_position(self, state, source: str, model) -> None:
+        """A mid-epoch checkpoint continues every stream at its batch: the streams must be cut as they were
+        (same count, segment length and segments per batch) and their memory state must be in the file."""
+        extra = state.get("extra_state") or {}
+        itr = extra.get("train_iterator") or {}
+        batches = int(itr.get("iterations_in_epoch", 0) or 0)
+        decoder = model.decoder
+        stateful = getattr(decoder, "recurrent", False) or getattr(decoder, "mem_len", 0) > 0
+        train_state = (extra.get(type(self).__name__) or {}).get("train_state")
+        if batches == 0:
+            if stateful and train_state is None:
+                logger.warning(f"{source} holds no memory state of the training streams; it was saved at an epoch "
+                               f"boundary, where memory starts fresh anyway, so resuming is exact")
+            return
+        where = f"stopped in epoch {itr.get('epoch')} after {batches} batches"
+        # the streams as the checkpoint's run cut them (data/streams.py): B x ranks streams, batches of S x T
+        batch_size, unroll, mode = (_saved(state, "task", k) for k in ("batch_size", "bptt_unroll", "bptt_mode"))
+        ranks = (_saved(state, "task", "data_parallel_size")
+                 or _saved(state, "distributed_training", "distributed_world_size") or 1)
+        saved = {"streams": (batch_size or 0) * ranks,
+                 "T": _saved(state, "task", "tokens_per_sample") or DEFAULT_TOKENS_PER_SAMPLE,
+                 "S": (unroll or 0) + 1 if str(mode) == "block" else 1}
+        _, size = self._parallel()
+        now = {"streams": (self.cfg.batch_size or 0) * size, "T": self.seg_len,
+               "S": self.segments_per_batch(self.cfg.train_subset)}
+        diffs = []
+        if saved["streams"] != now["streams"]:
+            diffs.append(f"{saved['streams']} streams (--batch-size {batch_size} x {ranks} ranks) vs {now['streams']} "
+                         f"(--batch-size {self.cfg.batch_size} x {size})")
+        if saved["T"] != now["T"]:
+            diffs.append(f"--tokens-per-sample {saved['T']} vs {now['T']}")
+        if saved["S"] != now["S"]:
+            diffs.append(f"{saved['S']} segments per batch (--bptt-unroll {unroll} --bptt-mode {mode}) vs "
+                         f"{now['S']} (--bptt-unroll {self.bptt_unroll} --bptt-mode {self.bptt_mode})")
+        check(not diffs, f"{source} {where} of streams cut differently: {'; '.join(diffs)} (checkpoint vs flags); "
+                         f"resuming would not continue the streams where they stopped: pass the checkpoint's "
+                         f"values, or --reset-dataloader to start the epoch over")
+        check(train_state is not None or not stateful,
+              f"{source} {where}, but holds no memory state of the training streams (extra_state has no "
+              f"{type(self).__name__} train_state: exported from DeepSpeed, or written by another tool): resuming "
+              f"would restart memory in the middle of every stream; pass --reset-dataloader to start the epoch over "
+              f"with fresh memory")
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint)
@@ -152,9 +364,7 @@ class RMTLMTask(FairseqTask):
     def load_dataset(self, split, epoch=1, combine=False, streams=None, **kwargs):
         paths = utils.split_paths(self.cfg.data)
         split_path = os.path.join(paths[(epoch - 1) % len(paths)], split)
-        data = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
-        check(data is not None, f"split '{split}' not found: no {split_path}.bin/.idx (run fairseq-preprocess "
-                                f"with --{split}pref, or pass --valid-subset / --gen-subset)")
+        data = load_split(split_path, split, self.dictionary, combine=combine)
         is_train = split == self.cfg.train_subset
         B = streams or (self.cfg.batch_size if is_train else (self.cfg.batch_size_valid or self.cfg.batch_size))
         check(B is not None, "--task rmt_lm needs --batch-size (the number of parallel streams per rank)")

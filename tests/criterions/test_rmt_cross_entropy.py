@@ -33,3 +33,6 @@ def test_char_level_dictionary_is_detected(tmp_path):
         words.add_symbol(w)
     assert RMTLMTask(RMTLMConfig(data=str(tmp_path), batch_size=2), chars).char_level
     assert not RMTLMTask(RMTLMConfig(data=str(tmp_path), batch_size=2), words).char_level
+    chars.finalize(padding_factor=8)  # fairseq-preprocess's default pads with madeupword0000 ...: still chars
+    assert chars[len(chars) - 1].startswith("madeupword")
+    assert RMTLMTask(RMTLMConfig(data=str(tmp_path), batch_size=2), chars).char_level
