@@ -25,6 +25,8 @@ from rmt_fairseq.errors import RMTConfigError
 logger = logging.getLogger(__name__)
 
 _state = {"installed": False, "fallback": False}
+# what torch.load / fairseq's upgrade raise on a truncated or corrupt file
+LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError)
 
 
 def set_fallback(enabled: bool) -> None:
@@ -67,7 +69,7 @@ def atomic_write(path: str, write_fn) -> None:
 
 
 def _readable_candidates(path: str):
-    """Other checkpoint*.pt files in path's directory, newest first."""
+    """Other checkpoint*.pt files in path's directory, newest first (candidates; read by the caller)."""
     directory = os.path.dirname(os.path.abspath(path))
     files = [f for f in glob.glob(os.path.join(directory, "checkpoint*.pt"))
              if os.path.abspath(f) != os.path.abspath(path) and not os.path.basename(f).startswith("crash")]
@@ -109,16 +111,19 @@ def install() -> None:
             raise RMTConfigError(f"checkpoint {path}: no such file")
         try:
             return original_load(path, arg_overrides, load_on_all_ranks)
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError) as e:
+        except LOAD_ERRORS as e:
             if isinstance(e, RMTConfigError) or not _is_local(path) or _readable(path, torch):
                 raise  # the file reads: the error is about its contents (e.g. another architecture)
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             if _state["fallback"]:
                 for cand in _readable_candidates(path):
-                    if _readable(cand, torch):
-                        logger.warning(f"checkpoint {path} is truncated or corrupt ({reason}); --restore-fallback: "
-                                       f"loading {cand} instead")
-                        return original_load(cand, arg_overrides, load_on_all_ranks)
+                    try:
+                        state = original_load(cand, arg_overrides, load_on_all_ranks)
+                    except LOAD_ERRORS:
+                        continue  # unreadable too: the next older one
+                    logger.warning(f"checkpoint {path} is truncated or corrupt ({reason}); --restore-fallback: "
+                                   f"loading {cand} instead")
+                    return state
                 raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}) and --restore-fallback "
                                      f"found no readable checkpoint*.pt beside it") from None
             raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}); resume from an earlier one "

@@ -10,11 +10,16 @@ atomically (a temporary file renamed into place).
 
 import argparse
 import glob
+import logging
 import os
 import sys
 
+logger = logging.getLogger(__name__)
+
 
 def main(argv=None):
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
     ap = argparse.ArgumentParser(prog="rmt-deepspeed-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint-dir", required=True, help="the --save-dir of rmt-deepspeed-train")
@@ -51,7 +56,7 @@ def main(argv=None):
     tmp = a.out + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, a.out)
-    print(f"wrote {a.out} ({len(model)} tensors, update {client['num_updates']}) from {tag_dir}")
+    logger.info(f"wrote {a.out} ({len(model)} tensors, update {client['num_updates']}) from {tag_dir}")
     return 0
 
 

@@ -333,11 +333,8 @@ class RMTLanguageModel(FairseqLanguageModel):
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's load, after a one-line error for a checkpoint trained on another vocabulary (fairseq's own
         is torch's size-mismatch traceback)."""
-        saved, built = vocabulary_size(state_dict), len(self.decoder.dictionary)
-        check(saved is None or saved == built,
-              f"the checkpoint was trained with a vocabulary of {saved} types, but "
-              f"{self.dictionary_file or 'the data dictionary'} has {built}: binarize the data with the checkpoint's "
-              f"dictionary (fairseq-preprocess --srcdict <its data>/dict.txt)")
+        check_vocabulary(state_dict, len(self.decoder.dictionary), "the checkpoint",
+                         self.dictionary_file or "the data dictionary")
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def forward(self, src_tokens, src_lengths=None, reset=None, segment_len: Optional[int] = None, **kwargs):
@@ -364,6 +361,15 @@ def vocabulary_size(state_dict) -> Optional[int]:
         return int(state_dict["decoder.embed_tokens.weight"].shape[0])
     bands = [v for k, v in state_dict.items() if re.fullmatch(r"decoder\.embed_tokens\.embeddings\.\d+\.0\.weight", k)]
     return sum(int(b.shape[0]) for b in bands) if bands else None
+
+
+def check_vocabulary(state_dict, built: int, source: str, dict_file: str) -> None:
+    """One line naming both files when a checkpoint was trained on another vocabulary than the data's."""
+    saved = vocabulary_size(state_dict)
+    check(saved is None or saved == built,
+          f"{source} was trained with a vocabulary of {saved} types, but {dict_file} has {built}: the data was "
+          f"binarized with another dictionary; binarize it with the checkpoint's (fairseq-preprocess --srcdict "
+          f"<its data>/dict.txt)")
 
 
 def _with_defaults(cfg):

@@ -117,6 +117,11 @@ def _bad_dictionary_line(path: str) -> Optional[str]:
     return None
 
 
+def segments_per_batch(bptt_mode, bptt_unroll) -> int:
+    """Segments per training batch: block mode runs the K+1 segments of an unroll together, sliding one."""
+    return (bptt_unroll or 0) + 1 if str(bptt_mode) == "block" else 1
+
+
 def load_split(split_path: str, split: str, dictionary, combine: bool = False):
     """The indexed dataset of one split, or a one-line error for a split that is missing or empty."""
     bin_path = split_path + ".bin"
@@ -247,7 +252,7 @@ class RMTLMTask(FairseqTask):
         do not match. An unreadable file is left to fairseq's loader (rmt_fairseq/checkpoints.py names it)."""
         from fairseq.models import ARCH_MODEL_REGISTRY
 
-        from rmt_fairseq.models.rmt_lm import RMTLanguageModel, vocabulary_size
+        from rmt_fairseq.models.rmt_lm import RMTLanguageModel, check_vocabulary
 
         if "://" in path:
             return
@@ -270,12 +275,8 @@ class RMTLMTask(FairseqTask):
             check(saved_task == name, f"{source} was written by --task {saved_task}, not --task {name}: its data "
                                       f"position does not apply; pass --reset-dataloader (and --reset-optimizer) to "
                                       f"start from its weights only, or {again}")
-        saved_vocab = vocabulary_size(state["model"])
-        dict_path = os.path.join(utils.split_paths(self.cfg.data)[0], "dict.txt")
-        check(saved_vocab is None or saved_vocab == len(self.dictionary),
-              f"{source} was trained with a vocabulary of {saved_vocab} types, but {dict_path} has "
-              f"{len(self.dictionary)}: the data was binarized with another dictionary; binarize it with the "
-              f"checkpoint's (fairseq-preprocess --srcdict <its data>/dict.txt)")
+        check_vocabulary(state["model"], len(self.dictionary), source,
+                         os.path.join(utils.split_paths(self.cfg.data)[0], "dict.txt"))
         if model is None:
             return
         mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -314,7 +315,7 @@ class RMTLMTask(FairseqTask):
                  or _saved(state, "distributed_training", "distributed_world_size") or 1)
         saved = {"streams": (batch_size or 0) * ranks,
                  "T": _saved(state, "task", "tokens_per_sample") or DEFAULT_TOKENS_PER_SAMPLE,
-                 "S": (unroll or 0) + 1 if str(mode) == "block" else 1}
+                 "S": segments_per_batch(mode, unroll)}
         _, size = self._parallel()
         now = {"streams": (self.cfg.batch_size or 0) * size, "T": self.seg_len,
                "S": self.segments_per_batch(self.cfg.train_subset)}
@@ -357,9 +358,7 @@ class RMTLMTask(FairseqTask):
         return self.cfg.data_parallel_rank, self.cfg.data_parallel_size
 
     def segments_per_batch(self, split: str) -> int:
-        if split == self.cfg.train_subset and self.bptt_mode == "block":
-            return self.bptt_unroll + 1
-        return 1
+        return segments_per_batch(self.bptt_mode, self.bptt_unroll) if split == self.cfg.train_subset else 1
 
     def load_dataset(self, split, epoch=1, combine=False, streams=None, **kwargs):
         paths = utils.split_paths(self.cfg.data)
