@@ -45,10 +45,14 @@ def config_flags(name: str):
                                                                           else [])
 
 
+def split_bounds(n: int):
+    """(start, end) character offsets of train / valid / test: 90/5/5 in order."""
+    return {"train": (0, int(0.9 * n)), "valid": (int(0.9 * n), int(0.95 * n)), "test": (int(0.95 * n), n)}
+
+
 def write_splits(text: str, out_dir: str):
-    """90/5/5 by characters, in order; each character a token, space shown as '▁', newline ends the line."""
-    n = len(text)
-    cuts = {"train": (0, int(0.9 * n)), "valid": (int(0.9 * n), int(0.95 * n)), "test": (int(0.95 * n), n)}
+    """The splits of split_bounds; each character a token, space shown as '▁', newline ends the line."""
+    cuts = split_bounds(len(text))
     os.makedirs(out_dir, exist_ok=True)
     for split, (a, b) in cuts.items():
         with open(os.path.join(out_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
@@ -112,8 +116,7 @@ def main(argv=None):
     raw, bin_dir = os.path.join(a.workdir, "raw"), os.path.join(a.workdir, "data-bin")
     bindir = os.path.dirname(sys.executable)
     if a.report_only:
-        n = len(text)
-        chars = {"train": int(0.9 * n), "valid": int(0.95 * n) - int(0.9 * n), "test": n - int(0.95 * n)}
+        chars = {k: b - a for k, (a, b) in split_bounds(len(text)).items()}
     else:
         shutil.rmtree(a.workdir, ignore_errors=True)
         chars = write_splits(text, raw)
