@@ -5,19 +5,30 @@
     rmt-data associative_retrieval --out DIR [--num-pairs 4]           (target: the queried key's value)
     rmt-data equations --out DIR                                       (Appendix A.3, 180 chars a sample)
     rmt-data recall    --out DIR [--gap 31] [--num-keys 8]             (LM stream: key recalled later)
+    rmt-data memorization {fact_memorization,fact_detection,reasoning} --out DIR [--noise-file TEXT]
+                                                                       (1M-token report §3: for
+                                                                        --task rmt_long_classification)
+    rmt-data classification-dict DIR                                   (dict.txt + labels.txt from DIR's
+                                                                        raw-text train split)
 
 Each writes DIR/train.txt, DIR/valid.txt, DIR/test.txt (one sample per line; algorithmic samples are
 "source <gen> target", char-level tokens), deterministic from --seed, then binarize with
     fairseq-preprocess --only-source --trainpref DIR/train.txt --validpref DIR/valid.txt \
         --testpref DIR/test.txt --destdir DATA-BIN
 Default sizes are the paper's: 100000/5000/10000 samples (equations 100000/10000/20000).
+
+`memorization` writes no documents: DIR/generator.json (task, noise file, seed, split sizes), DIR/dict.txt
+(template and noise words) and DIR/labels.txt; --task rmt_long_classification generates the documents on the
+fly at whatever length (--num-segments x --tokens-per-sample) training or evaluation asks for.
 """
 
 import argparse
+import json
 import os
 import sys
 
 from rmt_fairseq.data.algorithmic import SYMBOLS, generate
+from rmt_fairseq.data.memorization import LOCATIONS, TASKS, Noise, vocabulary
 from rmt_fairseq.data.synthetic import recall_bounds, recall_documents
 
 
@@ -64,7 +75,21 @@ def main(argv=None):
         q.add_argument("--test-size", type=int, default=sizes[2])
         q.add_argument("--seed", type=int, default=1)
         algo[name] = q
+    m = sub.add_parser("memorization", help="fact memorization / detection / reasoning in noise (6-way)")
+    m.add_argument("kind", choices=TASKS, help="which of the three tasks")
+    m.add_argument("--out", required=True, help="output directory")
+    m.add_argument("--noise-file", help="background text (default: generated noise words)")
+    m.add_argument("--train-size", type=int, default=10000)
+    m.add_argument("--valid-size", type=int, default=1000)
+    m.add_argument("--test-size", type=int, default=1000)
+    m.add_argument("--seed", type=int, default=1)
+    c = sub.add_parser("classification-dict", help="dict.txt and labels.txt for a raw-text classification dir")
+    c.add_argument("dir", help="directory holding train.tsv or train/<label>/*.txt")
     a = p.parse_args(argv)
+    if a.task == "memorization":
+        return _memorization(m, a)
+    if a.task == "classification-dict":
+        return _classification_dict(c, a)
     if a.task in algo:
         return _algorithmic(algo[a.task], a)
     for flag, v, low in [("--gap", a.gap, 0), ("--num-keys", a.num_keys, 2), ("--train-docs", a.train_docs, 1),
@@ -79,6 +104,58 @@ def main(argv=None):
     b = recall_bounds(a.gap, a.num_keys)
     print(f"wrote {a.out}/{{train,valid,test}}.txt; best loss without memory {b['no_memory_bits']:.4f} bits/token, "
           f"with memory {b['memory_bits']:.4f}")
+    return 0
+
+
+def _memorization(parser, a):
+    for flag, v in [("--train-size", a.train_size), ("--valid-size", a.valid_size), ("--test-size", a.test_size)]:
+        if v < 1:
+            parser.error(f"{flag} must be >= 1, got {v}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        parser.error(f"--out {a.out} exists and is not a directory")
+    try:
+        noise = Noise(os.path.abspath(a.noise_file) if a.noise_file else None)
+    except ValueError as e:
+        parser.error(str(e))
+    os.makedirs(a.out, exist_ok=True)
+    spec = {"task": a.kind, "noise_file": noise.path, "seed": a.seed,
+            "sizes": {"train": a.train_size, "valid": a.valid_size, "test": a.test_size}}
+    _write(os.path.join(a.out, "generator.json"), [json.dumps(spec, indent=1)])
+    _write_dict(os.path.join(a.out, "dict.txt"), vocabulary(noise))
+    _write(os.path.join(a.out, "labels.txt"), LOCATIONS)
+    print(f"wrote {a.out}/generator.json, dict.txt ({len(vocabulary(noise))} words), labels.txt ({a.kind}: "
+          f"{a.train_size}/{a.valid_size}/{a.test_size} documents, generated on the fly)")
+    return 0
+
+
+def _write_dict(path, counts):
+    """fairseq's dict.txt: `word count` lines, most frequent first."""
+    _write(path, [f"{w} {n}" for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
+
+
+def _classification_dict(parser, a):
+    from rmt_fairseq.data.documents import read_documents
+    from rmt_fairseq.errors import RMTConfigError
+
+    try:
+        docs = read_documents(a.dir, "train")
+    except RMTConfigError as e:
+        parser.error(str(e))
+    if docs is None:
+        parser.error(f"{a.dir} has no train split: expected {a.dir}/train.tsv or {a.dir}/train/<label>/*.txt")
+    counts = {}
+    for _, text in docs:
+        for w in text.split():
+            counts[w] = counts.get(w, 0) + 1
+    labels = sorted({lab for lab, _ in docs})
+    if len(labels) < 2:
+        parser.error(f"{a.dir}: the train split has {len(labels)} label(s) {labels}; need at least 2")
+    for name in ("dict.txt", "labels.txt"):
+        if os.path.exists(os.path.join(a.dir, name)):
+            parser.error(f"{os.path.join(a.dir, name)} exists; remove it first (nothing was written)")
+    _write_dict(os.path.join(a.dir, "dict.txt"), counts)
+    _write(os.path.join(a.dir, "labels.txt"), labels)
+    print(f"wrote {a.dir}/dict.txt ({len(counts)} words) and labels.txt ({len(labels)} classes: {' '.join(labels)})")
     return 0
 
 

@@ -27,13 +27,14 @@ from rmt_fairseq.data.samples import SegmentedSampleDataset
 from rmt_fairseq.errors import check
 from rmt_fairseq.modules.generation import greedy_decode
 from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, run_segments
+from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
 from rmt_fairseq.tasks.rmt_lm import RMTLMConfig, RMTLMTask, load_split
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RMTAlgorithmicConfig(RMTLMConfig):
+class RMTAlgorithmicConfig(RMTLMConfig, CurriculumConfig):
     num_segments: int = field(default=1, metadata={"help": "split every sample into S equal segments"})
     tokens_per_sample: Optional[int] = field(
         default=None, metadata={"help": "segment length T instead of --num-segments (S = ceil(length / T))"}
@@ -45,16 +46,6 @@ class RMTAlgorithmicConfig(RMTLMConfig):
     no_eval_greedy: bool = field(
         default=False, metadata={"help": "skip greedy decoding in validation (acc, em): teacher-forced metrics only"}
     )
-    segment_curriculum: bool = field(
-        default=False,
-        metadata={"help": "grow --num-segments by one each time validation accuracy reaches "
-                  "--curriculum-threshold, up to --max-num-segments (Bulatov et al. 2023, §4.1). (fairseq's own "
-                  "--curriculum N is unrelated: it disables shuffling for N epochs)"},
-    )
-    curriculum_threshold: float = field(
-        default=95.0, metadata={"help": "validation accuracy (%; greedy acc, or acc_tf with --no-eval-greedy)"}
-    )
-    max_num_segments: int = field(default=8, metadata={"help": "the curriculum's last stage"})
     answer_len: int = field(
         default=0, metadata={"help": "log answer_acc: the last N target tokens all right (30 for equations)"}
     )
@@ -62,7 +53,7 @@ class RMTAlgorithmicConfig(RMTLMConfig):
 
 
 @register_task("rmt_algorithmic", dataclass=RMTAlgorithmicConfig)
-class RMTAlgorithmicTask(RMTLMTask):
+class RMTAlgorithmicTask(SegmentCurriculum, RMTLMTask):
     allow_full_bptt = True
     resumes_streams = False  # independent samples: no stream position or memory to continue
 
@@ -71,11 +62,8 @@ class RMTAlgorithmicTask(RMTLMTask):
         check(cfg.num_segments >= 1, f"--num-segments must be >= 1, got {cfg.num_segments}")
         check(cfg.answer_len >= 0, f"--answer-len must be >= 0, got {cfg.answer_len}")
         if cfg.segment_curriculum:
-            check(cfg.max_num_segments >= cfg.num_segments, f"--max-num-segments {cfg.max_num_segments} is below "
-                                                            f"--num-segments {cfg.num_segments}")
             check(cfg.tokens_per_sample is None, "--segment-curriculum grows --num-segments: drop --tokens-per-sample")
-        self.num_segments = cfg.num_segments  # the current curriculum stage
-        self._valid_counts = None  # accuracy of the last validation pass, decided on at the next train step
+        self.init_curriculum(cfg.num_segments)
         self.gen_idx = dictionary.index(GEN)
         check(self.gen_idx != dictionary.unk(), f"the dictionary of {cfg.data!r} has no {GEN} token: generate the "
                                                 f"data with rmt-data")
@@ -104,7 +92,7 @@ class RMTAlgorithmicTask(RMTLMTask):
 
     # every sample starts from fresh memory
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        self._advance_curriculum()
+        self.advance_curriculum()
         self._layout(sample)
         sample["rmt_state"] = RecurrentState()
         sample["rmt_update"] = update_num + 1
@@ -113,51 +101,19 @@ class RMTAlgorithmicTask(RMTLMTask):
         log["num_segments"] = sample["num_segments"]
         return loss, sample_size, log
 
-    def begin_valid_epoch(self, epoch, model):
-        self._valid_counts = {"correct": 0, "total": 0}
-
     def valid_step(self, sample, model, criterion):
         self._layout(sample)
         sample["rmt_state"] = RecurrentState()
         loss, sample_size, log = FairseqTask.valid_step(self, sample, model, criterion)
         with torch.no_grad():
             log.update(self.accuracy(model, sample))
-        if self._valid_counts is not None:
-            prefix = "tf" if self.cfg.no_eval_greedy else "greedy"
-            self._valid_counts["correct"] += log[f"{prefix}_correct"]
-            self._valid_counts["total"] += log[f"{prefix}_total"]
+        prefix = "tf" if self.cfg.no_eval_greedy else "greedy"  # the curriculum's accuracy
+        self.count_valid(log[f"{prefix}_correct"], log[f"{prefix}_total"])
         return loss, sample_size, log
 
     def _layout(self, sample):
         if sample and sample.get("split") in self.datasets:
             self.datasets[sample["split"]].apply_layout(sample)
-
-    # ---- curriculum ----------------------------------------------------------------------------------------
-
-    def _advance_curriculum(self):
-        """After a validation pass: one more segment per sample if its accuracy reached the threshold."""
-        counts, self._valid_counts = self._valid_counts, None
-        if not self.cfg.segment_curriculum or not counts or not counts["total"]:
-            return
-        acc = 100.0 * counts["correct"] / counts["total"]
-        if acc >= self.cfg.curriculum_threshold and self.num_segments < self.cfg.max_num_segments:
-            self.set_num_segments(self.num_segments + 1)
-            logger.info("curriculum: validation accuracy %.2f >= %.2f, now %d segments per sample", acc,
-                        self.cfg.curriculum_threshold, self.num_segments)
-
-    def set_num_segments(self, n: int):
-        # datasets collate lazily, so the next batch is split the new way (with --num-workers > 0, from the
-        # next epoch, when the workers get a fresh copy of the dataset)
-        self.num_segments = n
-        for ds in self.datasets.values():
-            ds.num_segments = n
-
-    def get_checkpoint_dict(self):
-        return {self.__class__.__name__: {"num_segments": self.num_segments}}
-
-    def set_checkpoint_dict(self, state):
-        if "num_segments" in state:
-            self.set_num_segments(int(state["num_segments"]))
 
     @torch.no_grad()
     def accuracy(self, model, sample) -> dict:

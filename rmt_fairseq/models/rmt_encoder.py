@@ -1,0 +1,247 @@
+"""The `rmt_encoder` model: fairseq's RoBERTa-style TransformerEncoder with RMT memory at the start of every
+segment and a classification head on the final segment ("Scaling Transformer to 1M tokens", §2).
+
+Legend: B documents, T segment tokens, M memory tokens, N = 2 + M + T positions, C model dim, V classes.
+
+One segment's input is [<s> | memory (M) | segment tokens (T) | </s>]. Attention is bidirectional over all of
+it (fairseq's encoder, pad keys masked): every token sees the memory and the whole segment, and the memory
+sees the segment. The same M slots are read and written: their final-layer outputs are the next segment's
+memory, entered at the embedding layer in place of the memory tokens' embeddings (so they get the memory
+positions' embeddings and the embedding layer norm, as the authors' RMT-BERT does). Positions follow
+RoBERTa's: <s> first, memory next, then the segment, </s> after its last real token.
+
+The encoder's weights and key names are RoBERTa's (`encoder.sentence_encoder.*`): `--roberta-path` starts it
+from a fairseq RoBERTa checkpoint (its LM head is dropped; memory and classification head start fresh).
+"""
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import FairseqEncoder, FairseqEncoderModel, register_model, register_model_architecture
+from fairseq.models.roberta.model import RobertaClassificationHead
+from fairseq.models.roberta.model import base_architecture as roberta_defaults
+from fairseq.models.transformer import TransformerEncoder
+from fairseq.modules.transformer_sentence_encoder import init_bert_params
+from omegaconf import II
+from torch import nn
+
+from rmt_fairseq.data.documents import IGNORE
+from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.modules.memory import MemoryTokens
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RMTEncoderConfig(FairseqDataclass):
+    encoder_layers: int = field(default=12, metadata={"help": "number of encoder layers"})
+    encoder_embed_dim: int = field(default=768, metadata={"help": "model dimension C"})
+    encoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "feed-forward inner dimension"})
+    encoder_attention_heads: int = field(default=12, metadata={"help": "attention heads (C must divide by it)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and residuals"})
+    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention weights"})
+    activation_dropout: float = field(default=0.0, metadata={"help": "dropout inside the feed-forward block"})
+    pooler_dropout: float = field(default=0.0, metadata={"help": "dropout in the classification head"})
+    activation_fn: str = field(default="gelu", metadata={"help": "feed-forward activation (RoBERTa: gelu)"})
+    pooler_activation_fn: str = field(default="tanh", metadata={"help": "classification head activation"})
+    max_positions: int = field(
+        default=512, metadata={"help": "learned positions; one segment uses --tokens-per-sample + --mem-tokens + 2"}
+    )
+    encoder_normalize_before: bool = field(
+        default=False, metadata={"help": "pre-norm layers (RoBERTa: post-norm, with an embedding layer norm)"}
+    )
+    mem_tokens: int = field(
+        default=10, metadata={"help": "RMT memory tokens M at the start of every segment; 0 = no memory"}
+    )
+    roberta_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "initialise the encoder from this fairseq RoBERTa checkpoint (model.pt); memory and "
+                  "classification head start fresh. Needs the checkpoint's dict.txt as the data's dict.txt"},
+    )
+    tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
+
+
+class RMTEncoder(FairseqEncoder):
+    """RoBERTa encoder + memory + head; implements the segment interface of modules/recurrence.py."""
+
+    padding_idx = IGNORE  # the segment loop's "not scored" target value; the token pad is self.pad
+
+    def __init__(self, cfg: RMTEncoderConfig, dictionary, num_classes: int):
+        super().__init__(dictionary)
+        args = argparse.Namespace(**{k: getattr(cfg, k) for k in [
+            "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads", "dropout",
+            "attention_dropout", "activation_dropout", "pooler_dropout", "activation_fn", "pooler_activation_fn",
+            "max_positions", "encoder_normalize_before"]})
+        roberta_defaults(args)  # the rest of RoBERTa's architecture (learned positions, embedding layer norm ...)
+        C = args.encoder_embed_dim
+        self.pad, self.bos, self.eos = dictionary.pad(), dictionary.bos(), dictionary.eos()
+        embed_tokens = nn.Embedding(len(dictionary), C, self.pad)
+        self.sentence_encoder = TransformerEncoder(args, dictionary, embed_tokens)
+        self.sentence_encoder.apply(init_bert_params)
+        self.memory = MemoryTokens(cfg.mem_tokens, C, init_std=0.02) if cfg.mem_tokens > 0 else None
+        self.classification_head = RobertaClassificationHead(C, C, num_classes, args.pooler_activation_fn,
+                                                             args.pooler_dropout)
+
+    # ---- the segment interface used by modules/recurrence.py -------------------------------------------
+
+    @property
+    def num_mem_tokens(self) -> int:
+        return self.memory.num_tokens if self.memory is not None else 0
+
+    @property
+    def recurrent(self) -> bool:
+        return self.memory is not None
+
+    def initial_memory(self, batch_size: int) -> Optional[torch.Tensor]:
+        return self.memory(batch_size) if self.memory is not None else None
+
+    def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache=None) -> SegmentOutput:
+        """tokens B x T (pad after a document's end) -> features B x N x C and the memory it writes."""
+        B, T = tokens.shape
+        M = self.num_mem_tokens
+        bos = tokens.new_full((B, 1), self.bos)
+        # the memory slots' ids only make them non-pad (so they get positions and are attended to); their
+        # embeddings are replaced below
+        src = torch.cat([bos, tokens.new_full((B, M), self.bos), tokens, tokens.new_full((B, 1), self.eos)],
+                        dim=1)  # B x N
+        emb = self.sentence_encoder.embed_tokens(src)  # B x N x C
+        if M:
+            mem = memory if memory is not None else self.memory(B)  # B x M x C
+            # divided by the embedding scale the encoder multiplies with (1 for RoBERTa)
+            emb = torch.cat([emb[:, :1], mem / self.sentence_encoder.embed_scale, emb[:, 1 + M :]], dim=1)
+        out = self.sentence_encoder(src, token_embeddings=emb)
+        x = out["encoder_out"][0].transpose(0, 1)  # T x B x C -> B x N x C
+        return SegmentOutput(hidden=x, memory=x[:, 1 : 1 + M] if M else None, cache=None)
+
+    def classify(self, hidden: torch.Tensor) -> torch.Tensor:
+        """features B x N x C -> logits B x V (the head reads <s>, as RoBERTa's)."""
+        return self.classification_head(hidden)
+
+    def segment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy (nats, fp32) of the documents whose last segment this is: their label sits in
+        target[:, 0], every other target is IGNORE (data/documents.py)."""
+        return F.cross_entropy(self.classify(hidden).float(), target[:, 0], ignore_index=IGNORE, reduction="sum")
+
+    def forward(self, src_tokens, segment_len: int, **kwargs):
+        """src_tokens B x S*T -> logits B x V, each from its document's last non-empty segment."""
+        T = segment_len
+        logits = []
+        run_segments(self, src_tokens, None, RecurrentState(), seg_len=T,
+                     on_segment=lambda s, out: logits.append(self.classify(out.hidden)))
+        n_seg = ((src_tokens.ne(self.pad).sum(1) + T - 1) // T).clamp(min=1)  # B
+        logits = torch.stack(logits, dim=1)  # B x S x V
+        return logits[torch.arange(src_tokens.size(0)), n_seg - 1]
+
+    def max_positions(self):
+        return None  # any number of segments
+
+
+@register_model("rmt_encoder", dataclass=RMTEncoderConfig)
+class RMTEncoderModel(FairseqEncoderModel):
+    @classmethod
+    def build_model(cls, cfg: RMTEncoderConfig, task, from_checkpoint: bool = False):
+        validate_config(cfg, task)
+        encoder = RMTEncoder(cfg, task.source_dictionary, task.num_classes)
+        if cfg.roberta_path and not from_checkpoint:
+            load_roberta(encoder, cfg.roberta_path, cfg)
+        return cls(encoder)
+
+    def forward(self, src_tokens, segment_len: int, **kwargs):
+        return self.encoder(src_tokens, segment_len=segment_len)
+
+    def max_positions(self):
+        return None
+
+
+def validate_config(cfg: RMTEncoderConfig, task) -> None:
+    for flag, value, low in [("--mem-tokens", cfg.mem_tokens, 0), ("--encoder-layers", cfg.encoder_layers, 1),
+                             ("--encoder-embed-dim", cfg.encoder_embed_dim, 1),
+                             ("--encoder-attention-heads", cfg.encoder_attention_heads, 1)]:
+        check(value >= low, f"{flag} must be >= {low}, got {value}")
+    check(cfg.encoder_embed_dim % cfg.encoder_attention_heads == 0,
+          f"--encoder-embed-dim {cfg.encoder_embed_dim} is not divisible by --encoder-attention-heads "
+          f"{cfg.encoder_attention_heads}")
+    T = task.cfg.tokens_per_sample
+    check(T + cfg.mem_tokens + 2 <= cfg.max_positions,
+          f"a segment needs --tokens-per-sample {T} + --mem-tokens {cfg.mem_tokens} + 2 (<s>, </s>) = "
+          f"{T + cfg.mem_tokens + 2} positions but --max-positions is {cfg.max_positions}: lower "
+          f"--tokens-per-sample to {cfg.max_positions - cfg.mem_tokens - 2}")
+    if cfg.roberta_path:
+        check(os.path.isfile(cfg.roberta_path), f"--roberta-path {cfg.roberta_path}: no such file")
+
+
+def load_roberta(encoder: RMTEncoder, path: str, cfg: RMTEncoderConfig) -> None:
+    """Copy a fairseq RoBERTa checkpoint's encoder (`encoder.sentence_encoder.*`, or the older `decoder.*` /
+    `emb_layer_norm` names) into `encoder.sentence_encoder`; every weight must fit exactly."""
+    try:
+        # fairseq RoBERTa checkpoints keep their argparse args: a full (trusted, user-given) unpickle
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        sd = state["model"]
+    except Exception as e:
+        raise RMTConfigError(f"--roberta-path {path}: not a readable fairseq checkpoint ({type(e).__name__}: "
+                             f"{e})") from None
+    backbone = {}
+    for k, v in sd.items():
+        k = k.replace(".emb_layer_norm.", ".layernorm_embedding.")
+        for prefix in ("encoder.sentence_encoder.", "decoder.sentence_encoder."):
+            if k.startswith(prefix):
+                backbone[k[len(prefix) :]] = v
+    if not backbone:
+        raise RMTConfigError(f"--roberta-path {path}: no encoder.sentence_encoder.* weights (is it a RoBERTa "
+                             f"checkpoint?)")
+    target = encoder.sentence_encoder
+    target.upgrade_state_dict_named(backbone, "")
+    own = target.state_dict()
+    hints = {"embed_tokens.weight": "the data's dict.txt must be the checkpoint's dict.txt",
+             "embed_positions.weight": "set --max-positions to the checkpoint's"}
+    for k, v in backbone.items():
+        if k in own and own[k].shape != v.shape:
+            hint = hints.get(k, "set --encoder-layers/--encoder-embed-dim/--encoder-ffn-embed-dim/"
+                                "--encoder-attention-heads to the checkpoint's")
+            raise RMTConfigError(f"--roberta-path {path}: {k} is {tuple(v.shape)} in the checkpoint, "
+                                 f"{tuple(own[k].shape)} in this model: {hint}")
+    missing, unexpected = target.load_state_dict(backbone, strict=False)
+    missing = [k for k in missing if not k.endswith("version")]
+    if missing or unexpected:
+        raise RMTConfigError(f"--roberta-path {path} does not fit this encoder: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]} (check --encoder-layers and "
+                             f"--encoder-normalize-before against the checkpoint's)")
+    logger.info("initialised the encoder from %s (%d tensors); memory and classification head are new",
+                path, len(backbone))
+
+
+# ---- architectures: size presets; every field stays overridable on the command line ---------------------
+
+
+def _defaults(args, **values):
+    for k, v in values.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+@register_model_architecture("rmt_encoder", "rmt_encoder_base")
+def rmt_encoder_base(args):
+    """RoBERTa-base (12 x 768, 512 positions) with 10 memory tokens (the 1M-token report used BERT-base)."""
+    _defaults(args, encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
+              encoder_attention_heads=12, max_positions=512, mem_tokens=10)
+
+
+@register_model_architecture("rmt_encoder", "rmt_encoder_large")
+def rmt_encoder_large(args):
+    """RoBERTa-large (24 x 1024) with 10 memory tokens."""
+    _defaults(args, encoder_layers=24, encoder_embed_dim=1024, encoder_ffn_embed_dim=4096,
+              encoder_attention_heads=16, max_positions=512, mem_tokens=10)
+
+
+@register_model_architecture("rmt_encoder", "rmt_encoder_tiny")
+def rmt_encoder_tiny(args):
+    """2 layers, C=64, 4 memory tokens: for tests and CPU benchmarks."""
+    _defaults(args, encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
+              encoder_attention_heads=2, max_positions=128, mem_tokens=4, dropout=0.0, attention_dropout=0.0)

@@ -1,0 +1,165 @@
+"""`rmt_long_classification`: one label per document of any length, read segment by segment by an RMT encoder
+(--arch rmt_encoder_*), memory carried from segment to segment, the class predicted from the last segment.
+
+Data directory (data/documents.py has the formats):
+  dict.txt                      fairseq dictionary (a RoBERTa checkpoint's own, with --roberta-path)
+  labels.txt                    optional: class labels in index order (default: the sorted train labels)
+  {split}.tsv or {split}/<label>/*.txt     raw-text documents, or
+  generator.json                memorization documents generated on the fly (rmt-data memorization)
+
+--num-segments is the curriculum's stage: the length of generated documents in segments, or the number of
+leading segments kept from raw-text documents (default: all). --segment-curriculum grows it by one each time
+validation accuracy reaches --curriculum-threshold (shared with rmt_algorithmic: tasks/curriculum.py).
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq import metrics
+from fairseq.data import Dictionary
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+from rmt_fairseq.data.documents import (
+    GeneratedDocumentDataset,
+    TextDocumentDataset,
+    generator_noise,
+    read_documents,
+    read_generator,
+    read_labels,
+)
+from rmt_fairseq.data.memorization import LOCATIONS
+from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RMTLongClassificationConfig(CurriculumConfig):
+    data: str = field(default="???", metadata={"help": "data directory: dict.txt and documents (see the task doc)"})
+    tokens_per_sample: int = field(
+        default=128, metadata={"help": "segment length T (RoBERTa-base: up to 512 - --mem-tokens - 2)"}
+    )
+    num_segments: Optional[int] = field(
+        default=None,
+        metadata={"help": "generated documents: their length in segments (default 1); raw-text documents: keep "
+                  "the first N segments (default: all). The curriculum's starting stage"},
+    )
+    bptt_unroll: Optional[int] = field(
+        default=None,
+        metadata={"help": "K: memory detached every K+1 segments from the document start (default: never, "
+                  "gradient from the label reaches the first segment)"},
+    )
+    batch_size: Optional[int] = II("dataset.batch_size")
+    seed: int = II("common.seed")
+
+
+@register_task("rmt_long_classification", dataclass=RMTLongClassificationConfig)
+class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
+    def __init__(self, cfg: RMTLongClassificationConfig, dictionary, labels, generator):
+        super().__init__(cfg)
+        self.dictionary, self.labels, self.generator = dictionary, labels, generator
+        check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
+        if cfg.num_segments is not None:
+            check(cfg.num_segments >= 1, f"--num-segments must be >= 1, got {cfg.num_segments}")
+        if cfg.bptt_unroll is not None:
+            check(cfg.bptt_unroll >= 0, f"--bptt-unroll must be >= 0, got {cfg.bptt_unroll}")
+        stage = cfg.num_segments if cfg.num_segments is not None else (1 if generator else None)
+        check(not cfg.segment_curriculum or stage is not None,
+              "--segment-curriculum on raw-text documents needs a starting --num-segments (e.g. 1)")
+        self.init_curriculum(stage)
+        self.noise = generator_noise(generator, cfg.data) if generator else None
+
+    @classmethod
+    def setup_task(cls, cfg: RMTLongClassificationConfig, **kwargs):
+        data = cfg.data
+        check(os.path.isdir(data), f"data directory {data!r} does not exist")
+        dict_path = os.path.join(data, "dict.txt")
+        check(os.path.isfile(dict_path), f"{dict_path} does not exist: write one with `rmt-data classification-dict "
+                                         f"{data}` (or copy the RoBERTa checkpoint's dict.txt)")
+        try:
+            dictionary = Dictionary.load(dict_path)
+        except Exception as e:
+            raise RMTConfigError(f"{dict_path} is not a fairseq dictionary ({e})") from None
+        dictionary.add_symbol("<mask>")  # as fairseq's masked_lm/sentence_prediction: RoBERTa's vocabulary size
+        generator = read_generator(data)
+        if generator is not None:
+            labels = LOCATIONS
+        else:
+            labels = read_labels(data, read_documents(data, "train"))
+        logger.info("dictionary: %d types; %d classes: %s", len(dictionary), len(labels), " ".join(labels[:10]))
+        return cls(cfg, dictionary, labels, generator)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def bptt_unroll(self):
+        return self.cfg.bptt_unroll
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        T = self.cfg.tokens_per_sample
+        if self.generator is not None:
+            if split not in self.generator["sizes"]:
+                raise RMTConfigError(f"{self.cfg.data}/generator.json has no {split!r} split (has "
+                                     f"{sorted(self.generator['sizes'])})")
+            self.datasets[split] = GeneratedDocumentDataset(self.generator, split, self.labels, self.dictionary, T,
+                                                            self.num_segments, self.noise)
+            return
+        docs = read_documents(self.cfg.data, split)
+        if docs is None:
+            raise RMTConfigError(f"no split {split!r} in {self.cfg.data}: expected {split}.tsv (label<TAB>text per "
+                                 f"line) or {split}/<label>/*.txt")
+        self.datasets[split] = TextDocumentDataset(docs, self.labels, self.dictionary, T, self.num_segments,
+                                                   source=os.path.join(self.cfg.data, split))
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        check(hasattr(model.encoder, "forward_segment"), f"--task rmt_long_classification needs an rmt_encoder "
+                                                         f"architecture (rmt_encoder_base, rmt_encoder_tiny), got "
+                                                         f"{type(model).__name__}")
+        return model
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        check(type(criterion).__name__ == "RMTClassificationCriterion",
+              f"--task rmt_long_classification needs --criterion rmt_classification, got {cfg._name}")
+        return criterion
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, **kwargs):
+        check(max_sentences or self.cfg.batch_size, "--task rmt_long_classification needs --batch-size")
+        kwargs.pop("disable_iterator_cache", None)
+        return super().get_batch_iterator(dataset, max_tokens=None, max_sentences=max_sentences or self.cfg.batch_size,
+                                          disable_iterator_cache=True, **kwargs)
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self.advance_curriculum()
+        loss, sample_size, log = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        log["num_segments"] = sample["num_segments"]
+        return loss, sample_size, log
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, log = super().valid_step(sample, model, criterion)
+        self.count_valid(log.get("ncorrect", 0), log.get("nsentences", 0))
+        return loss, sample_size, log
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if any("num_segments" in log for log in logging_outputs):  # training: the curriculum stage
+            metrics.log_scalar("num_segments", max(log.get("num_segments", 0) for log in logging_outputs),
+                               1, priority=250, round=1)
+
+    def max_positions(self):
+        return None
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary
