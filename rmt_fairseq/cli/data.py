@@ -128,9 +128,13 @@ def _memorization(parser, a):
     return 0
 
 
+SPECIAL = {"<s>", "<pad>", "</s>", "<unk>", "<mask>"}  # fairseq's Dictionary adds these itself
+
+
 def _write_dict(path, counts):
-    """fairseq's dict.txt: `word count` lines, most frequent first."""
-    _write(path, [f"{w} {n}" for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))])
+    """fairseq's dict.txt: `word count` lines, most frequent first (special symbols left to fairseq: a
+    duplicate makes Dictionary.load fail)."""
+    _write(path, [f"{w} {n}" for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in SPECIAL])
 
 
 def _classification_dict(parser, a):
@@ -150,10 +154,12 @@ def _classification_dict(parser, a):
     labels = sorted({lab for lab, _ in docs})
     if len(labels) < 2:
         parser.error(f"{a.dir}: the train split has {len(labels)} label(s) {labels}; need at least 2")
-    for name in ("dict.txt", "labels.txt"):
-        if os.path.exists(os.path.join(a.dir, name)):
-            parser.error(f"{os.path.join(a.dir, name)} exists; remove it first (nothing was written)")
+    if os.path.exists(os.path.join(a.dir, "dict.txt")):
+        parser.error(f"{os.path.join(a.dir, 'dict.txt')} exists; remove it first (nothing was written)")
     _write_dict(os.path.join(a.dir, "dict.txt"), counts)
+    if os.path.exists(os.path.join(a.dir, "labels.txt")):  # the user's own class order stays
+        print(f"wrote {a.dir}/dict.txt ({len(counts)} words); kept the existing labels.txt")
+        return 0
     _write(os.path.join(a.dir, "labels.txt"), labels)
     print(f"wrote {a.dir}/dict.txt ({len(counts)} words) and labels.txt ({len(labels)} classes: {' '.join(labels)})")
     return 0

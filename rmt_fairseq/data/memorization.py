@@ -155,6 +155,13 @@ class Document:
         return out.tolist()
 
 
+def min_length(task: str) -> int:
+    """Tokens of the longest facts and question a `task` document can draw (the shortest valid length)."""
+    if task == "reasoning":
+        return 8 + 8 + 7  # two "the A is D of the B ." and "what is D of the B ?" (or "what is the B D of ?")
+    return 1 + max(len(m) for m in MOVES) + 3 + 4  # "X went back to the LOC ." and "where is X ?"
+
+
 def make_document(task: str, length: int, rng: random.Random, noise: Noise) -> Document:
     if task not in TASKS:
         raise ValueError(f"memorization task must be one of {TASKS}, got {task!r}")
@@ -163,10 +170,10 @@ def make_document(task: str, length: int, rng: random.Random, noise: Noise) -> D
     else:
         facts = [_qa1_fact(rng)]
         question = Question(("where", "is", facts[0].person, "?"), person=facts[0].person)
-    need = sum(len(f.tokens) for f in facts) + len(question.tokens)
+    need = min_length(task)  # the longest templates: whether a length fits must not depend on the sample drawn
     if length < need:
         raise ValueError(f"a {task} document needs at least {need} tokens (facts and question), got {length}")
-    free = length - need  # noise tokens
+    free = length - sum(len(f.tokens) for f in facts) - len(question.tokens)  # noise tokens
     if task == "fact_memorization":
         gaps = [0, free]  # the fact first, all noise between it and the question
     else:  # facts at uniformly random positions among the noise, in random order

@@ -197,14 +197,21 @@ def load_roberta(encoder: RMTEncoder, path: str, cfg: RMTEncoderConfig) -> None:
         raise RMTConfigError(f"--roberta-path {path}: no encoder.sentence_encoder.* weights (is it a RoBERTa "
                              f"checkpoint?)")
     target = encoder.sentence_encoder
-    target.upgrade_state_dict_named(backbone, "")
+    # fairseq's upgrade looks keys up as f"{name}.{key}": with name "" it would find none of them and add a stray
+    # ".version" key (an "unexpected" key below), so upgrade under a real prefix and strip it again
+    prefixed = {f"sentence_encoder.{k}": v for k, v in backbone.items()}
+    target.upgrade_state_dict_named(prefixed, "sentence_encoder")
+    backbone = {k[len("sentence_encoder.") :]: v for k, v in prefixed.items()}
     own = target.state_dict()
     hints = {"embed_tokens.weight": "the data's dict.txt must be the checkpoint's dict.txt",
              "embed_positions.weight": "set --max-positions to the checkpoint's"}
     for k, v in backbone.items():
         if k in own and own[k].shape != v.shape:
-            hint = hints.get(k, "set --encoder-layers/--encoder-embed-dim/--encoder-ffn-embed-dim/"
-                                "--encoder-attention-heads to the checkpoint's")
+            if k in hints and v.shape[1:] == own[k].shape[1:]:  # only the number of rows differs
+                hint = hints[k]
+            else:
+                hint = ("set --encoder-layers/--encoder-embed-dim/--encoder-ffn-embed-dim/"
+                        "--encoder-attention-heads to the checkpoint's")
             raise RMTConfigError(f"--roberta-path {path}: {k} is {tuple(v.shape)} in the checkpoint, "
                                  f"{tuple(own[k].shape)} in this model: {hint}")
     missing, unexpected = target.load_state_dict(backbone, strict=False)

@@ -30,7 +30,7 @@ from rmt_fairseq.data.documents import (
     read_generator,
     read_labels,
 )
-from rmt_fairseq.data.memorization import LOCATIONS
+from rmt_fairseq.data.memorization import LOCATIONS, min_length
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
 
@@ -72,6 +72,12 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
               "--segment-curriculum on raw-text documents needs a starting --num-segments (e.g. 1)")
         self.init_curriculum(stage)
         self.noise = generator_noise(generator, cfg.data) if generator else None
+        if generator:
+            need = min_length(generator["task"])
+            check(stage * cfg.tokens_per_sample >= need,
+                  f"a {generator['task']} document needs at least {need} tokens (its facts and question), but "
+                  f"--num-segments {stage} x --tokens-per-sample {cfg.tokens_per_sample} = "
+                  f"{stage * cfg.tokens_per_sample}: raise one of them")
 
     @classmethod
     def setup_task(cls, cfg: RMTLongClassificationConfig, **kwargs):
