@@ -18,6 +18,9 @@ and the value; no Python traceback; every file of the case's --save-dir, data di
   resumes with a warning.
 - Generators: `rmt-data copy|reverse|associative_retrieval|equations|recall` with negative, zero and
   out-of-range values.
+- Long-input classification (issue 7): a segment beyond --max-positions, generated documents shorter than
+  their facts, raw text without dict.txt or with a line missing its TAB, --roberta-path missing or not a
+  RoBERTa checkpoint, the LM criterion, a too-short --noise-file, rmt-extrapolate-classify on non-generated data.
 - DeepSpeed JSON: tests/deepspeed/test_deepspeed_train.py (missing file, invalid JSON, batch size mismatch,
   ZeRO stage, offload without ZeRO, param offload below stage 3, optimizer in the JSON).
 
@@ -47,6 +50,9 @@ EVAL = ["--user-dir", "user_dir", "--task", "rmt_lm", "--batch-size", 4, "--toke
 ALGO = ["--user-dir", "user_dir", "--task", "rmt_algorithmic", "--arch", "rmt_tiny", "--criterion",
         "rmt_cross_entropy", "--num-segments", 2, "--batch-size", 8, "--optimizer", "adam", "--lr", "1e-3", "--cpu",
         "--max-update", 1, "--num-workers", 0, "--no-eval-greedy"]
+CLS = ["--user-dir", "user_dir", "--task", "rmt_long_classification", "--arch", "rmt_encoder_tiny", "--criterion",
+       "rmt_classification", "--tokens-per-sample", 16, "--batch-size", 4, "--optimizer", "adam", "--lr", "1e-3",
+       "--cpu", "--max-update", 1, "--num-workers", 0]
 WORKERS = min(4, (os.cpu_count() or 2) + 1)  # the processes spend most of their time importing: overlap them
 
 
@@ -69,6 +75,10 @@ def train(*flags, data="{recall}", names=(), last="rmt.pt"):
 
 def algorithmic(*flags, data="{copy}", names=()):
     return Case("fairseq-train", (data, *ALGO, "--save-dir", "{save}", *flags), tuple(names), "algo.pt")
+
+
+def classify(*flags, data="{data}/mem", names=()):
+    return Case("fairseq-train", (data, *CLS, "--save-dir", "{save}", *flags), tuple(names), None)
 
 
 def eval_lm(*flags, data="{recall}", path="{ckpts}/rmt.pt", names=()):
@@ -161,6 +171,25 @@ CASES = {
     "recall one key": generate("recall", "--num-keys", 1, names=["--num-keys", "got 1"]),
     "recall zero docs": generate("recall", "--valid-docs", 0, names=["--valid-docs", "got 0"]),
     "out is a file": generate("copy", out="{out}/train.txt", names=["--out {out}/train.txt", "not a directory"]),
+    # ---- long-input classification (encoder RMT) ---------------------------------------------------------
+    "segment beyond positions": classify("--tokens-per-sample", 200,
+                                         names=["--tokens-per-sample 200", "--max-positions is 128"]),
+    "documents shorter than their facts": classify(names=["reasoning", "--num-segments 1 x --tokens-per-sample 16"]),
+    "classification without dict.txt": classify(data="{data}/tsv_no_dict",
+                                                names=["{data}/tsv_no_dict/dict.txt", "rmt-data classification-dict"]),
+    "tsv line without a tab": classify(data="{data}/bad_tsv", names=["{data}/bad_tsv/train.tsv, line 2",
+                                                                     "label<TAB>text"]),
+    "missing roberta checkpoint": classify("--tokens-per-sample", 32, "--roberta-path", "{ckpts}/nope.pt",
+                                           names=["--roberta-path {ckpts}/nope.pt", "no such file"]),
+    "roberta path not a roberta": classify("--tokens-per-sample", 32, "--roberta-path", "{ckpts}/rmt.pt",
+                                           names=["--roberta-path {ckpts}/rmt.pt", "no encoder.sentence_encoder"]),
+    "classification with lm criterion": classify("--tokens-per-sample", 32, "--criterion", "rmt_cross_entropy",
+                                                 names=["--criterion rmt_classification", "rmt_cross_entropy"]),
+    "noise file too short": generate("memorization", "fact_memorization", "--noise-file", "{data}/bad_dict/dict.txt",
+                                     names=["--noise-file", "{data}/bad_dict/dict.txt", "need at least 100"]),
+    "extrapolate without generator": Case("rmt-extrapolate-classify", ("--path", "{ckpts}/rmt.pt", "--data",
+                                                                       "{recall}", "--out", "{out}"),
+                                          ("--data {recall}", "generator.json")),
 }
 
 
@@ -228,6 +257,13 @@ def _make_bad_data(data: Path, recall: str) -> None:
     (data / "bad_dict" / "dict.txt").write_text("f1 600\nno count here\n")
     _write_split(data / "empty_valid" / "valid", words, [])  # fairseq-preprocess of an empty --validpref
     _write_split(data / "short_test" / "test", words, ["K1 f1 f2 K1"])  # 5 tokens with </s>
+    cli("rmt-data", "memorization", "reasoning", "--out", data / "mem", "--train-size", 20, "--valid-size", 4,
+        "--test-size", 4)
+    (data / "tsv_no_dict").mkdir()
+    (data / "tsv_no_dict" / "train.tsv").write_text("a\tx y\nb\ty z\n")
+    (data / "bad_tsv").mkdir()
+    (data / "bad_tsv" / "train.tsv").write_text("a\tx y\nb y z\n")
+    (data / "bad_tsv" / "dict.txt").write_text("x 1\ny 1\nz 1\n")
 
 
 @pytest.fixture(scope="module")

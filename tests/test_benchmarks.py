@@ -61,3 +61,17 @@ def test_char_lm_quick_runs_the_real_clis(tmp_path):
     for r in res["rows"]:
         assert 0 < r["test_bpc"] < 10 and r["valid_curve"] and r["valid_curve"][-1][0] == res["setup"]["max_update"]
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_memorization_quick_runs_the_real_clis(tmp_path):
+    """rmt-data memorization, fairseq-train (curriculum; RMT and no memory), rmt-extrapolate-classify."""
+    out = tmp_path / "m.json"
+    subprocess.run([sys.executable, "benchmarks/memorization.py", "--quick", "--out", str(out), "--workdir",
+                    str(tmp_path / "w"), "--png", str(tmp_path / "m.png")], cwd=REPO, check=True, capture_output=True,
+                   timeout=600)
+    res = json.loads(out.read_text())
+    assert set(res["training"]) == {"rmt", "no_memory"}
+    trained = res["training"]["rmt"]["curriculum_stage_reached"]
+    assert res["extrapolation"][0]["segments"] == trained and res["extrapolation"][-1]["tokens"] >= 2000
+    assert all(0 <= r["accuracy"] <= 100 and r["rss_mb"] > 0 for r in res["extrapolation"])
+    assert (tmp_path / "m.png").stat().st_size > 0

@@ -82,6 +82,9 @@ class RMTAlgorithmicTask(SegmentCurriculum, RMTLMTask):
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, **kwargs):
         check(max_sentences or self.cfg.batch_size, "--task rmt_algorithmic needs --batch-size")
         kwargs.pop("disable_iterator_cache", None)
+        # fairseq's default --required-batch-size-multiple 8 makes batch_by_size drop samples when the batch
+        # size is not a multiple of 8 (201 samples in batches of 32 -> 200 scored, 40 in batches of 4 -> 36)
+        kwargs["required_batch_size_multiple"] = 1
         return FairseqTask.get_batch_iterator(self, dataset, max_tokens=max_tokens,
                                               max_sentences=max_sentences or self.cfg.batch_size,
                                               disable_iterator_cache=True, **kwargs)

@@ -86,3 +86,16 @@ def test_curriculum_advances_is_logged_and_survives_resume(tmp_path):
     p = cli("fairseq-train", *args, "--max-update", 6)  # resumes from checkpoint_last (update 3)
     stages = [float(x) for x in re.findall(r"train_inner .*num_segments=([0-9.]+)", p.stdout + p.stderr)]
     assert stages == [2.0, 3.0, 3.0], (p.stdout + p.stderr)[-3000:]  # the stage came back from the checkpoint
+
+
+def test_every_sample_is_batched_whatever_the_batch_size(tmp_path):
+    """fairseq's batch_by_size with its default --required-batch-size-multiple 8 would drop samples (40 in
+    batches of 4 -> 36 scored); the task batches every one."""
+    data = _data(tmp_path, "copy", "--src-len", 6)
+    _, task, _, _ = build_from_cli_args([data, *ARGS, "--num-segments", 2])
+    task.load_dataset("valid")
+    for bs in (4, 7, 32):
+        # as fairseq-train and fairseq-validate call it (their default --required-batch-size-multiple)
+        itr = task.get_batch_iterator(task.dataset("valid"), max_sentences=bs, required_batch_size_multiple=8)
+        itr = itr.next_epoch_itr(shuffle=False)
+        assert sorted(i for batch in itr for i in batch["id"].tolist()) == list(range(40)), bs

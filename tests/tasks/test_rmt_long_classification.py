@@ -95,3 +95,17 @@ def test_segment_too_long_for_positions_names_the_flags(tmp_path):
     data = _data(tmp_path)
     with pytest.raises(RMTConfigError, match="--tokens-per-sample 200 .* --max-positions is 128"):
         build_from_cli_args([data, *ARGS, "--tokens-per-sample", 200])
+
+
+def test_every_document_is_batched_whatever_the_batch_size(tmp_path):
+    """fairseq's batch_by_size with its default --required-batch-size-multiple 8 drops documents (3 in batches of
+    4 -> none, 201 in batches of 32 -> 200); the task batches every one."""
+    data = _data(tmp_path)
+    _, task, _, _ = build_from_cli_args([data, *ARGS, "--tokens-per-sample", 16])
+    task.load_dataset("valid")
+    for bs in (4, 32, 7):
+        # as fairseq-train and fairseq-validate call it (their default --required-batch-size-multiple)
+        itr = task.get_batch_iterator(task.dataset("valid"), max_sentences=bs, required_batch_size_multiple=8)
+        itr = itr.next_epoch_itr(shuffle=False)
+        ids = sorted(i for batch in itr for i in batch["id"].tolist())
+        assert ids == list(range(200)), bs
