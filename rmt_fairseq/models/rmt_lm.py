@@ -27,7 +27,7 @@ from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from rmt_fairseq.errors import check
+from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules.memory import Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
@@ -85,6 +85,17 @@ class RMTLanguageModelConfig(FairseqDataclass):
     )
     tie_adaptive_proj: bool = field(
         default=False, metadata={"help": "also tie the adaptive input/softmax projections"}
+    )
+    segment_len: Optional[int] = field(
+        default=None,
+        metadata={"help": "per-sample recurrence under fairseq's own tasks (--task language_modeling): every sample "
+                  "is split into segments of this many tokens, memory starts fresh per sample (default: the "
+                  "architecture's segment length, else 128). Under --task rmt_lm segments are --tokens-per-sample"},
+    )
+    segment_bptt_unroll: Optional[int] = field(
+        default=None,
+        metadata={"help": "per-sample recurrence: memory detached every K+1 segments of a sample (default: "
+                  "gradient through the whole sample). Under --task rmt_lm: --bptt-unroll"},
     )
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
@@ -180,21 +191,7 @@ class RMTDecoder(FairseqIncrementalDecoder):
         return SegmentOutput(hidden=hidden, memory=new_memory, cache=new_cache)
 
     def segment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Summed NLL (nats, fp32) of target B x T given hidden B x T x C; pad targets are ignored."""
-        if self.adaptive_softmax is not None:
-            # one cross-entropy per cluster, as fairseq's adaptive_loss criterion, with one fix: that criterion
-            # passes ignore_index=pad to the tails too, where targets are shifted by the cluster's cutoff, so
-            # the word at cutoff+pad of every tail is silently never scored. pad lives in the head only.
-            logits, targets = self.adaptive_softmax(hidden, target.reshape(-1))
-            loss = hidden.new_zeros((), dtype=torch.float)
-            for i, (lg, tg) in enumerate(zip(logits, targets)):
-                if tg is not None:
-                    loss = loss + F.cross_entropy(lg.float(), tg, ignore_index=self.padding_idx if i == 0 else -100,
-                                                  reduction="sum")
-            return loss
-        logits = self.output_projection(hidden)  # B x T x V
-        return F.cross_entropy(logits.float().flatten(0, 1), target.reshape(-1), ignore_index=self.padding_idx,
-                               reduction="sum")
+        return segment_nll(self, hidden, target)
 
     # ---- fairseq decoder interface (used by fairseq-eval-lm's SequenceScorer) ----------------------------
 
@@ -298,15 +295,95 @@ class RMTDecoder(FairseqIncrementalDecoder):
         return int(1e9)  # relative positions: any length (fairseq's generator needs a number)
 
 
+def segment_nll(decoder, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed NLL (nats, fp32) of target B x T given hidden B x T x C; pad targets are ignored. `decoder` has
+    fairseq's output attributes (adaptive_softmax or output_projection): RMTDecoder and TransformerDecoder."""
+    if decoder.adaptive_softmax is not None:
+        # one cross-entropy per cluster, as fairseq's adaptive_loss criterion, with one fix: that criterion
+        # passes ignore_index=pad to the tails too, where targets are shifted by the cluster's cutoff, so
+        # the word at cutoff+pad of every tail is silently never scored. pad lives in the head only.
+        logits, targets = decoder.adaptive_softmax(hidden, target.reshape(-1))
+        loss = hidden.new_zeros((), dtype=torch.float)
+        for i, (lg, tg) in enumerate(zip(logits, targets)):
+            if tg is not None:
+                loss = loss + F.cross_entropy(lg.float(), tg, ignore_index=decoder.padding_idx if i == 0 else -100,
+                                              reduction="sum")
+        return loss
+    logits = decoder.output_layer(hidden)  # B x T x V
+    return F.cross_entropy(logits.float().flatten(0, 1), target.reshape(-1), ignore_index=decoder.padding_idx,
+                           reduction="sum")
+
+
+class RecurrentLM:
+    """What both LM families (rmt_lm, rmt_transformer_lm) share: recurrence set up from the task, and a forward
+    through the segment loop for callers that only have model(**net_input) (fairseq-eval-lm's SequenceScorer,
+    fairseq's own criteria).
+
+    Stream-level (--task rmt_lm): memory carried across batches in `self.stream_state`, reset on the first batch
+    of every pass. Per-sample (every other task, e.g. --task language_modeling): each sample split into segments
+    of --segment-len, memory fresh per sample, truncated by --segment-bptt-unroll."""
+
+    def setup_recurrence(self, cfg, task) -> None:
+        # Recurrent state for stream-level callers with only model(**net_input). The task's batches carry
+        # net_input["reset"] on the first batch of every pass, which resets it. Training and validation never
+        # use it: they pass their own explicit state.
+        self.stream_state = RecurrentState()
+        self.per_sample = not getattr(task, "stream_level", False)
+        self.segment_bptt_unroll = getattr(cfg, "segment_bptt_unroll", None)
+        if not self.per_sample:
+            self.decoder.segment_len = int(cfg.tokens_per_sample or 128)
+            return
+        T = cfg.segment_len or 128
+        # the sample length of the task (fairseq's language_modeling is a legacy task: `args`, not `cfg`)
+        S = getattr(getattr(task, "cfg", None) or getattr(task, "args", None), "tokens_per_sample", None)
+        name = getattr(task, "__class__", type(task)).__name__
+        check(T >= 1, f"--segment-len must be >= 1, got {T}")
+        if self.segment_bptt_unroll is not None:
+            check(self.segment_bptt_unroll >= 0, f"--segment-bptt-unroll must be >= 0, got {self.segment_bptt_unroll}")
+        if isinstance(S, int) and S > 0:
+            if S % T:
+                divisors = [d for d in range(min(T, S), 0, -1) if S % d == 0][:1]
+                raise RMTConfigError(
+                    f"--tokens-per-sample {S} is not a multiple of --segment-len {T}: per-sample recurrence "
+                    f"({name}) splits every sample into whole segments; use --tokens-per-sample "
+                    f"{max(T, S // T * T)} or {(S // T + 1) * T}, or a --segment-len dividing {S} (e.g. "
+                    f"{divisors[0]}); for memory carried across the whole corpus use --task rmt_lm (segments of "
+                    f"--tokens-per-sample, streams read in order)")
+            if S == T and getattr(self.decoder, "recurrent", False):
+                logger.warning("--segment-len %d equals --tokens-per-sample: one segment per sample, memory "
+                               "tokens never carry anything to a next segment; use a shorter --segment-len", T)
+        self.decoder.segment_len = T
+        logger.info("per-sample recurrence (%s): segments of %d tokens, memory fresh per sample", name, T)
+
+    def forward(self, src_tokens, src_lengths=None, reset=None, segment_len: Optional[int] = None, **kwargs):
+        """src_tokens: B x (S*T). Returns (logits B x S*T x V, or features with adaptive softmax, extra)."""
+        if self.per_sample:
+            state, unroll = RecurrentState(), self.segment_bptt_unroll
+        else:
+            if reset is not None and bool(reset.any()):
+                self.stream_state.reset()
+            state, unroll = self.stream_state, 0
+        seg_len = segment_len or self.decoder.segment_len
+        out = run_segments(self.decoder, src_tokens, None, state, seg_len=int(seg_len), bptt_unroll=unroll,
+                           return_hidden=True)
+        features = torch.cat(out.hidden, dim=1)  # B x S*T x C
+        return self.decoder.output_layer(features), {"attn": None, "inner_states": None}
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's load, after a one-line error for a checkpoint trained on another vocabulary (fairseq's own
+        is torch's size-mismatch traceback)."""
+        check_vocabulary(state_dict, len(self.decoder.dictionary), "the checkpoint",
+                         getattr(self, "dictionary_file", None) or "the data dictionary")
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
 @register_model("rmt_lm", dataclass=RMTLanguageModelConfig)
-class RMTLanguageModel(FairseqLanguageModel):
+class RMTLanguageModel(RecurrentLM, FairseqLanguageModel):
     def __init__(self, decoder: RMTDecoder, cfg: RMTLanguageModelConfig):
         super().__init__(decoder)
         self.cfg = cfg
-        # Recurrent state for callers that only have model(**net_input), i.e. fairseq-eval-lm's
-        # SequenceScorer. The task's batches carry net_input["reset"] on the first batch of every pass, which
-        # resets it. Training and validation never use it: they pass their own explicit state.
         self.stream_state = RecurrentState()
+        self.per_sample = False
         self.dictionary_file = None  # the data's dict.txt, named when a checkpoint's vocabulary differs
 
     @classmethod
@@ -325,30 +402,11 @@ class RMTLanguageModel(FairseqLanguageModel):
             nn.init.normal_(embed_tokens.weight, mean=0, std=C**-0.5)
             nn.init.constant_(embed_tokens.weight[dictionary.pad()], 0)
         model = cls(RMTDecoder(cfg, dictionary, embed_tokens), cfg)
+        model.setup_recurrence(cfg, task)
         data = getattr(getattr(task, "cfg", None), "data", None)
         if isinstance(data, str) and data not in ("", "???"):
             model.dictionary_file = os.path.join(data.split(os.pathsep)[0], "dict.txt")
         return model
-
-    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        """fairseq's load, after a one-line error for a checkpoint trained on another vocabulary (fairseq's own
-        is torch's size-mismatch traceback)."""
-        check_vocabulary(state_dict, len(self.decoder.dictionary), "the checkpoint",
-                         self.dictionary_file or "the data dictionary")
-        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-
-    def forward(self, src_tokens, src_lengths=None, reset=None, segment_len: Optional[int] = None, **kwargs):
-        """Score a batch of consecutive segments with memory carried in `self.stream_state`.
-
-        src_tokens: B x (S*T). Returns (logits B x S*T x V, or features when adaptive softmax is used, extra).
-        """
-        if reset is not None and bool(reset.any()):
-            self.stream_state.reset()
-        seg_len = segment_len or self.cfg.tokens_per_sample or src_tokens.size(1)
-        out = run_segments(self.decoder, src_tokens, None, self.stream_state, seg_len=int(seg_len),
-                           return_hidden=True)
-        features = torch.cat(out.hidden, dim=1)  # B x S*T x C
-        return self.decoder.output_layer(features), {"attn": None, "inner_states": None}
 
     def max_positions(self):
         return self.decoder.max_positions()
@@ -430,12 +488,12 @@ def validate_config(cfg, vocab_size: int) -> None:
 
 
 def _defaults(args, **values):
-    # tokens_per_sample is rmt_lm's segment length (a task flag: the argparse namespace is flat); other tasks
-    # segment their samples their own way, so the preset's segment length applies to --task rmt_lm only. (fairseq
-    # calls this function again on the model's own config, which has no `task`: the model's value is linked to
-    # the task's there.)
+    # tokens_per_sample is rmt_lm's segment length (a task flag: the argparse namespace is flat). Under other
+    # tasks (fairseq's language_modeling) --tokens-per-sample is the sample and the preset's segment length is the
+    # per-sample --segment-len. (fairseq calls this function again on the model's own config, which has no
+    # `task`: there segment_len is set too, and ignored under --task rmt_lm.)
     if getattr(args, "task", None) != "rmt_lm":
-        values.pop("tokens_per_sample", None)
+        values["segment_len"] = values.pop("tokens_per_sample", None)
     for k, v in values.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)

@@ -138,6 +138,7 @@ def load_split(split_path: str, split: str, dictionary, combine: bool = False):
 @register_task("rmt_lm", dataclass=RMTLMConfig)
 class RMTLMTask(FairseqTask):
     allow_full_bptt = False  # streams are endless: gradient must be truncated
+    stream_level = True  # models carry memory across batches (RecurrentLM), not per sample
     def __init__(self, cfg: RMTLMConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
@@ -252,7 +253,7 @@ class RMTLMTask(FairseqTask):
         do not match. An unreadable file is left to fairseq's loader (rmt_fairseq/checkpoints.py names it)."""
         from fairseq.models import ARCH_MODEL_REGISTRY
 
-        from rmt_fairseq.models.rmt_lm import RMTLanguageModel, check_vocabulary
+        from rmt_fairseq.models.rmt_lm import RecurrentLM, check_vocabulary
 
         if "://" in path:
             return
@@ -268,9 +269,11 @@ class RMTLMTask(FairseqTask):
         name, again = self._name(), ("use another --save-dir" if "--save-dir" in source else "give another file")
         arch, saved_task = _saved(state, "model", "_name"), _saved(state, "task", "_name")
         family = ARCH_MODEL_REGISTRY.get(arch)
-        check(family is not None and issubclass(family, RMTLanguageModel),
+        check(family is not None and issubclass(family, RecurrentLM),
               f"{source} holds a {arch} model ({family.__name__ if family else 'not registered'}, trained with "
-              f"--task {saved_task}), not an rmt_lm one: --task {name} cannot run it; {again}")
+              f"--task {saved_task}), not an rmt_lm or rmt_transformer_lm one: --task {name} cannot run it; "
+              f"{again}" + (f" (to add memory to it: --arch rmt_{arch} --lm-path {path})"
+                            if family is not None and family.__name__ == "TransformerLanguageModel" else ""))
         if resume:
             check(saved_task == name, f"{source} was written by --task {saved_task}, not --task {name}: its data "
                                       f"position does not apply; pass --reset-dataloader (and --reset-optimizer) to "

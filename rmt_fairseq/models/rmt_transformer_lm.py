@@ -1,0 +1,220 @@
+"""The `rmt_transformer_lm` model: fairseq's own TransformerDecoder (transformer_lm), unchanged, with RMT read
+and write memory tokens and the memory mask around it ("compatible with any model from the Transformer
+family", Bulatov et al. 2022, §3.2).
+
+Legend: B batch, T segment tokens, M memory tokens, N = M + T + M positions, C model dim.
+
+fairseq's build runs as for transformer_lm (embeddings, adaptive input/softmax, tying, every preset), so the
+parameters and their names are transformer_lm's, plus `decoder.memory.weight`: a transformer_lm checkpoint
+loads (`--lm-path`, or `--restore-file`/`--finetune-from-model`: the memory tokens start fresh). Per segment the
+decoder's own layers run on [read memory | segment | write memory] with the mask of modules/memory.py (no XL
+cache), the same layer calls and flags as TransformerDecoder.extract_features.
+
+Positions (absolute, learned or sinusoidal): the segment's tokens get the positions the stock model gives a
+sample of T tokens (1..T after the padding offset), so a pretrained model's positions keep their meaning;
+memory tokens get no position embedding (they are told apart by their own vectors and by the mask: read
+memory sees only itself, write memory sees everything). With --mem-tokens 0 and one segment per sample the
+model computes exactly what transformer_lm computes.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, register_model, register_model_architecture
+from fairseq.models.transformer import TransformerDecoder
+from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
+
+from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.modules.memory import Layout, MemoryTokens, visibility
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
+
+from .rmt_lm import RecurrentLM, check_vocabulary, segment_nll
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RMTTransformerLMConfig(TransformerLanguageModelConfig):
+    mem_tokens: int = field(
+        default=10,
+        metadata={"help": "RMT memory tokens M (read block before, write block after each segment); 0 = none"},
+    )
+    segment_len: Optional[int] = field(
+        default=None,
+        metadata={"help": "per-sample recurrence under fairseq's own tasks (--task language_modeling): every sample "
+                  "is split into segments of this many tokens, memory fresh per sample (default 128). Under --task "
+                  "rmt_lm segments are --tokens-per-sample"},
+    )
+    segment_bptt_unroll: Optional[int] = field(
+        default=None,
+        metadata={"help": "per-sample recurrence: memory detached every K+1 segments of a sample (default: "
+                  "gradient through the whole sample). Under --task rmt_lm: --bptt-unroll"},
+    )
+    lm_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "start from this fairseq transformer_lm checkpoint: its decoder weights load unchanged, "
+                  "the memory tokens are new (the architecture flags must match the checkpoint's)"},
+    )
+
+
+class RMTTransformerDecoder(TransformerDecoder):
+    """fairseq's TransformerDecoder with the segment interface of modules/recurrence.py."""
+
+    def init_memory(self, mem_tokens: int) -> None:
+        C = self.embed_dim if self.project_in_dim is None else self.project_in_dim.out_features
+        self.memory = MemoryTokens(mem_tokens, C) if mem_tokens > 0 else None
+        self.segment_len = 128
+        self._masks = {}
+
+    @property
+    def num_mem_tokens(self) -> int:
+        return self.memory.num_tokens if self.memory is not None else 0
+
+    @property
+    def recurrent(self) -> bool:
+        return self.memory is not None
+
+    def initial_memory(self, batch_size: int) -> Optional[torch.Tensor]:
+        return self.memory(batch_size) if self.memory is not None else None
+
+    def _mask(self, M: int, T: int, x: torch.Tensor) -> torch.Tensor:
+        """N x N additive mask (0 / -inf) of the [read | segment | write] layout; causal only when M = 0, as
+        TransformerDecoder.buffered_future_mask."""
+        key = (M, T, x.device, x.dtype)
+        if key not in self._masks:
+            vis = visibility(Layout(0, M, T, M))
+            self._masks[key] = torch.zeros(vis.shape, dtype=x.dtype).masked_fill_(~vis, float("-inf")).to(x.device)
+        return self._masks[key]
+
+    def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor],
+                        cache: Optional[List[torch.Tensor]] = None) -> SegmentOutput:
+        """TransformerDecoder.extract_features on [read | segment | write] (no encoder, no incremental state)."""
+        B, T = tokens.shape
+        M = self.num_mem_tokens
+        positions = self.embed_positions(tokens) if self.embed_positions is not None else None  # B x T x C
+        x = self.embed_scale * self.embed_tokens(tokens.contiguous())
+        if self.quant_noise is not None:
+            x = self.quant_noise(x)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+        if positions is not None:
+            x = x + positions
+        if M:
+            read = memory if memory is not None else self.memory(B)  # B x M x C
+            x = torch.cat([read, x, read], dim=1)  # B x (M+T+M) x C; memory without position embedding
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout_module(x)
+        x = x.transpose(0, 1)  # B x N x C -> N x B x C (fairseq layers)
+        pad = tokens.eq(self.padding_idx)  # B x T
+        self_attn_padding_mask = None
+        if self.cross_self_attention or pad.any():
+            no_pad = pad.new_zeros(B, M)
+            self_attn_padding_mask = torch.cat([no_pad, pad, no_pad], dim=1)  # B x N
+        mask = self._mask(M, T, x)
+        for idx, layer in enumerate(self.layers):
+            last = idx == self.num_layers - 1  # the stock call asks the last layer for attention weights
+            x, _, _ = layer(x, None, None, None, self_attn_mask=mask, self_attn_padding_mask=self_attn_padding_mask,
+                            need_attn=last, need_head_weights=last)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        x = x.transpose(0, 1)  # N x B x C -> B x N x C
+        new_memory = x[:, M + T :] if M else None  # B x M x C, in the input embedding space
+        hidden = x[:, M : M + T]  # B x T x C
+        if self.project_out_dim is not None:
+            hidden = self.project_out_dim(hidden)
+        return SegmentOutput(hidden=hidden, memory=new_memory, cache=None)
+
+    def segment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return segment_nll(self, hidden, target)
+
+    def token_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """B x T x C -> B x T x V log-probabilities."""
+        return self.get_normalized_probs((self.output_layer(hidden), None), log_probs=True).float()
+
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False, **kwargs):
+        """The whole prefix through the segment loop, fresh memory (generation recomputes it every step)."""
+        out = run_segments(self, prev_output_tokens, None, RecurrentState(), seg_len=self.segment_len,
+                           return_hidden=True)
+        x = torch.cat(out.hidden, dim=1)  # B x t x C
+        return (x if features_only else self.output_layer(x)), {"attn": [None], "inner_states": None}
+
+
+@register_model("rmt_transformer_lm", dataclass=RMTTransformerLMConfig)
+class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
+    @classmethod
+    def build_model(cls, args, task):
+        for flag, value in [("--mem-tokens", args.mem_tokens)]:
+            check(value >= 0, f"{flag} must be >= 0, got {value}")
+        model = super().build_model(args, task)  # fairseq's own transformer_lm build
+        model.decoder.__class__ = RMTTransformerDecoder  # same module and weights, plus the segment interface
+        model.decoder.init_memory(args.mem_tokens)
+        model.dictionary_file = None
+        data = getattr(getattr(task, "cfg", None) or getattr(task, "args", None), "data", None)
+        if isinstance(data, str) and data not in ("", "???"):
+            model.dictionary_file = os.path.join(data.split(os.pathsep)[0], "dict.txt")
+        model.setup_recurrence(args, task)
+        if args.lm_path:
+            load_transformer_lm(model, args.lm_path)
+        return model
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """A transformer_lm checkpoint (--restore-file, --finetune-from-model) has no memory tokens: they keep
+        this model's fresh initialisation, as fairseq's RoBERTa does for new classification heads."""
+        super().upgrade_state_dict_named(state_dict, name)
+        prefix = name + "." if name else ""
+        for k, v in self.state_dict().items():
+            if k.startswith("decoder.memory.") and prefix + k not in state_dict:
+                logger.info("%s is not in the checkpoint (a transformer_lm one?): new memory tokens", prefix + k)
+                state_dict[prefix + k] = v
+
+
+def load_transformer_lm(model: RMTTransformerLanguageModel, path: str) -> None:
+    """--lm-path: every decoder tensor of a fairseq checkpoint into the wrapper; only the memory is new."""
+    check(os.path.isfile(path), f"--lm-path {path}: no such file")
+    try:
+        # fairseq checkpoints of older releases keep argparse args: a full (trusted, user-given) unpickle
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        sd = dict(state["model"])
+    except Exception as e:
+        raise RMTConfigError(f"--lm-path {path}: not a readable fairseq checkpoint ({type(e).__name__}: {e})") from None
+    cfg = state.get("cfg") or {}
+    arch = (cfg.get("model") or {}).get("_name") if isinstance(cfg, dict) else getattr(cfg.model, "_name", None)
+    arch = arch or getattr(state.get("args"), "arch", None)
+    family = ARCH_MODEL_REGISTRY.get(arch)
+    check(family is not None and issubclass(family, TransformerLanguageModel),
+          f"--lm-path {path} holds a {arch} model, not a transformer_lm one")
+    check_vocabulary(sd, len(model.decoder.dictionary), f"--lm-path {path}", model.dictionary_file or "the data")
+    model.upgrade_state_dict_named(sd, "")
+    own = model.state_dict()
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise RMTConfigError(f"--lm-path {path}: {k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} "
+                                 f"in this model: use the checkpoint's architecture (--arch rmt_{arch} and its "
+                                 f"--decoder-* flags)")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("decoder.memory.")]
+    if missing or unexpected:
+        raise RMTConfigError(f"--lm-path {path} does not fit this model: missing {missing[:4]}, unexpected "
+                             f"{unexpected[:4]} (use the checkpoint's architecture: --arch rmt_{arch})")
+    logger.info("loaded the decoder of %s (%s, %d tensors); %d memory tokens are new", path, arch, len(sd),
+                model.decoder.num_mem_tokens)
+
+
+# ---- architectures: every transformer_lm preset of fairseq, with memory -----------------------------------
+
+
+def _mirror(name: str, stock):
+    def arch(args):
+        stock(args)  # fairseq's preset: sizes, positions, adaptive softmax ...
+
+    arch.__doc__ = f"fairseq's {name} with RMT memory tokens (--mem-tokens, default 10)."
+    register_model_architecture("rmt_transformer_lm", f"rmt_{name}")(arch)
+
+
+for _name, _model in list(ARCH_MODEL_REGISTRY.items()):
+    if _model is TransformerLanguageModel and _name != "transformer_lm" and f"rmt_{_name}" not in ARCH_MODEL_REGISTRY:
+        _mirror(_name, ARCH_CONFIG_REGISTRY[_name])
