@@ -18,6 +18,9 @@ and the value; no Python traceback; every file of the case's --save-dir, data di
   resumes with a warning.
 - Generators: `rmt-data copy|reverse|associative_retrieval|equations|recall` with negative, zero and
   out-of-range values.
+- fairseq's own language_modeling task and the transformer_lm wrapper (issue 8): --segment-len not dividing
+  --tokens-per-sample (given, or the preset's), a negative --segment-bptt-unroll, --lm-path missing, of
+  another model family, of other sizes.
 - Long-input classification (issue 7): a segment beyond --max-positions, generated documents shorter than
   their facts, raw text without dict.txt or with a line missing its TAB, --roberta-path missing or not a
   RoBERTa checkpoint, the LM criterion, a too-short --noise-file, rmt-extrapolate-classify on non-generated data.
@@ -75,6 +78,16 @@ def train(*flags, data="{recall}", names=(), last="rmt.pt"):
 
 def algorithmic(*flags, data="{copy}", names=()):
     return Case("fairseq-train", (data, *ALGO, "--save-dir", "{save}", *flags), tuple(names), "algo.pt")
+
+
+STOCK = ["--user-dir", "user_dir", "--task", "language_modeling", "--batch-size", 4, "--optimizer", "adam", "--lr",
+         "1e-3", "--cpu", "--max-update", 1, "--num-workers", 0]
+WRAP = ["--arch", "rmt_transformer_lm", "--decoder-layers", 1, "--decoder-embed-dim", 16, "--decoder-ffn-embed-dim", 32,
+        "--decoder-attention-heads", 2, "--tokens-per-sample", 16, "--segment-len", 8]
+
+
+def stock_task(*flags, names=()):
+    return Case("fairseq-train", ("{recall}", *STOCK, "--save-dir", "{save}", *flags), tuple(names), None)
 
 
 def classify(*flags, data="{data}/mem", names=()):
@@ -171,6 +184,24 @@ CASES = {
     "recall one key": generate("recall", "--num-keys", 1, names=["--num-keys", "got 1"]),
     "recall zero docs": generate("recall", "--valid-docs", 0, names=["--valid-docs", "got 0"]),
     "out is a file": generate("copy", out="{out}/train.txt", names=["--out {out}/train.txt", "not a directory"]),
+    # ---- RMT under fairseq's own language_modeling task, and around transformer_lm (issue 8) ---------------
+    "segment length not dividing the sample": stock_task("--arch", "rmt_tiny", "--tokens-per-sample", 64,
+                                                         "--segment-len", 24,
+                                                         names=["--tokens-per-sample 64", "--segment-len 24",
+                                                                "--task rmt_lm"]),
+    "preset segment not dividing the default sample": stock_task("--arch", "rmt_tiny", "--tokens-per-sample", 100,
+                                                                 names=["--tokens-per-sample 100", "--segment-len 32",
+                                                                        "--tokens-per-sample 96 or 128"]),
+    "negative segment bptt unroll": stock_task("--arch", "rmt_tiny", "--tokens-per-sample", 64,
+                                               "--segment-bptt-unroll", -1, names=["--segment-bptt-unroll", "-1"]),
+    "missing lm path": stock_task(*WRAP, "--lm-path", "{ckpts}/nope.pt", names=["--lm-path {ckpts}/nope.pt",
+                                                                                 "no such file"]),
+    "lm path of an rmt_lm checkpoint": stock_task(*WRAP, "--lm-path", "{ckpts}/rmt.pt",
+                                                  names=["--lm-path {ckpts}/rmt.pt", "rmt_tiny",
+                                                         "not a transformer_lm"]),
+    "lm path of other sizes": stock_task(*WRAP[:5], 32, *WRAP[6:], "--lm-path", "{ckpts}/stock.pt",
+                                         names=["--lm-path {ckpts}/stock.pt", "in the checkpoint",
+                                                "--arch rmt_transformer_lm"]),
     # ---- long-input classification (encoder RMT) ---------------------------------------------------------
     "segment beyond positions": classify("--tokens-per-sample", 200,
                                          names=["--tokens-per-sample 200", "--max-positions is 128"]),

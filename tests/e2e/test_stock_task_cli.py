@@ -1,0 +1,96 @@
+"""Issue 8 end to end through the real CLIs: a stock transformer_lm trained by fairseq-train, wrapped with memory
+(rmt_transformer_lm --lm-path / --restore-file), trained on with memory, scored by fairseq-eval-lm (with and
+without --context-window); the zero-memory wrapper reproduces the stock checkpoint's eval-lm loss exactly; and
+the literal `--task language_modeling --arch rmt_*` usage."""
+
+import re
+
+import pytest
+import torch
+
+from helpers import cli
+
+SIZES = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64, "--decoder-attention-heads",
+         2, "--dropout", 0.0]
+COMMON = ["--task", "language_modeling", "--tokens-per-sample", 32, "--batch-size", 4, "--optimizer", "adam", "--cpu",
+          "--num-workers", 0, "--seed", 1, "--log-format", "simple", "--log-interval", 1, "--no-epoch-checkpoints"]
+
+
+def _eval_lm(data, path, *extra):
+    p = cli("fairseq-eval-lm", data, "--user-dir", "user_dir", "--task", "language_modeling", "--path", path,
+            "--tokens-per-sample", 32, "--batch-size", 4, "--cpu", "--num-workers", 0, "--gen-subset", "valid", *extra)
+    m = re.search(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", p.stdout + p.stderr)
+    assert m, (p.stdout + p.stderr)[-2000:]
+    return m.group(0), float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def stock(recall_data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("stock")
+    cli("fairseq-train", recall_data, "--arch", "transformer_lm", *SIZES, *COMMON, "--lr", "2e-3", "--max-update", 30,
+        "--save-dir", save)
+    return save / "checkpoint_last.pt"
+
+
+def test_zero_memory_wrapper_reproduces_the_stock_eval_lm_loss(recall_data, stock, tmp_path):
+    line, _ = _eval_lm(recall_data, stock)
+    # --lr 0: the one update leaves the weights as loaded (the run only writes the wrapper's checkpoint)
+    cli("fairseq-train", recall_data, "--user-dir", "user_dir", "--arch", "rmt_transformer_lm", *SIZES, *COMMON,
+        "--mem-tokens", 0, "--segment-len", 32, "--lm-path", stock, "--lr", 0, "--max-update", 1,
+        "--save-dir", tmp_path / "w0")
+    wrapped = tmp_path / "w0" / "checkpoint_last.pt"
+    assert torch.load(wrapped, weights_only=False)["cfg"]["model"]["_name"] == "rmt_transformer_lm"
+    assert _eval_lm(recall_data, wrapped)[0] == line  # "Loss (base 2): x.xxxx, Perplexity: y.yy", identical
+
+
+def test_wrap_with_memory_train_on_and_eval_lm(recall_data, stock, tmp_path):
+    _, stock_loss = _eval_lm(recall_data, stock)
+    p = cli("fairseq-train", recall_data, "--user-dir", "user_dir", "--arch", "rmt_transformer_lm", *SIZES, *COMMON,
+            "--mem-tokens", 4, "--segment-len", 8, "--lm-path", stock, "--lr", "1e-3", "--max-update", 40,
+            "--criterion", "rmt_cross_entropy", "--checkpoint-segments", "--segment-bptt-unroll", 2,
+            "--save-dir", tmp_path / "w4")
+    log = p.stdout + p.stderr
+    assert "segments of 8 tokens, memory fresh per sample" in log
+    assert f"loaded the decoder of {stock}" in log and "4 memory tokens are new" in log
+    wrapped = tmp_path / "w4" / "checkpoint_last.pt"
+    _, loss = _eval_lm(recall_data, wrapped)
+    _, loss_ctx = _eval_lm(recall_data, wrapped, "--context-window", 16)
+    # both evaluations score every token of the split once; context only adds earlier (unscored) segments
+    assert 0 < loss < stock_loss + 1.0 and 0 < loss_ctx < stock_loss + 1.0
+    state = torch.load(wrapped, weights_only=False)["model"]
+    assert state["decoder.memory.weight"].shape == (4, 32)
+    assert set(state) - {"decoder.memory.weight"} == set(torch.load(stock, weights_only=False)["model"])
+
+
+def test_restore_file_of_a_transformer_lm_gets_new_memory(recall_data, stock, tmp_path):
+    p = cli("fairseq-train", recall_data, "--user-dir", "user_dir", "--arch", "rmt_transformer_lm", *SIZES, *COMMON,
+            "--mem-tokens", 2, "--segment-len", 16, "--restore-file", stock, "--reset-optimizer", "--reset-dataloader",
+            "--reset-meters", "--lr", "1e-3", "--max-update", 3, "--save-dir", tmp_path / "r")
+    log = p.stdout + p.stderr
+    assert "decoder.memory.weight is not in the checkpoint" in log
+    assert (tmp_path / "r" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("arch", [["--arch", "rmt_tiny", "--decoder-embed-dim", 32],
+                                  ["--arch", "rmt_wt103", "--decoder-layers", 1, "--decoder-embed-dim", 32,
+                                   "--decoder-attention-heads", 2, "--decoder-ffn-embed-dim", 32,
+                                   "--adaptive-softmax-cutoff", "8,16", "--mem-tokens", 2,
+                                   "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp"]],  # as for
+                                  # fairseq's transformer_lm_wiki103
+                         ids=["rmt_tiny", "rmt_wt103-shaped"])
+def test_stock_language_modeling_task_with_rmt_architectures(recall_data, tmp_path, arch):
+    """The literal usage: fairseq-train DATA --user-dir user_dir --arch rmt_wt103 --task language_modeling."""
+    seg = 32 if arch[1] == "rmt_tiny" else 150  # the presets' segment lengths
+    sample = 2 * seg
+    p = cli("fairseq-train", recall_data, "--user-dir", "user_dir", *arch, "--task", "language_modeling",
+            "--tokens-per-sample", sample, "--batch-size", 2, "--optimizer", "adam", "--lr", "2e-3", "--cpu",
+            "--num-workers", 0, "--max-update", 12, "--log-format", "simple", "--log-interval", 1,
+            "--save-dir", tmp_path / "ck", "--no-epoch-checkpoints")
+    log = p.stdout + p.stderr
+    assert f"segments of {seg} tokens, memory fresh per sample" in log
+    losses = [float(x) for x in re.findall(r"train_inner .* loss=([0-9.]+)", log)]
+    assert losses[-1] < losses[0]
+    e = cli("fairseq-eval-lm", recall_data, "--user-dir", "user_dir", "--task", "language_modeling", "--path",
+            tmp_path / "ck" / "checkpoint_last.pt", "--tokens-per-sample", sample, "--batch-size", 2, "--cpu",
+            "--num-workers", 0, "--context-window", seg)
+    assert re.search(r"Loss \(base 2\): [0-9.]+", e.stdout + e.stderr)
