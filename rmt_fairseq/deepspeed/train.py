@@ -39,6 +39,9 @@ def main(argv=None):
 
     install_excepthook()
     args = parse_args(argv)
+    check(args.task == "rmt_lm", f"rmt-deepspeed-train runs --task rmt_lm (memory carried along the streams), got "
+                                 f"--task {args.task}: for per-sample recurrence under fairseq's own tasks use "
+                                 f"fairseq-train")
     check(args.batch_size is not None, "rmt-deepspeed-train needs --batch-size (streams per rank)")
     update_freq = args.update_freq[0] if isinstance(args.update_freq, list) else args.update_freq
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -343,10 +343,11 @@ class RecurrentLM:
         if isinstance(S, int) and S > 0:
             if S % T:
                 divisors = [d for d in range(min(T, S), 0, -1) if S % d == 0][:1]
+                fits = " or ".join(str(n) for n in sorted({max(T, S // T * T), (S // T + 1) * T}))
                 raise RMTConfigError(
                     f"--tokens-per-sample {S} is not a multiple of --segment-len {T}: per-sample recurrence "
-                    f"({name}) splits every sample into whole segments; use --tokens-per-sample "
-                    f"{max(T, S // T * T)} or {(S // T + 1) * T}, or a --segment-len dividing {S} (e.g. "
+                    f"({name}) splits every sample into whole segments; use --tokens-per-sample {fits}, or a "
+                    f"--segment-len dividing {S} (e.g. "
                     f"{divisors[0]}); for memory carried across the whole corpus use --task rmt_lm (segments of "
                     f"--tokens-per-sample, streams read in order)")
             if S == T and getattr(self.decoder, "recurrent", False):

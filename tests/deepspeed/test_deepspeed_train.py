@@ -116,3 +116,12 @@ def test_bad_deepspeed_config_is_a_one_line_error_before_any_process_group(recal
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and last.startswith("error: ") and message in last, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "init_distributed" not in p.stderr
+
+
+def test_stock_task_is_refused_naming_the_task(recall_data):
+    """Per-sample recurrence (--task language_modeling) is fairseq-train's; the DeepSpeed trainer runs streams."""
+    args = ["language_modeling" if a == "rmt_lm" else a for a in COMMON[:-2]]  # without --bptt-unroll 1
+    p = cli("rmt-deepspeed-train", recall_data, *args, "--batch-size", 4, "--max-update", 1, check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "--task language_modeling" in last and "--task rmt_lm" in last, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "init_distributed" not in p.stderr
