@@ -17,23 +17,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from char_lm import run  # noqa: E402  (a CLI run with its log kept; exits naming the log on failure)
+
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
-
-
-def run(cmd, log_path):
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    with open(log_path, "w") as f:
-        f.write(p.stdout + p.stderr)
-    if p.returncode != 0:
-        sys.stderr.write((p.stdout + p.stderr)[-4000:])
-        raise SystemExit(f"error: {os.path.basename(cmd[0])} failed with exit status {p.returncode}; log: {log_path}")
-    return p.stdout + p.stderr, time.perf_counter() - t0
 
 
 def last_valid(log: str):

@@ -33,7 +33,7 @@ from torch import nn
 
 from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError, check
-from rmt_fairseq.modules.memory import MemoryTokens
+from rmt_fairseq.modules.memory import HasMemoryTokens, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class RMTEncoderConfig(FairseqDataclass):
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
 
-class RMTEncoder(FairseqEncoder):
+class RMTEncoder(HasMemoryTokens, FairseqEncoder):
     """RoBERTa encoder + memory + head; implements the segment interface of modules/recurrence.py."""
 
     padding_idx = IGNORE  # the segment loop's "not scored" target value; the token pad is self.pad
@@ -90,17 +90,6 @@ class RMTEncoder(FairseqEncoder):
                                                              args.pooler_dropout)
 
     # ---- the segment interface used by modules/recurrence.py -------------------------------------------
-
-    @property
-    def num_mem_tokens(self) -> int:
-        return self.memory.num_tokens if self.memory is not None else 0
-
-    @property
-    def recurrent(self) -> bool:
-        return self.memory is not None
-
-    def initial_memory(self, batch_size: int) -> Optional[torch.Tensor]:
-        return self.memory(batch_size) if self.memory is not None else None
 
     def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache=None) -> SegmentOutput:
         """tokens B x T (pad after a document's end) -> features B x N x C and the memory it writes."""

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from rmt_fairseq.errors import RMTConfigError, check
-from rmt_fairseq.modules.memory import Layout, LayoutCache, MemoryTokens
+from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
 
@@ -100,7 +100,7 @@ class RMTLanguageModelConfig(FairseqDataclass):
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
 
-class RMTDecoder(FairseqIncrementalDecoder):
+class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
     """Transformer-XL decoder with memory tokens; implements the segment interface of modules/recurrence.py."""
 
     def __init__(self, cfg: RMTLanguageModelConfig, dictionary, embed_tokens: nn.Module):
@@ -145,15 +145,8 @@ class RMTDecoder(FairseqIncrementalDecoder):
     # ---- the segment interface used by modules/recurrence.py -------------------------------------------
 
     @property
-    def num_mem_tokens(self) -> int:
-        return self.memory.num_tokens if self.memory is not None else 0
-
-    @property
     def recurrent(self) -> bool:
-        return self.memory is not None and self.layout_name == "rmt"
-
-    def initial_memory(self, batch_size: int) -> Optional[torch.Tensor]:
-        return self.memory(batch_size) if self.recurrent else None
+        return self.memory is not None and self.layout_name == "rmt"  # MT: memory tokens, nothing carried
 
     def forward_segment(
         self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache: Optional[List[torch.Tensor]]

@@ -28,7 +28,7 @@ from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
 from rmt_fairseq.errors import RMTConfigError, check
-from rmt_fairseq.modules.memory import Layout, MemoryTokens, visibility
+from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, MemoryTokens, visibility
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 
 from .rmt_lm import RecurrentLM, check_vocabulary, segment_nll
@@ -60,7 +60,7 @@ class RMTTransformerLMConfig(TransformerLanguageModelConfig):
     )
 
 
-class RMTTransformerDecoder(TransformerDecoder):
+class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
     """fairseq's TransformerDecoder with the segment interface of modules/recurrence.py."""
 
     def init_memory(self, mem_tokens: int) -> None:
@@ -68,17 +68,6 @@ class RMTTransformerDecoder(TransformerDecoder):
         self.memory = MemoryTokens(mem_tokens, C) if mem_tokens > 0 else None
         self.segment_len = 128
         self._masks = {}
-
-    @property
-    def num_mem_tokens(self) -> int:
-        return self.memory.num_tokens if self.memory is not None else 0
-
-    @property
-    def recurrent(self) -> bool:
-        return self.memory is not None
-
-    def initial_memory(self, batch_size: int) -> Optional[torch.Tensor]:
-        return self.memory(batch_size) if self.memory is not None else None
 
     def _mask(self, M: int, T: int, x: torch.Tensor) -> torch.Tensor:
         """N x N additive mask (0 / -inf) of the [read | segment | write] layout; causal only when M = 0, as
