@@ -34,6 +34,22 @@ def tiny_model(vocab: int = 40, seed: int = 0, **overrides) -> RMTLanguageModel:
     return RMTLanguageModel.build_model(RMTLanguageModelConfig(**cfg), _Task(dictionary(vocab)))
 
 
+def tiny_wrapper(vocab: int = 40, seed: int = 0, **overrides):
+    """An rmt_transformer_lm (fairseq's own TransformerDecoder with memory) of the same size as tiny_model."""
+    from omegaconf import OmegaConf
+
+    from rmt_fairseq.models.rmt_transformer_lm import RMTTransformerLanguageModel, RMTTransformerLMConfig
+
+    torch.manual_seed(seed)
+    cfg = dict(decoder_layers=2, decoder_embed_dim=32, decoder_input_dim=32, decoder_output_dim=32,
+               decoder_ffn_embed_dim=64, decoder_attention_heads=2, mem_tokens=3, segment_len=8, dropout=0.0,
+               # the fields fairseq links to the task's
+               max_target_positions=1024, tokens_per_sample=1024, add_bos_token=False, tpu=False)
+    cfg.update(overrides)
+    return RMTTransformerLanguageModel.build_model(OmegaConf.structured(RMTTransformerLMConfig(**cfg)),
+                                                   _Task(dictionary(vocab)))
+
+
 def cli(name: str, *args, check=True, timeout=600, cwd=REPO) -> subprocess.CompletedProcess:
     """Run one of the installed console scripts (fairseq-train, fairseq-eval-lm, rmt-data ...)."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2")

@@ -1,4 +1,5 @@
-"""Mask behaviour, recurrence and the no-memory baseline, on the real model (tests 1 and 2 of issue 2)."""
+"""Mask behaviour, recurrence and the no-memory baseline, on the real model (tests 1 and 2 of issue 2). The mask
+and recurrence tests also run on rmt_transformer_lm (fairseq's own TransformerDecoder with memory, issue 8)."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_model
+from helpers import tiny_model, tiny_wrapper
 from rmt_fairseq.modules.memory import Layout, relative_distances
 from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 from rmt_fairseq.modules.relative_attention import sinusoid_table
@@ -18,12 +19,14 @@ def _last_layer_rows(model, tokens, memory=None, cache=None):
     h = model.decoder.layers[-1].register_forward_hook(lambda m, i, o: rows.setdefault("h", o))
     out = model.decoder.forward_segment(tokens, memory, cache)
     h.remove()
+    if isinstance(rows["h"], tuple):  # a fairseq layer: (x T x B x C, attn, state)
+        rows["h"] = rows["h"][0].transpose(0, 1)
     return rows["h"], out
 
 
-@pytest.mark.parametrize("mem_len", [0, 5])
-def test_mask_behaviour_in_the_model(mem_len):
-    model = tiny_model(mem_len=mem_len).eval()
+@pytest.mark.parametrize("family,mem_len", [("rmt_lm", 0), ("rmt_lm", 5), ("rmt_transformer_lm", 0)])
+def test_mask_behaviour_in_the_model(family, mem_len):
+    model = (tiny_model(mem_len=mem_len) if family == "rmt_lm" else tiny_wrapper()).eval()
     M, T = 3, 8
     torch.manual_seed(1)
     x = torch.randint(4, 40, (2, T))
@@ -55,9 +58,14 @@ def _hidden(model, x, seg_len=8):
     (0, 0, "rmt", False),  # no memory at all: segments are independent
     (3, 0, "mt", False),   # MT ablation: memory tokens but no recurrence
     (0, 8, "rmt", True),   # Transformer-XL cache
+    (3, 0, "wrapper", True),   # rmt_transformer_lm with memory
+    (0, 0, "wrapper", False),  # rmt_transformer_lm without: segments independent
 ])
 def test_recurrence(mem_tokens, mem_len, layout, depends):
-    model = tiny_model(mem_tokens=mem_tokens, mem_len=mem_len, memory_layout=layout).eval()
+    if layout == "wrapper":
+        model = tiny_wrapper(mem_tokens=mem_tokens).eval()
+    else:
+        model = tiny_model(mem_tokens=mem_tokens, mem_len=mem_len, memory_layout=layout).eval()
     torch.manual_seed(2)
     x = torch.randint(4, 40, (2, 16))
     x2 = x.clone()

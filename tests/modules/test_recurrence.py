@@ -1,12 +1,14 @@
 """Truncated BPTT, tested on gradients (test 3 of issue 2).
 
 Segment j is built from its own range of token ids, so d loss / d embedding(segment j) is the gradient on
-that range's rows of the (untied) embedding table: non-zero iff the loss reaches segment j."""
+that range's rows of the (untied) embedding table: non-zero iff the loss reaches segment j. The truncation
+tests run on both decoder families through the one loop: rmt_lm (Transformer-XL backbone) and
+rmt_transformer_lm (fairseq's own TransformerDecoder with memory, issue 8)."""
 
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import tiny_model, tiny_wrapper
 from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
 T, R, B = 8, 6, 2  # segment length, token ids per segment, streams
@@ -27,14 +29,20 @@ def reached(model, loss, num_segments):
     return [bool(g[FIRST + j * R : FIRST + (j + 1) * R].abs().sum() > 0) for j in range(num_segments)]
 
 
-def _model(**kw):
+FAMILIES = ["rmt_lm", "rmt_transformer_lm"]
+
+
+def _model(family="rmt_lm", **kw):
     S = 9
+    if family == "rmt_transformer_lm":
+        return tiny_wrapper(vocab=FIRST + S * R, **kw), S
     return tiny_model(vocab=FIRST + S * R, share_decoder_input_output_embed=False, **kw), S
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("K", [0, 1, 2])
-def test_block_mode_reaches_back_to_the_block_start(K):
-    model, S = _model()
+def test_block_mode_reaches_back_to_the_block_start(K, family):
+    model, S = _model(family)
     gen = torch.Generator().manual_seed(0)
     segs = [segment_tokens(j, gen) for j in range(S)]
     target = torch.full((B, T), 3)
@@ -50,9 +58,10 @@ def test_block_mode_reaches_back_to_the_block_start(K):
         s += K + 1
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("K", [1, 2, 3])
-def test_sliding_mode_reaches_back_exactly_K(K):
-    model, S = _model()
+def test_sliding_mode_reaches_back_exactly_K(K, family):
+    model, S = _model(family)
     gen = torch.Generator().manual_seed(0)
     segs = [segment_tokens(j, gen) for j in range(S)]
     target = torch.full((B, T), 3)
@@ -64,8 +73,9 @@ def test_sliding_mode_reaches_back_exactly_K(K):
         assert got == [s - K <= j <= s for j in range(S)], (K, s)
 
 
-def test_sliding_mode_keeps_training_the_initial_memory_inside_the_window():
-    model, S = _model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sliding_mode_keeps_training_the_initial_memory_inside_the_window(family):
+    model, S = _model(family)
     gen = torch.Generator().manual_seed(0)
     state = RecurrentState()
     target = torch.full((B, T), 3)
