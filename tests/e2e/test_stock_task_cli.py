@@ -4,11 +4,12 @@ without --context-window); the zero-memory wrapper reproduces the stock checkpoi
 the literal `--task language_modeling --arch rmt_*` usage."""
 
 import re
+import subprocess
 
 import pytest
 import torch
 
-from helpers import cli
+from helpers import BIN, REPO, cli
 
 SIZES = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64, "--decoder-attention-heads",
          2, "--dropout", 0.0]
@@ -59,6 +60,13 @@ def test_wrap_with_memory_train_on_and_eval_lm(recall_data, stock, tmp_path):
     assert 0 < loss < stock_loss + 1.0 and 0 < loss_ctx < stock_loss + 1.0
     state = torch.load(wrapped, weights_only=False)["model"]
     assert state["decoder.memory.weight"].shape == (4, 32)
+    # generation: fairseq-interactive (through --task rmt_lm: fairseq's language_modeling inference path needs
+    # numpy < 2) on a prompt longer than a segment
+    g = subprocess.run([f"{BIN}/fairseq-interactive", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm",
+                        "--tokens-per-sample", "8", "--path", str(wrapped), "--cpu", "--beam", "1", "--max-len-b", "4",
+                        "--batch-size", "1"], input="K6 f1 f2 f3 f4 f5 f6 f7 K6 K2 f1\n", capture_output=True,
+                       text=True, cwd=REPO, timeout=300)
+    assert re.search(r"^H-0\t-?[0-9.]+\t\S", g.stdout, re.M), (g.stdout + g.stderr)[-2000:]
     assert set(state) - {"decoder.memory.weight"} == set(torch.load(stock, weights_only=False)["model"])
 
 
