@@ -2,7 +2,7 @@
 # The CPU demo (examples/recall/run.sh): a generated stream where a key must be recalled exactly one segment later.
 # Trains rmt_tiny three ways with the same budget (RMT memory tokens, Transformer-XL cache, no memory),
 # evaluates each with fairseq-eval-lm on the test split, and prints a table against the best losses possible
-# with and without cross-segment memory. Outputs in $OUT (default demo-out/). A few minutes on 2 CPU cores.
+# with and without cross-segment memory. Outputs in $OUT (default outputs/recall/). A few minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-outputs/recall}"
