@@ -122,6 +122,7 @@ CASES = {
                              names=["--batch-size 400", "--tokens-per-sample 64"]),
     "stock criterion": train("--criterion", "cross_entropy", names=["--criterion rmt_cross_entropy", "cross_entropy"]),
     "zero tokens per sample": train("--tokens-per-sample", 0, names=["--tokens-per-sample", "0"]),
+    "bos token in streams": train("--add-bos-token", names=["--add-bos-token", "--task rmt_lm"]),
     "zero segments": algorithmic("--num-segments", 0, names=["--num-segments", "0"]),
     "context window": eval_lm("--context-window", 4, names=["--context-window 4"]),
     "eval-lm on rmt_algorithmic": Case("fairseq-eval-lm", ("{copy}", *EVAL, "--task", "rmt_algorithmic", "--path",

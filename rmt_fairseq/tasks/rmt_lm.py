@@ -61,6 +61,15 @@ class RMTLMConfig(FairseqDataclass):
         metadata={"help": "if the checkpoint to resume from is truncated or corrupt, load the newest readable "
                   "checkpoint*.pt in the same directory instead (a warning names both files)"},
     )
+    # fairseq's transformer_lm config links these to the task (--arch rmt_transformer_lm* under --task rmt_lm)
+    max_target_positions: Optional[int] = field(
+        default=None, metadata={"help": "rmt_transformer_lm*: size of its absolute position table (default: "
+                                "--tokens-per-sample, the segment)"}
+    )
+    add_bos_token: bool = field(
+        default=False, metadata={"help": "as fairseq's language_modeling flag; --task rmt_lm streams do not prepend "
+                                 "<s>, so it must stay off"}
+    )
     batch_size: Optional[int] = II("dataset.batch_size")
     batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
     train_subset: str = II("dataset.train_subset")
@@ -150,6 +159,8 @@ class RMTLMTask(FairseqTask):
             check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
         if cfg.batch_size is not None:
             check(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+        check(not getattr(cfg, "add_bos_token", False), "--add-bos-token does not apply to --task rmt_lm: its streams "
+                                                        "are read as they are (use --task language_modeling)")
         self.states = {}  # split -> RecurrentState
         # fairseq-preprocess pads the dictionary to a multiple of 8 with madeupwordNNNN entries: not symbols
         self.char_level = all(len(dictionary[i]) == 1 or dictionary[i].startswith("madeupword")

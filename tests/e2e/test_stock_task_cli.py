@@ -1,7 +1,7 @@
 """Issue 8 end to end through the real CLIs: a stock transformer_lm trained by fairseq-train, wrapped with memory
 (rmt_transformer_lm --lm-path / --restore-file), trained on with memory, scored by fairseq-eval-lm (with and
 without --context-window); the zero-memory wrapper reproduces the stock checkpoint's eval-lm loss exactly; and
-the literal `--task language_modeling --arch rmt_*` usage."""
+the literal `--task language_modeling --arch rmt_*` usage; and the wrapper under the stream task (--task rmt_lm)."""
 
 import re
 import subprocess
@@ -102,3 +102,19 @@ def test_stock_language_modeling_task_with_rmt_architectures(recall_data, tmp_pa
             tmp_path / "ck" / "checkpoint_last.pt", "--tokens-per-sample", sample, "--batch-size", 2, "--cpu",
             "--num-workers", 0, "--context-window", seg)
     assert re.search(r"Loss \(base 2\): [0-9.]+", e.stdout + e.stderr)
+
+
+def test_wrapper_under_the_stream_task(recall_data, stock, tmp_path):
+    """rmt_transformer_lm also runs stream-level (--task rmt_lm), starting from the stock checkpoint; eval-lm
+    carries memory across the split and gives the run's last validation loss."""
+    p = cli("fairseq-train", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_transformer_lm",
+            *SIZES, "--mem-tokens", 2, "--lm-path", stock, "--criterion", "rmt_cross_entropy", "--tokens-per-sample", 8,
+            "--batch-size", 4, "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--num-workers", 0, "--max-update", 20,
+            "--log-format", "simple", "--save-dir", tmp_path / "s", "--no-epoch-checkpoints")
+    valid = [float(x) for x in re.findall(r"valid on 'valid' subset \| loss ([0-9.]+)", p.stdout + p.stderr)]
+    assert valid, (p.stdout + p.stderr)[-2000:]
+    e = cli("fairseq-eval-lm", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path",
+            tmp_path / "s" / "checkpoint_last.pt", "--tokens-per-sample", 8, "--batch-size", 4, "--cpu",
+            "--num-workers", 0, "--gen-subset", "valid")
+    m = re.search(r"Loss \(base 2\): ([0-9.]+)", e.stdout + e.stderr)
+    assert m and float(m.group(1)) == pytest.approx(valid[-1], abs=1.5e-4)
