@@ -22,9 +22,10 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
+
+from common import run  # a CLI run with its log kept; exits naming the log on failure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_CONFIGS = ["none", "xl40", "rmt5_k0", "rmt5_k1", "rmt5_k2", "rmt10_k0", "rmt10_k1", "rmt10_k2"]
@@ -59,17 +60,6 @@ def write_splits(text: str, out_dir: str):
             for line in text[a:b].split("\n"):
                 f.write(" ".join("▁" if c == " " else c for c in line) + "\n")
     return {k: b - a for k, (a, b) in cuts.items()}
-
-
-def run(cmd, log_path):
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    with open(log_path, "w") as f:
-        f.write(p.stdout + p.stderr)
-    if p.returncode != 0:
-        sys.stderr.write((p.stdout + p.stderr)[-4000:])
-        raise SystemExit(f"error: {' '.join(cmd[:2])} failed with exit status {p.returncode}; log: {log_path}")
-    return p.stdout + p.stderr, time.perf_counter() - t0
 
 
 def parse_curves(log: str):

@@ -1,7 +1,10 @@
-"""What the benchmark scripts share: a synthetic vocabulary and an RMT model of a given size."""
+"""What the benchmark scripts share: a synthetic vocabulary, an RMT model of a given size, and running a CLI with
+its log kept."""
 
 import os
+import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,3 +34,15 @@ def rmt_model(task, layers: int, dim: int, heads: int = 4, **overrides):
                decoder_ffn_embed_dim=4 * dim, dropout=0.0)
     cfg.update(overrides)
     return RMTLanguageModel.build_model(RMTLanguageModelConfig(**cfg), task)
+
+
+def run(cmd, log_path):
+    """Run a CLI, keep its output in log_path; -> (output, seconds). On failure: its tail, and exit naming the log."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    with open(log_path, "w") as f:
+        f.write(p.stdout + p.stderr)
+    if p.returncode != 0:
+        sys.stderr.write((p.stdout + p.stderr)[-4000:])
+        raise SystemExit(f"error: {' '.join(cmd[:2])} failed with exit status {p.returncode}; log: {log_path}")
+    return p.stdout + p.stderr, time.perf_counter() - t0

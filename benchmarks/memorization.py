@@ -19,9 +19,9 @@ import re
 import shutil
 import sys
 
+from common import run  # a CLI run with its log kept; exits naming the log on failure
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from char_lm import run  # noqa: E402  (a CLI run with its log kept; exits naming the log on failure)
 
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
 

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 
 from rmt_fairseq.data.algorithmic import SYMBOLS, generate
 from rmt_fairseq.data.memorization import LOCATIONS, TASKS, Noise, vocabulary
@@ -121,20 +122,26 @@ def _memorization(parser, a):
     spec = {"task": a.kind, "noise_file": noise.path, "seed": a.seed,
             "sizes": {"train": a.train_size, "valid": a.valid_size, "test": a.test_size}}
     _write(os.path.join(a.out, "generator.json"), [json.dumps(spec, indent=1)])
-    _write_dict(os.path.join(a.out, "dict.txt"), vocabulary(noise))
+    words = vocabulary(noise)
+    _write_dict(os.path.join(a.out, "dict.txt"), words)
     _write(os.path.join(a.out, "labels.txt"), LOCATIONS)
-    print(f"wrote {a.out}/generator.json, dict.txt ({len(vocabulary(noise))} words), labels.txt ({a.kind}: "
+    print(f"wrote {a.out}/generator.json, dict.txt ({len(words)} words), labels.txt ({a.kind}: "
           f"{a.train_size}/{a.valid_size}/{a.test_size} documents, generated on the fly)")
     return 0
 
 
-SPECIAL = {"<s>", "<pad>", "</s>", "<unk>", "<mask>"}  # fairseq's Dictionary adds these itself
-
-
 def _write_dict(path, counts):
-    """fairseq's dict.txt: `word count` lines, most frequent first (special symbols left to fairseq: a
-    duplicate makes Dictionary.load fail)."""
-    _write(path, [f"{w} {n}" for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in SPECIAL])
+    """dict.txt written by fairseq's own Dictionary: most frequent first, its special symbols left out (a
+    duplicate would make Dictionary.load fail)."""
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for w in sorted(counts):  # equal counts stay in alphabetical order
+        d.add_symbol(w, n=counts[w])
+    d.finalize(padding_factor=1)
+    tmp = path + ".tmp"
+    d.save(tmp)
+    os.replace(tmp, path)
 
 
 def _classification_dict(parser, a):
@@ -147,10 +154,7 @@ def _classification_dict(parser, a):
         parser.error(str(e))
     if docs is None:
         parser.error(f"{a.dir} has no train split: expected {a.dir}/train.tsv or {a.dir}/train/<label>/*.txt")
-    counts = {}
-    for _, text in docs:
-        for w in text.split():
-            counts[w] = counts.get(w, 0) + 1
+    counts = Counter(w for _, text in docs for w in text.split())
     labels = sorted({lab for lab, _ in docs})
     if len(labels) < 2:
         parser.error(f"{a.dir}: the train split has {len(labels)} label(s) {labels}; need at least 2")

@@ -22,11 +22,6 @@ import time
 logger = logging.getLogger("rmt_fairseq.cli.extrapolate_classification")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def default_lengths(trained: int, seg_len: int, max_tokens: int):
     """N, 2N, 8N, 32N, ... segments below max_tokens, then the first length reaching it."""
     lengths, n = [trained], 2 * trained
@@ -97,6 +92,8 @@ def plot(rows, path, title):
 
 
 def main(argv=None):
+    from rmt_fairseq.cli.data import _Parser  # one-line `error:` messages, exit 2
+
     ap = _Parser(prog="rmt-extrapolate-classify", description=__doc__,
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--path", required=True, help="checkpoint trained with --task rmt_long_classification")

@@ -51,10 +51,10 @@ class RMTCrossEntropyCriterion(FairseqCriterion):
             state.to(src.device)
         before = (state.memory, state.cache, list(state.window), state.segments_seen)
         memory_ok = []  # per segment: is the memory it writes finite (device tensors: no sync here)
-        if hasattr(self.task, "seg_len"):  # --task rmt_lm / rmt_algorithmic: the task's segments and truncation
-            seg_len, unroll, mode = self.task.seg_len, self.task.bptt_unroll, self.task.bptt_mode
-        else:  # fairseq's own tasks: per-sample recurrence with the model's --segment-len (RecurrentLM)
+        if getattr(model, "per_sample", False):  # fairseq's own tasks: the model's --segment-len (RecurrentLM)
             seg_len, unroll, mode = model.decoder.segment_len, model.segment_bptt_unroll, "block"
+        else:  # --task rmt_lm / rmt_algorithmic: the task's segments and truncation
+            seg_len, unroll, mode = self.task.seg_len, self.task.bptt_unroll, self.task.bptt_mode
         out = run_segments(
             model.decoder, src, sample["target"], state,
             seg_len=sample["net_input"].get("segment_len") or seg_len, bptt_unroll=unroll, bptt_mode=mode,

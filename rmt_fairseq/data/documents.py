@@ -20,7 +20,7 @@ the loss of a document is taken on the segment that ends it (rmt_encoder.segment
 import json
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -205,10 +205,3 @@ def generator_noise(spec: dict, data: str) -> Noise:
     except ValueError as e:
         raise RMTConfigError(f"{os.path.join(data, GENERATOR_FILE)}: {e}") from None
 
-
-def vocabulary_counts(docs_words) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
-    for words in docs_words:
-        for w in words:
-            counts[w] = counts.get(w, 0) + 1
-    return counts

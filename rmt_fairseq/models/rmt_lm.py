@@ -316,7 +316,14 @@ class RecurrentLM:
     of every pass. Per-sample (every other task, e.g. --task language_modeling): each sample split into segments
     of --segment-len, memory fresh per sample, truncated by --segment-bptt-unroll."""
 
-    def setup_recurrence(self, cfg, task) -> None:
+    def setup_from_task(self, cfg, task) -> None:
+        """What the model takes from the task: the data's dict.txt (named when a checkpoint's vocabulary
+        differs), stream-level or per-sample recurrence, and the segment length."""
+        # fairseq's language_modeling is a legacy task: its config is `args`, not `cfg`
+        task_cfg = getattr(task, "cfg", None) or getattr(task, "args", None)
+        data = getattr(task_cfg, "data", None)
+        self.dictionary_file = (os.path.join(data.split(os.pathsep)[0], "dict.txt")
+                                if isinstance(data, str) and data not in ("", "???") else None)
         # Recurrent state for stream-level callers with only model(**net_input). The task's batches carry
         # net_input["reset"] on the first batch of every pass, which resets it. Training and validation never
         # use it: they pass their own explicit state.
@@ -327,9 +334,8 @@ class RecurrentLM:
             self.decoder.segment_len = int(cfg.tokens_per_sample or 128)
             return
         T = cfg.segment_len or 128
-        # the sample length of the task (fairseq's language_modeling is a legacy task: `args`, not `cfg`)
-        S = getattr(getattr(task, "cfg", None) or getattr(task, "args", None), "tokens_per_sample", None)
-        name = getattr(task, "__class__", type(task)).__name__
+        S = getattr(task_cfg, "tokens_per_sample", None)  # the task's sample length
+        name = type(task).__name__
         check(T >= 1, f"--segment-len must be >= 1, got {T}")
         if self.segment_bptt_unroll is not None:
             check(self.segment_bptt_unroll >= 0, f"--segment-bptt-unroll must be >= 0, got {self.segment_bptt_unroll}")
@@ -367,7 +373,7 @@ class RecurrentLM:
         """fairseq's load, after a one-line error for a checkpoint trained on another vocabulary (fairseq's own
         is torch's size-mismatch traceback)."""
         check_vocabulary(state_dict, len(self.decoder.dictionary), "the checkpoint",
-                         getattr(self, "dictionary_file", None) or "the data dictionary")
+                         self.dictionary_file or "the data dictionary")
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
@@ -376,9 +382,6 @@ class RMTLanguageModel(RecurrentLM, FairseqLanguageModel):
     def __init__(self, decoder: RMTDecoder, cfg: RMTLanguageModelConfig):
         super().__init__(decoder)
         self.cfg = cfg
-        self.stream_state = RecurrentState()
-        self.per_sample = False
-        self.dictionary_file = None  # the data's dict.txt, named when a checkpoint's vocabulary differs
 
     @classmethod
     def build_model(cls, cfg: RMTLanguageModelConfig, task):
@@ -396,10 +399,7 @@ class RMTLanguageModel(RecurrentLM, FairseqLanguageModel):
             nn.init.normal_(embed_tokens.weight, mean=0, std=C**-0.5)
             nn.init.constant_(embed_tokens.weight[dictionary.pad()], 0)
         model = cls(RMTDecoder(cfg, dictionary, embed_tokens), cfg)
-        model.setup_recurrence(cfg, task)
-        data = getattr(getattr(task, "cfg", None), "data", None)
-        if isinstance(data, str) and data not in ("", "???"):
-            model.dictionary_file = os.path.join(data.split(os.pathsep)[0], "dict.txt")
+        model.setup_from_task(cfg, task)
         return model
 
     def max_positions(self):

@@ -28,7 +28,7 @@ from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
 from rmt_fairseq.errors import RMTConfigError, check
-from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, MemoryTokens, visibility
+from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 
 from .rmt_lm import RecurrentLM, check_vocabulary, segment_nll
@@ -67,16 +67,7 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         C = self.embed_dim if self.project_in_dim is None else self.project_in_dim.out_features
         self.memory = MemoryTokens(mem_tokens, C) if mem_tokens > 0 else None
         self.segment_len = 128
-        self._masks = {}
-
-    def _mask(self, M: int, T: int, x: torch.Tensor) -> torch.Tensor:
-        """N x N additive mask (0 / -inf) of the [read | segment | write] layout; causal only when M = 0, as
-        TransformerDecoder.buffered_future_mask."""
-        key = (M, T, x.device, x.dtype)
-        if key not in self._masks:
-            vis = visibility(Layout(0, M, T, M))
-            self._masks[key] = torch.zeros(vis.shape, dtype=x.dtype).masked_fill_(~vis, float("-inf")).to(x.device)
-        return self._masks[key]
+        self.layouts = LayoutCache(C)  # the mask of modules/memory.py, built once per segment layout
 
     def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor],
                         cache: Optional[List[torch.Tensor]] = None) -> SegmentOutput:
@@ -103,7 +94,8 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         if self.cross_self_attention or pad.any():
             no_pad = pad.new_zeros(B, M)
             self_attn_padding_mask = torch.cat([no_pad, pad, no_pad], dim=1)  # B x N
-        mask = self._mask(M, T, x)
+        # [read | segment | write] mask, no cache; with M = 0 the causal mask of buffered_future_mask
+        mask = self.layouts.mask(Layout(0, M, T, M), x.device, x.dtype)
         for idx, layer in enumerate(self.layers):
             last = idx == self.num_layers - 1  # the stock call asks the last layer for attention weights
             x, _, _ = layer(x, None, None, None, self_attn_mask=mask, self_attn_padding_mask=self_attn_padding_mask,
@@ -136,16 +128,11 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
 class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
-        for flag, value in [("--mem-tokens", args.mem_tokens)]:
-            check(value >= 0, f"{flag} must be >= 0, got {value}")
+        check(args.mem_tokens >= 0, f"--mem-tokens must be >= 0, got {args.mem_tokens}")
         model = super().build_model(args, task)  # fairseq's own transformer_lm build
         model.decoder.__class__ = RMTTransformerDecoder  # same module and weights, plus the segment interface
         model.decoder.init_memory(args.mem_tokens)
-        model.dictionary_file = None
-        data = getattr(getattr(task, "cfg", None) or getattr(task, "args", None), "data", None)
-        if isinstance(data, str) and data not in ("", "???"):
-            model.dictionary_file = os.path.join(data.split(os.pathsep)[0], "dict.txt")
-        model.setup_recurrence(args, task)
+        model.setup_from_task(args, task)
         if args.lm_path:
             load_transformer_lm(model, args.lm_path)
         return model
@@ -196,14 +183,7 @@ def load_transformer_lm(model: RMTTransformerLanguageModel, path: str) -> None:
 # ---- architectures: every transformer_lm preset of fairseq, with memory -----------------------------------
 
 
-def _mirror(name: str, stock):
-    def arch(args):
-        stock(args)  # fairseq's preset: sizes, positions, adaptive softmax ...
-
-    arch.__doc__ = f"fairseq's {name} with RMT memory tokens (--mem-tokens, default 10)."
-    register_model_architecture("rmt_transformer_lm", f"rmt_{name}")(arch)
-
-
+# fairseq's own preset functions (sizes, positions, adaptive softmax ...); --mem-tokens keeps its default of 10
 for _name, _model in list(ARCH_MODEL_REGISTRY.items()):
     if _model is TransformerLanguageModel and _name != "transformer_lm" and f"rmt_{_name}" not in ARCH_MODEL_REGISTRY:
-        _mirror(_name, ARCH_CONFIG_REGISTRY[_name])
+        register_model_architecture("rmt_transformer_lm", f"rmt_{_name}")(ARCH_CONFIG_REGISTRY[_name])

@@ -117,6 +117,15 @@ class LayoutCache:
     def __init__(self, embed_dim: int):
         self.embed_dim = embed_dim
         self._tables: Dict[Tuple[Layout, torch.device, torch.dtype], Tuple[torch.Tensor, ...]] = {}
+        self._masks: Dict[Tuple[Layout, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def mask(self, layout: Layout, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """N x K additive attention mask: 0 where visibility() allows, -inf elsewhere."""
+        key = (layout, device, dtype)
+        if key not in self._masks:
+            bias = torch.zeros(layout.queries, layout.keys, dtype=dtype)
+            self._masks[key] = bias.masked_fill_(~visibility(layout), float("-inf")).to(device)
+        return self._masks[key]
 
     def get(self, layout: Layout, device: torch.device, dtype: torch.dtype):
         """-> (pos_emb P x C, rel_index N x K long, mask_bias N x K with 0 / -inf)."""
@@ -124,7 +133,5 @@ class LayoutCache:
         if key not in self._tables:
             distances, index = relative_distances(layout)
             pos_emb = sinusoid_table(distances, self.embed_dim).to(device=device, dtype=dtype)
-            mask_bias = torch.zeros(layout.queries, layout.keys, dtype=dtype)
-            mask_bias.masked_fill_(~visibility(layout), float("-inf"))
-            self._tables[key] = (pos_emb, index.to(device), mask_bias.to(device))
+            self._tables[key] = (pos_emb, index.to(device), self.mask(layout, device, dtype))
         return self._tables[key]

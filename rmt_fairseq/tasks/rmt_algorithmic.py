@@ -12,7 +12,6 @@ Loss and accuracies cover only the target. Validation logs, besides the teacher-
                    the 30-character answer slot)
 """
 
-import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,8 +28,6 @@ from rmt_fairseq.modules.generation import greedy_decode
 from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, run_segments
 from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
 from rmt_fairseq.tasks.rmt_lm import RMTLMConfig, RMTLMTask, load_split
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
