@@ -59,9 +59,10 @@ class RMTLongClassificationConfig(CurriculumConfig):
 
 @register_task("rmt_long_classification", dataclass=RMTLongClassificationConfig)
 class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
-    def __init__(self, cfg: RMTLongClassificationConfig, dictionary, labels, generator):
+    def __init__(self, cfg: RMTLongClassificationConfig, dictionary, labels, generator, train_docs=None):
         super().__init__(cfg)
         self.dictionary, self.labels, self.generator = dictionary, labels, generator
+        self._train_docs = train_docs  # read once by setup_task (for the labels), handed to load_dataset
         check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
         if cfg.num_segments is not None:
             check(cfg.num_segments >= 1, f"--num-segments must be >= 1, got {cfg.num_segments}")
@@ -91,13 +92,16 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
         except Exception as e:
             raise RMTConfigError(f"{dict_path} is not a fairseq dictionary ({e})") from None
         dictionary.add_symbol("<mask>")  # as fairseq's masked_lm/sentence_prediction: RoBERTa's vocabulary size
-        generator = read_generator(data)
+        generator, train_docs = read_generator(data), None
         if generator is not None:
             labels = LOCATIONS
         else:
-            labels = read_labels(data, read_documents(data, "train"))
+            # without labels.txt the classes come from the train split: read it once, here
+            has_labels = os.path.exists(os.path.join(data, "labels.txt"))
+            train_docs = None if has_labels else read_documents(data, "train")
+            labels = read_labels(data, train_docs)
         logger.info("dictionary: %d types; %d classes: %s", len(dictionary), len(labels), " ".join(labels[:10]))
-        return cls(cfg, dictionary, labels, generator)
+        return cls(cfg, dictionary, labels, generator, train_docs)
 
     @property
     def num_classes(self) -> int:
@@ -116,7 +120,10 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
             self.datasets[split] = GeneratedDocumentDataset(self.generator, split, self.labels, self.dictionary, T,
                                                             self.num_segments, self.noise)
             return
-        docs = read_documents(self.cfg.data, split)
+        docs = self._train_docs if split == "train" and self._train_docs is not None else \
+            read_documents(self.cfg.data, split)
+        if split == "train":
+            self._train_docs = None  # tokenized below; the raw text is not kept
         if docs is None:
             raise RMTConfigError(f"no split {split!r} in {self.cfg.data}: expected {split}.tsv (label<TAB>text per "
                                  f"line) or {split}/<label>/*.txt")
