@@ -15,8 +15,11 @@ BIN = os.path.dirname(sys.executable)
 
 
 class _Task:
-    def __init__(self, dictionary):
+    stream_level = True  # as --task rmt_lm: the caller passes the recurrent state (per_sample=False builds)
+
+    def __init__(self, dictionary, stream_level=True):
         self.source_dictionary = self.target_dictionary = dictionary
+        self.stream_level = stream_level
 
 
 def dictionary(n_symbols: int) -> Dictionary:

@@ -29,9 +29,8 @@ def _train(data, mem_tokens, seed=1):
     while updates < UPDATES:
         for sample in task.get_batch_iterator(task.dataset("train")).next_epoch_itr(shuffle=False):
             opt.zero_grad()
-            sample["rmt_state"] = task.state_for(sample)
             model.train()
-            loss, n, _ = criterion(model, sample)
+            loss, n, _ = task.run_step("train", sample, lambda: criterion(model, sample))
             (loss / n).backward()
             opt.step()
             updates += 1

@@ -5,13 +5,10 @@ truncation. Logs loss (base 2, per document) and accuracy."""
 import math
 from dataclasses import dataclass, field
 
-import torch
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
-from rmt_fairseq.data.documents import IGNORE
-from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
 
 @dataclass
@@ -30,26 +27,16 @@ class RMTClassificationCriterion(FairseqCriterion):
         self.checkpoint_segments = checkpoint_segments
 
     def forward(self, model, sample, reduce=True):
-        """Returns (summed loss in nats, sample_size = documents, logging output)."""
-        enc = model.encoder
-        src, target, T = sample["net_input"]["src_tokens"], sample["target"], sample["net_input"]["segment_len"]
-        doc, pos = target.ne(IGNORE).nonzero(as_tuple=True)  # one label per document, at its last segment
-        last = pos // T
-        preds = torch.full_like(sample["labels"], -1)
-
-        def keep(s, out):  # predictions of the documents ending in segment s (not under checkpointing)
-            rows = doc[last == s]
-            if out.hidden is not None and len(rows):
-                preds[rows] = enc.classify(out.hidden[rows].detach()).argmax(-1)
-
-        out = run_segments(enc, src, target, RecurrentState(), seg_len=T, bptt_unroll=self.task.bptt_unroll,
-                           checkpoint_segments=self.checkpoint_segments, on_segment=keep)
-        loss = torch.stack(out.losses).sum()
-        log = {"loss": loss.data, "ntokens": sample["ntokens"], "nsentences": out.ntokens,
-               "sample_size": out.ntokens}
+        """Returns (summed loss in nats, sample_size = documents, logging output). The (possibly wrapped) model
+        is called, never reached around, so data-parallel wrappers see the step."""
+        losses, extra = model(**sample["net_input"], target=sample["target"], bptt_unroll=self.task.bptt_unroll,
+                              checkpoint_segments=self.checkpoint_segments)
+        loss = losses.sum()
+        n, preds = extra["ndocs"], extra["preds"]
+        log = {"loss": loss.data, "ntokens": sample["ntokens"], "nsentences": n, "sample_size": n}
         if bool((preds >= 0).all()):
             log["ncorrect"] = int((preds == sample["labels"]).sum())
-        return loss, out.ntokens, log
+        return loss, n, log
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -42,42 +42,38 @@ class RMTCrossEntropyCriterion(FairseqCriterion):
         self.char_level = getattr(task, "char_level", False)
 
     def forward(self, model, sample, reduce=True):
-        """Returns (summed loss in nats, sample_size = scored tokens, logging output)."""
+        """Returns (summed loss in nats, sample_size = scored tokens, logging output).
+
+        `model` is whatever fairseq (or rmt-deepspeed-train) hands the criterion: the bare model, DDP's
+        ModuleProxyWrapper, a fully-sharded model or a DeepSpeed engine. It is only ever called, so the wrapper
+        sees the step. The streams' state goes in as sample["rmt_state"] and the state the forward returns is
+        put back there for the task to keep (a wrapper may hand the forward a copy)."""
         state = sample.get("rmt_state")
         if state is None:  # called outside the task's train/valid step (e.g. by a custom loop): fresh memory
             state = RecurrentState()
         src = sample["net_input"]["src_tokens"]
-        if state.memory is not None and state.memory.device != src.device:
-            state.to(src.device)
-        before = (state.memory, state.cache, list(state.window), state.segments_seen)
-        memory_ok = []  # per segment: is the memory it writes finite (device tensors: no sync here)
-        if getattr(model, "per_sample", False):  # fairseq's own tasks: the model's --segment-len (RecurrentLM)
-            seg_len, unroll, mode = model.decoder.segment_len, model.segment_bptt_unroll, "block"
-        else:  # --task rmt_lm / rmt_algorithmic: the task's segments and truncation
-            seg_len, unroll, mode = self.task.seg_len, self.task.bptt_unroll, self.task.bptt_mode
-        out = run_segments(
-            model.decoder, src, sample["target"], state,
-            seg_len=sample["net_input"].get("segment_len") or seg_len, bptt_unroll=unroll, bptt_mode=mode,
-            checkpoint_segments=self.checkpoint_segments,
-            on_segment=lambda s, o: memory_ok.append(torch.isfinite(o.memory).all()) if o.memory is not None
-            else None,
-        )
-        losses = torch.stack(out.losses)  # S
-        loss_ok = torch.isfinite(losses)
-        ok = torch.stack(memory_ok) if memory_ok else torch.ones_like(loss_ok)
+        before = state.snapshot()
+        loop = {}
+        if getattr(self.task, "stream_level", False):  # --task rmt_lm / rmt_algorithmic: the task's truncation
+            loop = dict(bptt_unroll=self.task.bptt_unroll, bptt_mode=self.task.bptt_mode)
+        losses, extra = model(**sample["net_input"], target=sample["target"], rmt_state=state,
+                              checkpoint_segments=self.checkpoint_segments, **loop)  # S, per scored segment
+        sample["rmt_state"] = extra["rmt_state"]
+        ntokens = extra["ntokens"]
+        loss_ok, ok = torch.isfinite(losses), extra["memory_ok"]
         if not bool(loss_ok.all() & ok.all()):  # the one host sync per batch
-            return self._nonfinite(model, sample, state, before, loss_ok, ok)
+            return self._nonfinite(model, sample, before, loss_ok, ok)
         loss = losses.sum()
         logging_output = {
             "loss": loss.data,
-            "ntokens": out.ntokens,
+            "ntokens": ntokens,
             "nsentences": src.size(0),
-            "sample_size": out.ntokens,
+            "sample_size": ntokens,
             "char_level": int(self.char_level),
         }
-        return loss, out.ntokens, logging_output
+        return loss, ntokens, logging_output
 
-    def _nonfinite(self, model, sample, state, before, loss_ok, memory_ok):
+    def _nonfinite(self, model, sample, before, loss_ok, memory_ok):
         """Name the first bad segment; stop, or skip the batch with its memory update undone."""
         bad_loss = (~loss_ok).nonzero().flatten().tolist()
         bad_mem = (~memory_ok).nonzero().flatten().tolist()
@@ -85,12 +81,12 @@ class RMTCrossEntropyCriterion(FairseqCriterion):
         what = "loss" if s in bad_loss else "memory state"
         where = f"update {sample['rmt_update']}" if "rmt_update" in sample else "validation"
         msg = (f"non-finite {what} at {where}, segment {s + 1} of {loss_ok.numel()} in the batch "
-               f"(segment {before[3] + s + 1} of the streams)")
+               f"(segment {before.segments_seen + s + 1} of the streams)")
         if self.on_nonfinite == "stop":
             raise RMTRunError(f"{msg}; stopped, checkpoints untouched. Lower --lr or --clip-norm, check the data, "
                               f"or pass --on-nonfinite skip")
         logger.warning(f"{msg}; batch skipped (--on-nonfinite skip): zero gradient, memory restored")
-        state.memory, state.cache, state.window, state.segments_seen = before
+        sample["rmt_state"] = before
         # zero gradient for every parameter (so data-parallel all-reduces still match), none of it from the bad graph
         zero = sum(p.reshape(-1)[:1].sum() for p in model.parameters() if p.requires_grad) * 0.0
         log = {"loss": 0.0, "ntokens": 0, "nsentences": 0, "sample_size": 0, "nonfinite_skipped": 1,

@@ -118,15 +118,35 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         target[:, 0], every other target is IGNORE (data/documents.py)."""
         return F.cross_entropy(self.classify(hidden).float(), target[:, 0], ignore_index=IGNORE, reduction="sum")
 
-    def forward(self, src_tokens, segment_len: int, **kwargs):
-        """src_tokens B x S*T -> logits B x V, each from its document's last non-empty segment."""
+    def forward(self, src_tokens, segment_len: int, target=None, bptt_unroll=None, checkpoint_segments=False,
+                **kwargs):
+        """src_tokens B x S*T, memory fresh per document.
+
+        Without target: logits B x V, each from its document's last non-empty segment. With target B x S*T (the
+        label at the first position of a document's last segment, IGNORE elsewhere; the criterion's path):
+        (summed NLL per segment, fp32 S; extra) with extra["ndocs"] (labelled documents) and extra["preds"]
+        (B: the predicted class of each labelled document, -1 for the others and under checkpoint_segments,
+        which keeps no hidden states)."""
         T = segment_len
-        logits = []
-        run_segments(self, src_tokens, None, RecurrentState(), seg_len=T,
-                     on_segment=lambda s, out: logits.append(self.classify(out.hidden)))
-        n_seg = ((src_tokens.ne(self.pad).sum(1) + T - 1) // T).clamp(min=1)  # B
-        logits = torch.stack(logits, dim=1)  # B x S x V
-        return logits[torch.arange(src_tokens.size(0)), n_seg - 1]
+        if target is None:
+            logits = []
+            run_segments(self, src_tokens, None, RecurrentState(), seg_len=T,
+                         on_segment=lambda s, out: logits.append(self.classify(out.hidden)))
+            n_seg = ((src_tokens.ne(self.pad).sum(1) + T - 1) // T).clamp(min=1)  # B
+            logits = torch.stack(logits, dim=1)  # B x S x V
+            return logits[torch.arange(src_tokens.size(0)), n_seg - 1]
+        doc, pos = target.ne(IGNORE).nonzero(as_tuple=True)  # one label per document, at its last segment
+        last = pos // T
+        preds = torch.full((src_tokens.size(0),), -1, dtype=torch.long, device=src_tokens.device)
+
+        def keep(s, out):  # predictions of the documents ending in segment s (not under checkpointing)
+            rows = doc[last == s]
+            if out.hidden is not None and len(rows):
+                preds[rows] = self.classify(out.hidden[rows].detach()).argmax(-1)
+
+        out = run_segments(self, src_tokens, target, RecurrentState(), seg_len=T, bptt_unroll=bptt_unroll,
+                           checkpoint_segments=checkpoint_segments, on_segment=keep)
+        return torch.stack(out.losses), {"ndocs": out.ntokens, "preds": preds}
 
     def max_positions(self):
         return None  # any number of segments
@@ -143,7 +163,8 @@ class RMTEncoderModel(FairseqEncoderModel):
         return cls(encoder)
 
     def forward(self, src_tokens, segment_len: int, **kwargs):
-        return self.encoder(src_tokens, segment_len=segment_len)
+        """See RMTEncoder.forward: the one door for training, validation and inference."""
+        return self.encoder(src_tokens, segment_len=segment_len, **kwargs)
 
     def max_positions(self):
         return None

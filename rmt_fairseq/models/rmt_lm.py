@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from fairseq import options
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model, register_model_architecture
-from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
+from fairseq.modules import AdaptiveSoftmax
 from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.modules.adaptive import DenseAdaptiveInput, adaptive_softmax_nll
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
@@ -223,8 +224,8 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         L = st["state"].cache[0].size(1) if st["state"].cache is not None else 0
         M = self.num_mem_tokens
         layout = Layout(L, M, self.segment_len, M if self.recurrent else 0)
-        w = self.embed_tokens.weight if hasattr(self.embed_tokens, "weight") else next(self.parameters())
-        return L, M, self.layouts.get(layout, w.device, torch.get_default_dtype())
+        w = next(self.parameters())  # the model's device and dtype (a half/bf16 model generates in half/bf16)
+        return L, M, self.layouts.get(layout, w.device, w.dtype)
 
     def _start_segment(self, st, B):
         """Keys/values of the XL cache and the read memory, per layer (rows 0..M-1 of the mask)."""
@@ -288,33 +289,39 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         return int(1e9)  # relative positions: any length (fairseq's generator needs a number)
 
 
+class StreamStates:
+    """fairseq-eval-lm's recurrent state for one pass over a split: a RecurrentState per model of the ensemble
+    (SequenceScorer calls every model with the same net_input), created on first use. The task puts one into
+    every batch's net_input; the model's forward carries it from batch to batch. (Not a dict: fairseq's
+    move_to_cuda rebuilds dicts, which would drop the state between batches.)"""
+
+    def __init__(self):
+        self.states = {}
+
+    def for_model(self, model) -> RecurrentState:
+        return self.states.setdefault(id(model), RecurrentState())
+
+
 def segment_nll(decoder, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Summed NLL (nats, fp32) of target B x T given hidden B x T x C; pad targets are ignored. `decoder` has
     fairseq's output attributes (adaptive_softmax or output_projection): RMTDecoder and TransformerDecoder."""
     if decoder.adaptive_softmax is not None:
-        # one cross-entropy per cluster, as fairseq's adaptive_loss criterion, with one fix: that criterion
-        # passes ignore_index=pad to the tails too, where targets are shifted by the cluster's cutoff, so
-        # the word at cutoff+pad of every tail is silently never scored. pad lives in the head only.
-        logits, targets = decoder.adaptive_softmax(hidden, target.reshape(-1))
-        loss = hidden.new_zeros((), dtype=torch.float)
-        for i, (lg, tg) in enumerate(zip(logits, targets)):
-            if tg is not None:
-                loss = loss + F.cross_entropy(lg.float(), tg, ignore_index=decoder.padding_idx if i == 0 else -100,
-                                              reduction="sum")
-        return loss
+        # every tail runs (data-parallel safe) and pad is ignored in the head only: modules/adaptive.py
+        return adaptive_softmax_nll(decoder.adaptive_softmax, hidden, target, decoder.padding_idx)
     logits = decoder.output_layer(hidden)  # B x T x V
     return F.cross_entropy(logits.float().flatten(0, 1), target.reshape(-1), ignore_index=decoder.padding_idx,
                            reduction="sum")
 
 
 class RecurrentLM:
-    """What both LM families (rmt_lm, rmt_transformer_lm) share: recurrence set up from the task, and a forward
-    through the segment loop for callers that only have model(**net_input) (fairseq-eval-lm's SequenceScorer,
-    fairseq's own criteria).
+    """What both LM families (rmt_lm, rmt_transformer_lm) share: recurrence set up from the task, and the one
+    forward every caller goes through (the training and validation criteria, fairseq-eval-lm's SequenceScorer,
+    fairseq's own criteria), so a DDP / DeepSpeed / fully-sharded wrapper around the model sees every step.
 
-    Stream-level (--task rmt_lm): memory carried across batches in `self.stream_state`, reset on the first batch
-    of every pass. Per-sample (every other task, e.g. --task language_modeling): each sample split into segments
-    of --segment-len, memory fresh per sample, truncated by --segment-bptt-unroll."""
+    Stream-level (--task rmt_lm, rmt_algorithmic): the caller passes the recurrent state (`rmt_state`) and gets
+    the updated one back; without one, memory starts fresh. Nothing is kept on the model between calls.
+    Per-sample (every other task, e.g. --task language_modeling): each sample split into segments of
+    --segment-len, memory fresh per sample, truncated by --segment-bptt-unroll."""
 
     def setup_from_task(self, cfg, task) -> None:
         """What the model takes from the task: the data's dict.txt (named when a checkpoint's vocabulary
@@ -324,10 +331,6 @@ class RecurrentLM:
         data = getattr(task_cfg, "data", None)
         self.dictionary_file = (os.path.join(data.split(os.pathsep)[0], "dict.txt")
                                 if isinstance(data, str) and data not in ("", "???") else None)
-        # Recurrent state for stream-level callers with only model(**net_input). The task's batches carry
-        # net_input["reset"] on the first batch of every pass, which resets it. Training and validation never
-        # use it: they pass their own explicit state.
-        self.stream_state = RecurrentState()
         self.per_sample = not getattr(task, "stream_level", False)
         self.segment_bptt_unroll = getattr(cfg, "segment_bptt_unroll", None)
         if not self.per_sample:
@@ -355,19 +358,45 @@ class RecurrentLM:
         self.decoder.segment_len = T
         logger.info("per-sample recurrence (%s): segments of %d tokens, memory fresh per sample", name, T)
 
-    def forward(self, src_tokens, src_lengths=None, reset=None, segment_len: Optional[int] = None, **kwargs):
-        """src_tokens: B x (S*T). Returns (logits B x S*T x V, or features with adaptive softmax, extra)."""
+    def forward(self, src_tokens, src_lengths=None, segment_len: Optional[int] = None, target=None,
+                rmt_state=None, bptt_unroll: Optional[int] = 0, bptt_mode: str = "block",
+                checkpoint_segments: bool = False, **kwargs):
+        """Run src_tokens B x S*T through the segment loop (modules/recurrence.py).
+
+        rmt_state: the streams' RecurrentState (stream-level tasks; updated and returned, moved to the model's
+        device and dtype first), a StreamStates (fairseq-eval-lm: one state per model of an ensemble), or None
+        (fresh memory). Per-sample models ignore it and start every sample fresh.
+
+        Without target: (logits B x S*T x V, or the features with an adaptive softmax; extra) as fairseq's
+        decoders return, extra["rmt_state"] the updated state. With target B x S*T (the criteria): (summed NLL
+        per scored segment, fp32 S; extra) with extra["ntokens"] (scored targets), extra["memory_ok"] (bool S:
+        whether the memory each segment wrote is finite; device tensor, no host sync) and extra["rmt_state"].
+        bptt_unroll / bptt_mode / checkpoint_segments: truncation and recomputation (stream-level; per-sample
+        models use --segment-bptt-unroll)."""
         if self.per_sample:
-            state, unroll = RecurrentState(), self.segment_bptt_unroll
+            state, bptt_unroll, bptt_mode = RecurrentState(), self.segment_bptt_unroll, "block"
+        elif isinstance(rmt_state, StreamStates):
+            state = rmt_state.for_model(self)
         else:
-            if reset is not None and bool(reset.any()):
-                self.stream_state.reset()
-            state, unroll = self.stream_state, 0
-        seg_len = segment_len or self.decoder.segment_len
-        out = run_segments(self.decoder, src_tokens, None, state, seg_len=int(seg_len), bptt_unroll=unroll,
-                           return_hidden=True)
-        features = torch.cat(out.hidden, dim=1)  # B x S*T x C
-        return self.decoder.output_layer(features), {"attn": None, "inner_states": None}
+            state = rmt_state if rmt_state is not None else RecurrentState()
+        param = next(self.parameters())
+        state.to(src_tokens.device, param.dtype)  # a resumed / exported state joins the model's device and dtype
+        seg_len = int(segment_len or self.decoder.segment_len)
+        if target is None:
+            out = run_segments(self.decoder, src_tokens, None, state, seg_len=seg_len, bptt_unroll=bptt_unroll,
+                               return_hidden=True)
+            features = torch.cat(out.hidden, dim=1)  # B x S*T x C
+            return self.decoder.output_layer(features), {"attn": None, "inner_states": None, "rmt_state": state}
+        memory_ok = []  # per segment: is the memory it writes finite (device tensors: no sync here)
+        out = run_segments(
+            self.decoder, src_tokens, target, state, seg_len=seg_len, bptt_unroll=bptt_unroll, bptt_mode=bptt_mode,
+            checkpoint_segments=checkpoint_segments,
+            on_segment=lambda s, o: memory_ok.append(torch.isfinite(o.memory).all()) if o.memory is not None
+            else None,
+        )
+        losses = torch.stack(out.losses)  # S
+        ok = torch.stack(memory_ok) if memory_ok else torch.ones_like(losses, dtype=torch.bool)
+        return losses, {"ntokens": out.ntokens, "memory_ok": ok, "rmt_state": state}
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's load, after a one-line error for a checkpoint trained on another vocabulary (fairseq's own
@@ -392,8 +421,9 @@ class RMTLanguageModel(RecurrentLM, FairseqLanguageModel):
         if cfg.adaptive_input:
             cutoff = cfg.adaptive_input_cutoff or cfg.adaptive_softmax_cutoff
             check(cutoff is not None, "--adaptive-input needs --adaptive-input-cutoff or --adaptive-softmax-cutoff")
-            embed_tokens = AdaptiveInput(len(dictionary), dictionary.pad(), C, cfg.adaptive_input_factor, C,
-                                         options.eval_str_list(cutoff, type=int))
+            # every band runs on every call (modules/adaptive.py): data-parallel safe
+            embed_tokens = DenseAdaptiveInput(len(dictionary), dictionary.pad(), C, cfg.adaptive_input_factor, C,
+                                              options.eval_str_list(cutoff, type=int))
         else:
             embed_tokens = nn.Embedding(len(dictionary), C, padding_idx=dictionary.pad())
             nn.init.normal_(embed_tokens.weight, mean=0, std=C**-0.5)

@@ -28,6 +28,7 @@ from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
 from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.modules.adaptive import make_dense
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 
@@ -132,6 +133,7 @@ class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
         model = super().build_model(args, task)  # fairseq's own transformer_lm build
         model.decoder.__class__ = RMTTransformerDecoder  # same module and weights, plus the segment interface
         model.decoder.init_memory(args.mem_tokens)
+        make_dense(model.decoder.embed_tokens)  # adaptive input: every band on every call (modules/adaptive.py)
         model.setup_from_task(args, task)
         if args.lm_path:
             load_transformer_lm(model, args.lm_path)

@@ -85,12 +85,71 @@ class RecurrentState:
         self.window = [WindowEntry(w["tokens"], w["memory"], w["cache"]) for w in d["window"]]
         self.segments_seen = int(d["segments_seen"])
 
-    def to(self, device: torch.device) -> "RecurrentState":
-        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        mvl = lambda ts: None if ts is None else [t.to(device) for t in ts]  # noqa: E731
+    def to(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> "RecurrentState":
+        """Move every tensor to `device` (floating ones also to `dtype`), in place; returns self. A resumed or
+        exported state (saved on CPU, maybe in another precision) joins the model this way before a step."""
+
+        def mv(t):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+        mvl = lambda ts: None if ts is None else [mv(t) for t in ts]  # noqa: E731
         self.memory, self.cache = mv(self.memory), mvl(self.cache)
         self.window = [WindowEntry(mv(w.tokens), mv(w.memory), mvl(w.cache)) for w in self.window]
         return self
+
+    def snapshot(self) -> "RecurrentState":
+        """A shallow copy (tensors are replaced by the loop, never written in place): the state to go back to."""
+        return RecurrentState(self.memory, self.cache, list(self.window), self.segments_seen)
+
+
+def _rows(x, fn):
+    """Apply fn to every batch-first tensor of a state dict (memory, cache, window), keeping the structure."""
+    if x is None:
+        return None
+    if isinstance(x, list):
+        return [_rows(t, fn) for t in x]
+    return fn(x)
+
+
+def concat_states(states: List[dict]) -> dict:
+    """State dicts of disjoint groups of streams (e.g. one per data-parallel rank, in rank order) -> the state
+    dict of all of them (B_total along dim 0). Every part must be at the same point of its streams."""
+    first = states[0]
+    seen = {int(s["segments_seen"]) for s in states}
+    assert len(seen) == 1, f"streams at different positions: {sorted(seen)}"
+
+    def cat(parts):
+        if parts[0] is None:
+            return None
+        if isinstance(parts[0], list):
+            return [cat([p[i] for p in parts]) for i in range(len(parts[0]))]
+        return torch.cat(parts, dim=0)
+
+    return {
+        "memory": cat([s["memory"] for s in states]),
+        "cache": cat([s["cache"] for s in states]),
+        "window": [{k: cat([s["window"][i][k] for s in states]) for k in ("tokens", "memory", "cache")}
+                   for i in range(len(first["window"]))],
+        "segments_seen": int(first["segments_seen"]),
+    }
+
+
+def slice_state(state: dict, start: int, stop: int) -> dict:
+    """The state dict of streams start..stop-1 of a state dict (the inverse of concat_states)."""
+    cut = lambda x: _rows(x, lambda t: t[start:stop].clone())  # noqa: E731
+    return {"memory": cut(state["memory"]), "cache": cut(state["cache"]),
+            "window": [{k: cut(w[k]) for k in ("tokens", "memory", "cache")} for w in state["window"]],
+            "segments_seen": int(state["segments_seen"])}
+
+
+def num_streams(state: dict) -> Optional[int]:
+    """How many streams a state dict holds (None for a fresh state with no tensors)."""
+    for t in [state["memory"], *(state["cache"] or [])] + [w["tokens"] for w in state["window"]]:
+        if t is not None:
+            return int(t.size(0))
+    return None
 
 
 @dataclass
@@ -160,7 +219,15 @@ def run_segments(
     # bptt_unroll None: gradient through every segment of the call (independent samples, e.g. rmt_algorithmic)
     sliding = bptt_mode == "sliding" and grad and bptt_unroll is not None and bptt_unroll > 0
 
-    memory = state.memory if state.memory is not None else model.initial_memory(B)
+    # The learned initial memory is computed on every call, not only at a stream's start: its module then runs
+    # and its parameters join the graph on every rank in every step (zero gradient while the streams continue),
+    # so data-parallel reducers (DDP buckets, ZeRO-1/2 reduction, ZeRO-3 gathers) see the same parameters in the
+    # same order on every rank whatever the data. Adding 0 x init is exact for finite values.
+    init = model.initial_memory(B)  # B x M x C, or None without recurrent memory
+    if state.memory is None:
+        memory = init
+    else:
+        memory = state.memory if init is None else state.memory + 0.0 * init
     cache = state.cache
     losses, hidden, ntokens = [], [] if return_hidden else None, 0
     for s, (tok, tgt) in enumerate(zip(seg_tokens, seg_targets)):

@@ -24,8 +24,8 @@ from omegaconf import II
 from rmt_fairseq.data.algorithmic import GEN
 from rmt_fairseq.data.samples import SegmentedSampleDataset
 from rmt_fairseq.errors import check
-from rmt_fairseq.modules.generation import greedy_decode
-from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, run_segments
+from rmt_fairseq.modules.generation import greedy_decode, model_step
+from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState
 from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
 from rmt_fairseq.tasks.rmt_lm import RMTLMConfig, RMTLMTask, load_split
 
@@ -117,11 +117,11 @@ class RMTAlgorithmicTask(SegmentCurriculum, RMTLMTask):
 
     @torch.no_grad()
     def accuracy(self, model, sample) -> dict:
-        dec = model.decoder
+        # through the (possibly wrapped) model's forward, as training: no path around it
         src, tgt, T = sample["net_input"]["src_tokens"], sample["target"], sample["net_input"]["segment_len"]
         scored = tgt.ne(self.dictionary.pad())  # B x S*T
-        hidden = run_segments(dec, src, None, RecurrentState(), seg_len=T, return_hidden=True).hidden
-        pred = dec.token_log_probs(torch.cat(hidden, dim=1)).argmax(-1)  # B x S*T, teacher forced
+        step = model_step(model, T)
+        pred = step(src, RecurrentState())[0].argmax(-1)  # B x S*T, teacher forced
         out = self._counts("tf", pred, tgt, scored)
         if not self.cfg.no_eval_greedy:
             greedy = torch.empty_like(pred)
@@ -129,7 +129,7 @@ class RMTAlgorithmicTask(SegmentCurriculum, RMTLMTask):
             for g in sample["gen"].unique().tolist():
                 rows = (sample["gen"] == g).nonzero().squeeze(1)
                 last = int(scored[rows].nonzero()[:, 1].max()) if scored[rows].any() else g
-                seq, _ = greedy_decode(dec, src[rows], prompt_len=g + 1, end=last + 2, seg_len=T,
+                seq, _ = greedy_decode(step, src[rows], prompt_len=g + 1, end=last + 2, seg_len=T,
                                        pad=self.dictionary.pad())
                 greedy[rows] = torch.nn.functional.pad(seq[:, 1:], (0, 1), value=self.dictionary.pad())
             out.update(self._counts("greedy", greedy, tgt, scored))

@@ -28,14 +28,15 @@ from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from rmt_fairseq import checkpoints
+from rmt_fairseq import checkpoints, distributed
 from rmt_fairseq.data.streams import StreamDataset, flatten_indexed_dataset
 from rmt_fairseq.errors import RMTConfigError, check, install_excepthook
-from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState
+from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, concat_states, num_streams, slice_state
 
 logger = logging.getLogger(__name__)
 install_excepthook()
 checkpoints.install()  # checkpoint files complete or absent; unreadable ones named (rmt_fairseq/checkpoints.py)
+distributed.install()  # several ranks on CPU, every rank's streams in the checkpoint (rmt_fairseq/distributed.py)
 
 
 @dataclass
@@ -406,37 +407,98 @@ class RMTLMTask(FairseqTask):
                 f"--context-window {context_window} does not apply to --task rmt_lm: memory (and --mem-len "
                 f"cache) already carry context across segments"
             )
-        return self.get_batch_iterator(dataset, num_workers=num_workers, data_buffer_size=data_buffer_size
-                                       ).next_epoch_itr(shuffle=False)
+        from rmt_fairseq.models.rmt_lm import StreamStates
+
+        itr = self.get_batch_iterator(dataset, num_workers=num_workers, data_buffer_size=data_buffer_size
+                                      ).next_epoch_itr(shuffle=False)
+        # fairseq-eval-lm's SequenceScorer only calls model(**net_input): the pass's recurrent state travels in
+        # the batches (one StreamStates per pass, one state per model of an ensemble), never on the model
+        streams = StreamStates()
+
+        def batches():
+            for sample in itr:
+                sample["net_input"]["rmt_state"] = streams
+                yield sample
+
+        return iterators.CountingIterator(batches(), start=0, total=len(itr))
 
     # ---- recurrent state -----------------------------------------------------------------------------------
 
-    def state_for(self, sample) -> RecurrentState:
-        """The split's state; reset on the first batch of a pass (batch_index 0 of any split)."""
-        state = self.states.setdefault(sample["split"], RecurrentState())
-        if sample["batch_index"] == 0:
-            state.reset()
-        return state
+    def state_for(self, sample, mode: str) -> RecurrentState:
+        """The state of `mode` ("train" or "valid") on the sample's split, reset on the first batch of a pass
+        (batch_index 0). Keyed by both, so validating on the training split (--valid-subset train) never
+        touches the training streams' memory."""
+        key = (mode, sample["split"])
+        if sample["batch_index"] == 0 or key not in self.states:
+            self.states[key] = RecurrentState()
+        return self.states[key]
+
+    def run_step(self, mode: str, sample, step):
+        """Pass the streams' state in (sample["rmt_state"]), run `step` (fairseq's train/valid step, whose
+        criterion calls the model's forward), keep the state the forward returned."""
+        key = (mode, sample["split"])
+        sample["rmt_state"] = self.state_for(sample, mode)
+        result = step()
+        self.states[key] = sample["rmt_state"]  # the criterion puts the returned state back into the sample
+        return result
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        # a dummy batch (ignore_grad) must not touch the streams' state
-        sample["rmt_state"] = RecurrentState() if ignore_grad else self.state_for(sample)
         sample["rmt_update"] = update_num + 1  # the update this batch belongs to (error messages)
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        step = lambda: super(RMTLMTask, self).train_step(sample, model, criterion, optimizer,  # noqa: E731
+                                                         update_num, ignore_grad)
+        if ignore_grad:  # a dummy batch must not touch the streams' state
+            sample["rmt_state"] = RecurrentState()
+            return step()
+        return self.run_step("train", sample, step)
 
     def valid_step(self, sample, model, criterion):
-        sample["rmt_state"] = self.state_for(sample)
-        return super().valid_step(sample, model, criterion)
+        return self.run_step("valid", sample, lambda: super(RMTLMTask, self).valid_step(sample, model, criterion))
+
+    def train_state(self) -> Optional[RecurrentState]:
+        return self.states.get(("train", self.cfg.train_subset))
+
+    def gather_train_states(self) -> None:
+        """Collect every data-parallel rank's training-stream state into one state of all G streams (in rank
+        order, the order data/streams.py cuts them), so that the checkpoint rank 0 writes holds every rank's
+        own streams. A collective: called on every rank before fairseq saves (rmt_fairseq/distributed.py)."""
+        self._gathered = None
+        rank, size = self._parallel()
+        if size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        mine = self.train_state()
+        mine = utils.move_to_cpu(mine.state_dict()) if mine is not None else None
+        parts = [None] * size
+        torch.distributed.all_gather_object(parts, mine, group=dist_utils.get_data_parallel_group())
+        if all(p is not None for p in parts):
+            self._gathered = concat_states(parts)
 
     def get_checkpoint_dict(self):
-        train = self.states.get(self.cfg.train_subset)
-        return {self.__class__.__name__: {"train_state": train.state_dict() if train is not None else None}}
+        """The training streams' state, all G = --batch-size x ranks streams (data/streams.py's order)."""
+        rank, size = self._parallel()
+        state = getattr(self, "_gathered", None)
+        self._gathered = None
+        if state is None and size == 1 and self.train_state() is not None:
+            state = self.train_state().state_dict()
+        return {self.__class__.__name__: {"train_state": state}}
 
     def set_checkpoint_dict(self, state):
-        if state.get("train_state") is not None:
-            st = RecurrentState()
-            st.load_state_dict(state["train_state"])
-            self.states[self.cfg.train_subset] = st
+        """Each rank takes its own rows of the saved streams: a run may resume with another split of the same
+        streams over ranks (--batch-size 8 on 1 rank -> --batch-size 4 on 2 ranks)."""
+        saved = state.get("train_state")
+        if saved is None:
+            return
+        rank, size = self._parallel()
+        B = self.cfg.batch_size
+        n = num_streams(saved)
+        if n is not None:
+            check(B is not None and n == B * size,
+                  f"the checkpoint holds the memory of {n} streams, this run has {size} ranks x --batch-size {B}: "
+                  f"resume with --batch-size x ranks = {n}, or pass --reset-dataloader to start the epoch over "
+                  f"with fresh memory")
+            saved = slice_state(saved, rank * B, (rank + 1) * B)
+        st = RecurrentState()
+        st.load_state_dict(saved)
+        self.states[("train", self.cfg.train_subset)] = st
 
     # ---- generation: fairseq-interactive and the hub interface's sample() -------------------------------------
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from rmt_fairseq.modules.generation import greedy_decode
+from rmt_fairseq.modules.generation import greedy_decode, model_step
 from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
 
@@ -14,7 +14,7 @@ def test_greedy_tokens_and_scores_equal_teacher_forced(mem_tokens, mem_len):
     T, P, L = 8, 5, 32  # prompt of 5 tokens, 27 generated: crosses three segment boundaries
     torch.manual_seed(0)
     prompt = torch.randint(4, 40, (3, L))
-    seq, scores = greedy_decode(model.decoder, prompt, prompt_len=P, end=L, seg_len=T, pad=1)
+    seq, scores = greedy_decode(model_step(model, T), prompt, prompt_len=P, end=L, seg_len=T, pad=1)
     assert torch.equal(seq[:, :P], prompt[:, :P])
     hidden = run_segments(model.decoder, seq, None, RecurrentState(), seg_len=T, return_hidden=True).hidden
     lp = model.decoder.token_log_probs(torch.cat(hidden, 1))  # B x L x V

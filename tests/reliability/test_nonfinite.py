@@ -64,16 +64,17 @@ def test_skip_restores_memory_and_gives_zero_finite_gradient(recall_data):
     task.load_dataset("train")
     itr = task.get_batch_iterator(task.dataset("train")).next_epoch_itr(shuffle=False)
     first, second = next(itr), next(itr)
-    first["rmt_state"] = second["rmt_state"] = task.state_for(first)
+    first["rmt_state"] = task.state_for(first, "train")
     criterion(model, first)
-    state = first["rmt_state"]
+    state = second["rmt_state"] = first["rmt_state"]  # the state the forward returned: the next batch's
     memory_before, seen_before = state.memory, state.segments_seen
     forward_segment = type(model.decoder).forward_segment
     model.decoder.forward_segment = lambda *a: dataclasses.replace(forward_segment(model.decoder, *a),
                                                                    hidden=torch.full((4, 8, 64), float("nan")))
     second["rmt_update"] = 2
     loss, sample_size, log = criterion(model, second)
-    assert state.memory is memory_before and state.segments_seen == seen_before
+    restored = second["rmt_state"]  # what the task keeps: the state before the batch
+    assert restored.memory is memory_before and restored.segments_seen == seen_before
     assert sample_size == 0 and log["nonfinite_skipped"] == 1
     model.zero_grad()
     loss.backward()

@@ -1,0 +1,134 @@
+"""fairseq-train with several ranks: what the plugin changes in fairseq's launch and checkpoint paths.
+
+fairseq 0.12's multi-process launcher assumes CUDA. `install()` (run when the plugin is imported) makes the
+same commands work on CPU ranks over gloo, and keeps the memory state of every rank's streams in the
+checkpoint. Each change applies only where fairseq as shipped would fail or lose state; on GPUs fairseq's own
+paths run unchanged.
+
+- `fairseq-train --distributed-world-size N` without CUDA (or with --cpu): fairseq would spawn
+  min(GPUs, N) = 0 processes (or assert N <= GPUs); here it spawns N CPU processes on one host, rendezvous
+  over tcp://localhost (--distributed-port, else a free port).
+- `torchrun --nproc_per_node N $(which fairseq-train) ...` (env:// rendezvous) without CUDA: fairseq computes
+  the device as `rank % torch.cuda.device_count()` (ZeroDivisionError); here device 0, i.e. the CPU.
+- Without CUDA the default `--distributed-backend nccl` cannot work: gloo is used (logged once).
+- `--ddp-backend pytorch_ddp` / `c10d` on CPU: fairseq builds DistributedDataParallel with
+  `device_ids=[device_id]`, which DDP refuses for CPU modules; here the same wrapper without device ids.
+- Resuming a run of several ranks broadcasts rank 0's checkpoint through torch.load(weights_only=True), which
+  refuses fairseq's own `_TensorPlaceholder`: it is registered as a safe global.
+- Checkpoints: fairseq writes them from rank 0 only, so each rank's training-stream memory is gathered (a
+  collective on every rank) just before fairseq saves; each rank takes its own streams back on resume
+  (tasks/rmt_lm.py: gather_train_states, get/set_checkpoint_dict).
+- `--bf16` without TPU: fairseq 0.12 reads --bf16 as "train on TPU" (options.py sets --tpu) and then needs
+  torch_xla. Where torch_xla is not installed, --tpu is switched off again, so --bf16 trains and evaluates in
+  bfloat16 on CPUs and GPUs (fairseq's trainer, FP16Optimizer and sample casting support it as they are).
+"""
+
+import logging
+import os
+import socket
+
+logger = logging.getLogger(__name__)
+
+_state = {"installed": False}
+
+
+def no_cuda(cfg) -> bool:
+    import torch
+
+    return bool(getattr(cfg.common, "cpu", False)) or not torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_torch_xla() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch_xla") is not None
+
+
+def install() -> None:
+    if _state["installed"]:
+        return
+    _state["installed"] = True
+    import torch
+    from fairseq import checkpoint_utils, models
+    from fairseq.distributed import utils as dist_utils
+    from fairseq.models import distributed_fairseq_model
+
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals([dist_utils._TensorPlaceholder])
+
+    original_call_main = dist_utils.call_main
+    original_launch_init = dist_utils._infer_torch_distributed_launch_init
+    original_wrap = distributed_fairseq_model.DistributedFairseqModel
+    original_save = checkpoint_utils.save_checkpoint
+
+    def _infer_torch_distributed_launch_init(cfg):
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return original_launch_init(cfg)
+        cfg.distributed_init_method = "env://"
+        cfg.distributed_world_size = int(os.environ["WORLD_SIZE"])
+        cfg.distributed_rank = int(os.environ["RANK"])
+        cfg.device_id = 0  # CPU ranks: there is no device to pick
+        cfg.distributed_no_spawn = True  # the launcher (torchrun) started the processes
+
+    def call_main(cfg, main, **kwargs):
+        dt = cfg.distributed_training
+        if getattr(cfg.common, "bf16", False) and getattr(cfg.common, "tpu", False) and not _has_torch_xla():
+            logger.info("--bf16 without torch_xla: bfloat16 on %s (fairseq 0.12 would read it as --tpu)",
+                        "CPU" if no_cuda(cfg) else "GPU")
+            cfg.common.tpu = False
+        if no_cuda(cfg) and dt.distributed_world_size > 1 and not getattr(cfg.common, "tpu", False):
+            if dt.distributed_backend == "nccl":
+                logger.info("no CUDA: --distributed-backend gloo (nccl needs GPUs)")
+                dt.distributed_backend = "gloo"
+            launched = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
+            slurm = "SLURM_STEP_NODELIST" in os.environ or "SLURM_JOB_NODELIST" in os.environ
+            if dt.distributed_init_method is None and not launched and not slurm:
+                # one host, N CPU processes (fairseq would spawn one per GPU: none)
+                port = dt.distributed_port if dt.distributed_port > 0 else _free_port()
+                dt.distributed_init_method = f"tcp://localhost:{port}"
+                if dt.distributed_rank is None:
+                    dt.distributed_rank = 0
+                logger.info("no CUDA: starting %d CPU ranks over %s (%s)", dt.distributed_world_size,
+                            dt.distributed_init_method, dt.distributed_backend)
+                kwargs["start_rank"] = dt.distributed_rank
+                dt.distributed_rank = None  # assigned per process by distributed_main
+                torch.multiprocessing.spawn(fn=dist_utils.distributed_main, args=(main, cfg, kwargs),
+                                            nprocs=dt.distributed_world_size, join=True)
+                return
+        return original_call_main(cfg, main, **kwargs)
+
+    def DistributedFairseqModel(args, model, process_group, device):
+        if device.type != "cpu" or getattr(args, "tpu", False) or args.ddp_backend not in {"c10d", "pytorch_ddp"}:
+            return original_wrap(args, model, process_group, device)
+        from torch.nn.parallel import DistributedDataParallel
+
+        from fairseq.distributed import DistributedTimeoutWrapper, ModuleProxyWrapper
+
+        # fairseq's pytorch_ddp wrapper, without the device ids DDP refuses for CPU modules
+        wrapped = ModuleProxyWrapper(DistributedDataParallel(
+            module=model.to(device), broadcast_buffers=args.broadcast_buffers, bucket_cap_mb=args.bucket_cap_mb,
+            process_group=process_group, find_unused_parameters=args.find_unused_parameters,
+            gradient_as_bucket_view=args.gradient_as_bucket_view))
+        if getattr(args, "heartbeat_timeout", -1) > 0:
+            wrapped = DistributedTimeoutWrapper(wrapped, timeout=args.heartbeat_timeout)
+        return wrapped
+
+    def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
+        # every rank, before fairseq decides that rank 0 alone writes: gather the streams' memory
+        if not cfg.no_save and hasattr(trainer.task, "gather_train_states"):
+            trainer.task.gather_train_states()
+        return original_save(cfg, trainer, epoch_itr, val_loss)
+
+    # keep fairseq's function attributes (save_checkpoint.best is read and written through the module)
+    save_checkpoint.__dict__.update(original_save.__dict__)
+    dist_utils._infer_torch_distributed_launch_init = _infer_torch_distributed_launch_init
+    dist_utils.call_main = call_main
+    distributed_fairseq_model.DistributedFairseqModel = DistributedFairseqModel
+    models.DistributedFairseqModel = DistributedFairseqModel
+    checkpoint_utils.save_checkpoint = save_checkpoint
