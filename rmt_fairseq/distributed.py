@@ -13,8 +13,10 @@ paths run unchanged.
 - Without CUDA the default `--distributed-backend nccl` cannot work: gloo is used (logged once).
 - `--ddp-backend pytorch_ddp` / `c10d` on CPU: fairseq builds DistributedDataParallel with
   `device_ids=[device_id]`, which DDP refuses for CPU modules; here the same wrapper without device ids.
-- Resuming a run of several ranks broadcasts rank 0's checkpoint through torch.load(weights_only=True), which
-  refuses fairseq's own `_TensorPlaceholder`: it is registered as a safe global.
+- Resuming a run of several ranks: rank 0 reads the checkpoint (fairseq's loader, weights_only=False) and
+  broadcasts it, and the other ranks unpickle it with torch.load's weights_only=True default of torch >= 2.6,
+  which refuses the checkpoint's own omegaconf config and fairseq's `_TensorPlaceholder`. The bytes come from
+  rank 0 of the same job, so they are read as rank 0 read the file.
 - Checkpoints: fairseq writes them from rank 0 only, so each rank's training-stream memory is gathered (a
   collective on every rank) just before fairseq saves; each rank takes its own streams back on resume
   (tasks/rmt_lm.py: gather_train_states, get/set_checkpoint_dict).
@@ -59,8 +61,25 @@ def install() -> None:
     from fairseq.distributed import utils as dist_utils
     from fairseq.models import distributed_fairseq_model
 
-    if hasattr(torch.serialization, "add_safe_globals"):
-        torch.serialization.add_safe_globals([dist_utils._TensorPlaceholder])
+    def _broadcast_object_slow(obj, src_rank, group, dist_device):
+        """fairseq's, with weights_only=False on the receiving ranks (see the module docstring)."""
+        import io
+
+        if dist_utils.get_rank(group) == src_rank:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            buffer = torch.ByteTensor(buffer.getbuffer()).to(dist_device)
+            length = torch.LongTensor([len(buffer)]).to(dist_device)
+            dist_utils.broadcast(length, src=src_rank, group=group)
+            dist_utils.broadcast(buffer, src=src_rank, group=group)
+            return obj
+        length = torch.LongTensor([0]).to(dist_device)
+        dist_utils.broadcast(length, src=src_rank, group=group)
+        buffer = torch.ByteTensor(int(length.item())).to(dist_device)
+        dist_utils.broadcast(buffer, src=src_rank, group=group)
+        return torch.load(io.BytesIO(buffer.cpu().numpy()), map_location="cpu", weights_only=False)
+
+    dist_utils._broadcast_object_slow = _broadcast_object_slow
 
     original_call_main = dist_utils.call_main
     original_launch_init = dist_utils._infer_torch_distributed_launch_init

@@ -98,3 +98,42 @@ def validation_loss(task, model, criterion, split="valid"):
         loss, n, _ = task.valid_step(sample, model, criterion)
         total, ntok = total + loss.item(), ntok + n
     return total / ntok / math.log(2)
+
+
+def make_band_data(root: str, seed: int = 3) -> str:
+    """A corpus whose rare words appear only in the second half of the training text, fairseq-preprocess'ed.
+
+    fairseq's dictionary puts them last (by frequency): 4 specials and 28 common words are ids 0..31, the rare
+    words 32..41, so with --adaptive-softmax-cutoff 20,32 they form the last adaptive band. Streams are cut from
+    the text in order and rank r reads streams r*B..(r+1)*B-1 (data/streams.py); the first 400 of 600 lines have
+    no rare word, so with 2 ranks only rank 1 ever sees that band: the data-parallel case in which a parameter is
+    used on one rank and not on the other."""
+    import random
+
+    rng = random.Random(seed)
+    common = [f"w{i}" for i in range(28)]
+    rare = [f"r{i}" for i in range(10)]
+
+    def line(with_rare):
+        words = [rng.choice(common) for _ in range(rng.randint(4, 12))]
+        if with_rare:
+            words[rng.randrange(len(words))] = rng.choice(rare)
+        return " ".join(words)
+
+    raw, out = os.path.join(root, "raw"), os.path.join(root, "bin")
+    os.makedirs(raw, exist_ok=True)
+    train = [line(False) for _ in range(400)] + [line(rng.random() < 0.8) for _ in range(200)]
+    for name, lines in [("train", train), ("valid", [line(rng.random() < 0.3) for _ in range(80)]),
+                        ("test", [line(rng.random() < 0.3) for _ in range(80)])]:
+        with open(os.path.join(raw, f"{name}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    cli("fairseq-preprocess", "--only-source", "--trainpref", f"{raw}/train.txt", "--validpref", f"{raw}/valid.txt",
+        "--testpref", f"{raw}/test.txt", "--destdir", out, "--workers", 1)
+    return out
+
+
+def train_losses(text: str) -> dict:
+    """{update: loss} from fairseq-train's (or rmt-deepspeed-train's) train_inner log lines."""
+    import re
+
+    return {int(u): float(v) for v, u in re.findall(r"train_inner .*?loss[=\s]([0-9.]+),.*?num_updates[=\s](\d+)", text)}

@@ -224,10 +224,13 @@ def run_segments(
     # so data-parallel reducers (DDP buckets, ZeRO-1/2 reduction, ZeRO-3 gathers) see the same parameters in the
     # same order on every rank whatever the data. Adding 0 x init is exact for finite values.
     init = model.initial_memory(B)  # B x M x C, or None without recurrent memory
-    if state.memory is None:
-        memory = init
-    else:
-        memory = state.memory if init is None else state.memory + 0.0 * init
+
+    def carried(saved):  # the memory entering a segment: a saved one (joined by 0 x init), or the initial one
+        if saved is None:
+            return init
+        return saved if init is None else saved + 0.0 * init
+
+    memory = carried(state.memory)
     cache = state.cache
     losses, hidden, ntokens = [], [] if return_hidden else None, 0
     for s, (tok, tgt) in enumerate(zip(seg_tokens, seg_targets)):
@@ -237,7 +240,7 @@ def run_segments(
             # parameters keep receiving gradient while they are inside the window)
             window = state.window
             if window:
-                mem_w = window[0].memory if window[0].memory is not None else model.initial_memory(B)
+                mem_w = carried(window[0].memory)
                 cache_w, initial = window[0].cache, window[0].memory is None
             else:
                 mem_w, cache_w, initial = memory, cache, state.memory is None
