@@ -17,9 +17,12 @@ class RMTRunError(RuntimeError):
 
 def _excepthook(exc_type, exc, tb, _default=sys.excepthook):
     if issubclass(exc_type, (RMTConfigError, RMTRunError)):
-        sys.stderr.write(f"error: {exc}\n")
+        # the process's own stderr: torch.distributed's excepthook (installed by init_process_group around this
+        # one) points sys.stderr at a buffer it prints after the hook returns, and this hook does not return
+        err = sys.__stderr__ or sys.stderr
+        err.write(f"error: {exc}\n")
         sys.stdout.flush()
-        sys.stderr.flush()
+        err.flush()
         # sys.exit is not possible from an excepthook; the interpreter exits 1 after it. Force the status.
         import os
 

@@ -38,11 +38,20 @@ def main(argv=None):
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    states = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_00_model_states.pt")))
+    # ZeRO-1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_N_mp_rank_00_model_states.pt per rank
+    states = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
     if not states:
-        ap.error(f"{tag_dir}: no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint)")
+        ap.error(f"{tag_dir}: no mp_rank_00_model_states.pt or zero_pp_rank_*_mp_rank_00_model_states.pt (not a "
+                 f"DeepSpeed checkpoint)")
     client = torch.load(states[0], map_location="cpu", weights_only=False)
     model = get_fp32_state_dict_from_zero_checkpoint(a.checkpoint_dir, tag=a.tag)
+    # every rank's streams (rmt_state_rank{r}.pt), in rank order: the state of all streams, as fairseq-train saves it
+    from rmt_fairseq.modules.recurrence import concat_states
+
+    ranks = len(glob.glob(os.path.join(tag_dir, "rmt_state_rank*.pt")))
+    parts = [torch.load(os.path.join(tag_dir, f"rmt_state_rank{r}.pt"), map_location="cpu", weights_only=True)
+             for r in range(ranks)]
+    train_state = concat_states(parts) if parts else None
     ckpt = {
         "cfg": _plain(client["cfg"]),  # torch.load(weights_only=True) in fairseq-eval-lm: plain values only
         "model": {k: v.float() for k, v in model.items()},
@@ -50,6 +59,7 @@ def main(argv=None):
                                "lr_scheduler_state": client.get("fairseq_lr_scheduler", {}),
                                "num_updates": client["num_updates"]}],
         "extra_state": {"train_iterator": {"epoch": client["epoch"], "iterations_in_epoch": client["batch_index"]},
+                        "RMTLMTask": {"train_state": train_state},
                         "exported_from": os.path.abspath(tag_dir)},
         "last_optimizer_state": None,
     }

@@ -52,6 +52,7 @@ def main(argv=None):
 
     import deepspeed
     from fairseq import metrics, optim, tasks, utils
+    from fairseq.data import iterators
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.logging import progress_bar
     from fairseq.optim.lr_scheduler import build_lr_scheduler
@@ -81,20 +82,24 @@ def main(argv=None):
     lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, fs_optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=fs_optimizer.optimizer, config=ds_config)
     device = engine.device
-    log.info("DeepSpeed: ZeRO stage %d, %d ranks, micro batch %d x accumulation %d", engine.zero_optimization_stage(),
-             world, args.batch_size, update_freq)
+    log.info("DeepSpeed: ZeRO stage %d, %d ranks, micro batch %d x accumulation %d, %s", engine.zero_optimization_stage(),
+             world, args.batch_size, update_freq, device)
+    pad = task.source_dictionary.pad()
 
-    def set_lr(num_updates):
-        lr = lr_scheduler.step_update(num_updates)
+    def set_lr(lr):
         for opt in {id(o): o for o in (engine.optimizer, fs_optimizer.optimizer)}.values():
             for group in opt.param_groups:
                 group["lr"] = lr
         return lr
 
     def all_sum(values):
-        t = torch.tensor(values, dtype=torch.float64)
+        # on the engine's device: NCCL refuses CPU tensors
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
         return t.tolist()
+
+    def to_device(sample):
+        return utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
 
     # ---- resume -------------------------------------------------------------------------------------------
     save_dir = cfg.checkpoint.save_dir
@@ -106,99 +111,135 @@ def main(argv=None):
         state_file = os.path.join(save_dir, client["tag"], f"rmt_state_rank{rank}.pt")
         st = RecurrentState()
         st.load_state_dict(torch.load(state_file, weights_only=True))
-        task.states[cfg.dataset.train_subset] = st.to(device)
+        task.states[("train", cfg.dataset.train_subset)] = st.to(device)
         log.info("resumed from %s at update %d (epoch %d, batch %d)", client["tag"], num_updates, epoch, start_batch)
 
-    def save(epoch, next_batch):
-        tag = f"update{num_updates}"
-        state = task.states.get(cfg.dataset.train_subset, RecurrentState())
+    def save(tag, epoch, next_batch):
+        """A DeepSpeed checkpoint (all ranks, as DeepSpeed requires) plus every rank's streams' memory."""
+        state = task.train_state() or RecurrentState()
         client = {"num_updates": num_updates, "epoch": epoch, "batch_index": next_batch, "tag": tag,
                   "fairseq_lr_scheduler": lr_scheduler.state_dict(), "cfg": OmegaConf.to_container(cfg, resolve=True)}
-        engine.save_checkpoint(save_dir, tag=tag, client_state=client)  # all ranks, as DeepSpeed requires
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client)
         tmp = os.path.join(save_dir, tag, f"rmt_state_rank{rank}.pt.tmp")
-        torch.save(state.state_dict(), tmp)
+        torch.save(utils.move_to_cpu(state.state_dict()), tmp)
         os.replace(tmp, tmp[: -len(".tmp")])  # atomic: complete or absent
         torch.distributed.barrier()
         log.info("saved checkpoint %s/%s", save_dir, tag)
 
+    def save_epoch_end(finished_epoch):
+        """fairseq-train always writes checkpoint_last.pt at the end of an epoch; --no-epoch-checkpoints only
+        drops the per-epoch copies. Here: a tag per epoch end; with --no-epoch-checkpoints the previous epoch's
+        tag is deleted once the new one is complete (the newest stays, as checkpoint_last.pt does)."""
+        save(f"epoch{finished_epoch}", finished_epoch + 1, 0)
+        if cfg.checkpoint.no_epoch_checkpoints and rank == 0:
+            import shutil
+
+            for old in range(1, finished_epoch):
+                shutil.rmtree(os.path.join(save_dir, f"epoch{old}"), ignore_errors=True)
+        torch.distributed.barrier()
+
     def validate():
-        task.load_dataset(cfg.dataset.valid_subset)
-        engine.eval()
+        """The task's own validation (fresh 'valid' state per pass: training streams untouched), summed over
+        ranks as fairseq-train does."""
+        subset = cfg.dataset.valid_subset
+        if subset not in task.datasets:
+            task.load_dataset(subset)
         total = [0.0, 0.0]
-        itr = task.get_batch_iterator(task.dataset(cfg.dataset.valid_subset)).next_epoch_itr(shuffle=False)
-        with torch.no_grad():
-            for sample in itr:
-                sample = utils.move_to_cuda(sample, device) if device.type == "cuda" else sample
-                sample["rmt_state"] = task.state_for(sample)
-                loss, n, _ = criterion(engine.module, sample)
-                total[0] += float(loss)
-                total[1] += n
+        itr = task.get_batch_iterator(task.dataset(subset)).next_epoch_itr(shuffle=False)
+        for sample in itr:
+            loss, n, _ = task.valid_step(to_device(sample), engine, criterion)
+            total[0] += float(loss)
+            total[1] += n
+        engine.train()
         loss_sum, ntok = all_sum(total)
-        valid_loss = loss_sum / ntok / math.log(2)
-        log.info("valid on '%s' subset | loss %.4f | ppl %.2f | num_updates %d", cfg.dataset.valid_subset,
-                 valid_loss, 2**valid_loss, num_updates)
+        valid_loss = loss_sum / max(ntok, 1) / math.log(2)
+        log.info("valid on '%s' subset | loss %.4f | ppl %.2f | num_updates %d", subset, valid_loss,
+                 2**valid_loss, num_updates)
         return valid_loss
+
+    def train_update(group):
+        """One update from the group's micro-batches (fairseq's GroupedIterator: --update-freq batches of this
+        epoch, fewer for the epoch's last group). Gradients as fairseq-train's: the summed loss of every token
+        of the update, on every rank, divided by their number. The token count is known before any forward
+        (the non-pad targets), so each backward is scaled by world / (all tokens of the update): DeepSpeed
+        averages over ranks. The accumulation boundary is set by hand, so a short last group of an epoch is
+        one update, as in fairseq, instead of running into the next epoch."""
+        utils.set_torch_seed(cfg.common.seed + num_updates)  # fairseq's rule: dropout seeded by the update
+        global_tok = all_sum([sum(float(s["target"].ne(pad).sum()) for s in group)])[0]
+        sums = [0.0, 0.0, 0.0]
+        engine.train()
+        for i, sample in enumerate(group):
+            sample = to_device(sample)
+            engine.set_gradient_accumulation_boundary(i == len(group) - 1)
+            sample["rmt_update"] = num_updates + 1
+            loss, ntok, logging_output = task.run_step("train", sample, lambda: criterion(engine, sample))
+            # 0 tokens: every rank skipped (--on-nonfinite skip)
+            engine.backward(loss * world / max(global_tok, 1.0), scale_wrt_gas=False)
+            sums = [a + b for a, b in zip(sums, [float(loss.detach()), ntok, logging_output["nsentences"]])]
+        engine.step()
+        return all_sum(sums), engine.was_step_applied()
 
     # ---- train --------------------------------------------------------------------------------------------
     max_update = cfg.optimization.max_update or math.inf
     max_epoch = cfg.optimization.max_epoch or math.inf
-    set_lr(num_updates)
-    micro = 0
+    valid_every = cfg.dataset.validate_interval_updates
+    save_every = cfg.checkpoint.save_interval_updates
     train_ds = task.dataset(cfg.dataset.train_subset)
     done = num_updates >= max_update
+    set_lr(lr_scheduler.step_update(num_updates))
     while not done and epoch <= max_epoch:
+        lr_scheduler.step_begin_epoch(epoch)  # as fairseq's trainer.begin_epoch
+        set_lr(lr_scheduler.step_update(num_updates))
         itr = task.get_batch_iterator(train_ds, epoch=epoch).next_epoch_itr(shuffle=False)
+        groups = iterators.GroupedIterator(itr, update_freq)  # fairseq-train's grouping (an update per group)
         # fairseq's own progress bar on rank 0: --log-format simple/json/tqdm, --tensorboard-logdir, --log-file
-        itr = progress_bar.progress_bar(
-            itr, log_format=cfg.common.log_format if rank == 0 else "none", log_interval=cfg.common.log_interval,
+        bar = progress_bar.progress_bar(
+            groups, log_format=cfg.common.log_format if rank == 0 else "none", log_interval=cfg.common.log_interval,
             log_file=cfg.common.log_file, epoch=epoch,
             tensorboard_logdir=cfg.common.tensorboard_logdir if rank == 0 else None,
             default_log_format="none" if cfg.common.no_progress_bar else "simple")
         agg = [0.0, 0.0, 0.0]  # loss, ntokens, nsentences since the last log line
-        t0 = time.time()
-        for sample in itr:
-            if sample["batch_index"] < start_batch:
-                continue
-            engine.train()
-            sample["rmt_state"] = task.state_for(sample)
-            sample["rmt_update"] = num_updates + 1
-            loss, ntok, logging_output = criterion(engine.module, sample)
-            # fairseq: sum of token losses / tokens of the whole global batch. DeepSpeed averages over ranks
-            # (and divides by the accumulation steps in backward), so scale by world / global tokens.
-            global_tok = all_sum([ntok])[0]
-            engine.backward(loss * world / max(global_tok, 1))  # 0: every rank skipped (--on-nonfinite skip)
-            engine.step()
-            micro += 1
-            s = all_sum([float(loss), ntok, logging_output["nsentences"]])
-            agg = [a + b for a, b in zip(agg, s)]
-            if micro % update_freq:
+        t0, next_batch = time.time(), start_batch
+        for group in bar:
+            if group[-1]["batch_index"] < start_batch:
+                continue  # resumed: this update was done before the checkpoint
+            sums, applied = train_update(group)
+            next_batch = group[-1]["batch_index"] + 1
+            if not applied:  # fp16 overflow: DeepSpeed skipped the step; fairseq does not count it either
+                log.info("gradient overflow: DeepSpeed skipped the optimizer step (loss scale lowered); "
+                         "not counted as an update")
                 continue
             num_updates += 1
-            lr = set_lr(num_updates)
+            lr = set_lr(lr_scheduler.step_update(num_updates))
+            agg = [a + b for a, b in zip(agg, sums)]
             if num_updates % cfg.common.log_interval == 0:
                 loss_bits = agg[0] / max(agg[1], 1) / math.log(2)
-                itr.log({"loss": round(loss_bits, 4), "ppl": round(2**loss_bits, 2),
+                bar.log({"loss": round(loss_bits, 4), "ppl": round(2**loss_bits, 2),
                          "wps": round(agg[1] / max(time.time() - t0, 1e-9), 1),
                          "wpb": round(agg[1] / cfg.common.log_interval, 1),
                          "bsz": round(agg[2] / cfg.common.log_interval, 1), "num_updates": num_updates,
                          "lr": lr}, tag="train_inner", step=num_updates)
                 agg, t0 = [0.0, 0.0, 0.0], time.time()
-            interval = cfg.checkpoint.save_interval_updates
-            if interval and num_updates % interval == 0 and not cfg.checkpoint.no_save:
-                save(epoch, sample["batch_index"] + 1)
-            if num_updates >= max_update:
-                done = True
+            done = num_updates >= max_update
+            end_of_epoch = next_batch >= len(train_ds)
+            if valid_every and num_updates % valid_every == 0 and not end_of_epoch \
+                    and not cfg.dataset.disable_validation:
+                validate()
+            if save_every and num_updates % save_every == 0 and not cfg.checkpoint.no_save and not end_of_epoch:
+                save(f"update{num_updates}", epoch, next_batch)
+            if done:
                 break
         start_batch = 0
-        if not cfg.dataset.disable_validation:
-            validate()
-        if done:
+        end_of_epoch = not done or next_batch >= len(train_ds)
+        val_loss = None if cfg.dataset.disable_validation else validate()
+        if end_of_epoch:
+            lr_scheduler.step(epoch, val_loss)  # as fairseq's trainer.lr_step (reduce_lr_on_plateau decays here)
+            set_lr(lr_scheduler.step_update(num_updates))
             if not cfg.checkpoint.no_save:
-                save(epoch, sample["batch_index"] + 1)
-            break
-        epoch += 1
-        if not cfg.checkpoint.no_save and not cfg.checkpoint.no_epoch_checkpoints:
-            save(epoch, 0)
+                save_epoch_end(epoch)
+            epoch += 1
+        elif not cfg.checkpoint.no_save:
+            save(f"update{num_updates}", epoch, next_batch)  # stopped mid-epoch by --max-update
     metrics.reset()
     log.info("done training in %d updates", num_updates)
     torch.distributed.barrier()

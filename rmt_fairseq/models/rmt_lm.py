@@ -440,9 +440,12 @@ def vocabulary_size(state_dict) -> Optional[int]:
     """The dictionary size a saved rmt_lm state dict was trained with: rows of its input embedding (the sum
     over the bands of an adaptive input). None if it has neither."""
     if "decoder.embed_tokens.weight" in state_dict:
-        return int(state_dict["decoder.embed_tokens.weight"].shape[0])
+        w = state_dict["decoder.embed_tokens.weight"]
+        return int(w.shape[0]) if w.dim() == 2 else None  # ZeRO-3 module states hold empty placeholders
     bands = [v for k, v in state_dict.items() if re.fullmatch(r"decoder\.embed_tokens\.embeddings\.\d+\.0\.weight", k)]
-    return sum(int(b.shape[0]) for b in bands) if bands else None
+    if not bands or any(b.dim() != 2 for b in bands):
+        return None
+    return sum(int(b.shape[0]) for b in bands)
 
 
 def check_vocabulary(state_dict, built: int, source: str, dict_file: str) -> None:

@@ -1,0 +1,141 @@
+"""rmt-deepspeed-train at scale-out's edges, 2 ranks under the real `deepspeed` launcher (gloo on loopback):
+a wt103-shaped model (adaptive input + tied adaptive softmax) whose last band only rank 1 uses, under ZeRO-1/2/3
+with ZeRO-3 really partitioning every weight (persistence threshold 0); exported ZeRO-2/3 checkpoints evaluate
+with fairseq-eval-lm to DeepSpeed's last validation loss; --update-freq 2 over an epoch of an odd number of
+batches groups updates as fairseq-train does (every stage); resume with dropout, Adam and warm-up reproduces
+the run; reduce_lr_on_plateau decays as under fairseq-train; validating on the training split changes nothing;
+an epoch's end always leaves a checkpoint.
+
+The references are single-process fairseq-train runs with the same 8 streams (2 ranks x 4)."""
+
+import json
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+from helpers import cli, make_band_data, train_losses
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_deepspeed_train import COMMON, TOL, _valid, deepspeed  # noqa: E402  (the module beside this one)
+
+pytestmark = pytest.mark.deepspeed
+WT103_SHAPED = ["--adaptive-input", "--adaptive-softmax-cutoff", "20,32", "--tie-adaptive-weights",
+                "--tie-adaptive-proj", "--adaptive-softmax-factor", 2, "--adaptive-input-factor", 2]
+STAGES = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def band_data(tmp_path_factory):
+    return make_band_data(str(tmp_path_factory.mktemp("band")))
+
+
+@pytest.fixture(scope="module")
+def ds_config(tmp_path_factory):
+    """ds_configs/zeroN.json; for ZeRO-3 with stage3_param_persistence_threshold 0, so that every weight of
+    the tiny model is partitioned (the shipped 100000 keeps them all whole on every rank)."""
+    root = tmp_path_factory.mktemp("ds")
+    (root / "partition_all.json").write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold":
+                                                                               0}}))
+    return lambda stage: (f"ds_configs/zero{stage}.json" + (f",{root / 'partition_all.json'}" if stage == 3 else ""))
+
+
+@pytest.fixture(scope="module")
+def wt103_reference(band_data):
+    p = cli("fairseq-train", band_data, *COMMON, *WT103_SHAPED, "--batch-size", 8, "--max-update", 8, "--no-save",
+            "--disable-validation", "--log-format", "simple", "--num-workers", 0)
+    return train_losses(p.stdout + p.stderr)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_wt103_shaped_band_on_one_rank_logs_fairseq_train_losses_and_exports(band_data, wt103_reference, ds_config,
+                                                                             stage, tmp_path):
+    save = tmp_path / "ds"
+    out = deepspeed(band_data, *COMMON, *WT103_SHAPED, "--batch-size", 4, "--max-update", 8, "--save-dir", save,
+                    "--deepspeed-config", ds_config(stage), port=29640 + stage)
+    got = train_losses(out)
+    assert sorted(got) == list(range(1, 9)), out[-3000:]
+    assert all(abs(got[u] - wt103_reference[u]) <= TOL for u in got), (got, wt103_reference)
+    if stage == 3:
+        tag = open(save / "latest").read().strip()
+        assert len(list((save / tag).glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
+    if stage == 1:
+        return
+    cli("rmt-deepspeed-export", "--checkpoint-dir", save, "--out", tmp_path / "model.pt")
+    exported = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert exported["extra_state"]["RMTLMTask"]["train_state"]["memory"].shape[0] == 8  # both ranks' streams
+    e = cli("fairseq-eval-lm", band_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path",
+            tmp_path / "model.pt", "--batch-size", 8, "--tokens-per-sample", 8, "--gen-subset", "valid", "--cpu",
+            "--num-workers", 0)
+    loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", e.stdout + e.stderr).group(1))
+    assert loss == pytest.approx(_valid(out)[-1], abs=TOL)
+
+
+@pytest.fixture(scope="module")
+def odd_epoch_reference(recall_data):
+    """fairseq-train, --update-freq 2, across the end of an epoch of 47 batches (the last group holds one)."""
+    p = cli("fairseq-train", recall_data, *COMMON, "--batch-size", 8, "--update-freq", 2, "--max-update", 26,
+            "--no-save", "--disable-validation", "--log-format", "simple", "--num-workers", 0)
+    losses = train_losses(p.stdout + p.stderr)
+    assert sorted(losses) == list(range(1, 27))
+    return losses
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_update_freq_over_an_odd_epoch_groups_as_fairseq_train(recall_data, odd_epoch_reference, ds_config, stage):
+    out = deepspeed(recall_data, *COMMON, "--batch-size", 4, "--update-freq", 2, "--max-update", 26, "--no-save",
+                    "--disable-validation", "--deepspeed-config", ds_config(stage), port=29650 + stage)
+    got = train_losses(out)
+    assert sorted(got) == list(range(1, 27)), out[-3000:]
+    assert all(abs(got[u] - odd_epoch_reference[u]) <= TOL for u in got), (got, odd_epoch_reference)
+
+
+RESUME = ["--optimizer", "adam", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 4,
+          "--warmup-init-lr", "1e-5", "--dropout", 0.1, "--save-interval-updates", 4, "--disable-validation"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_with_dropout_adam_and_warmup_reproduces_the_run(recall_data, ds_config, stage, tmp_path):
+    args = [recall_data, *COMMON, *RESUME, "--batch-size", 4, "--deepspeed-config", ds_config(stage)]  # adam wins
+    full = train_losses(deepspeed(*args, "--max-update", 10, "--save-dir", tmp_path / "a", port=29660 + stage))
+    deepspeed(*args, "--max-update", 4, "--save-dir", tmp_path / "b", port=29662 + stage)
+    resumed = train_losses(deepspeed(*args, "--max-update", 10, "--save-dir", tmp_path / "b", port=29664 + stage))
+    assert sorted(resumed) == list(range(5, 11)), resumed
+    assert all(resumed[u] == full[u] for u in resumed), (full, resumed)
+
+
+def _lrs(text):
+    return [float(x) for x in re.findall(r"train_inner .*?lr[=\s]([0-9.e-]+)", text)]
+
+
+def test_reduce_lr_on_plateau_decays_as_under_fairseq_train_and_epochs_leave_checkpoints(recall_data, tmp_path):
+    """--lr-threshold 10: no epoch counts as an improvement, so with patience 0 the lr halves after every epoch.
+    --no-epoch-checkpoints keeps the newest epoch's checkpoint only."""
+    flags = ["--lr-scheduler", "reduce_lr_on_plateau", "--lr-shrink", 0.5, "--lr-patience", 0, "--lr-threshold", 10,
+             "--max-epoch", 3, "--no-epoch-checkpoints", "--log-interval", 47]
+    ref = cli("fairseq-train", recall_data, *COMMON, *flags, "--batch-size", 8, "--log-format", "simple",
+              "--num-workers", 0, "--save-dir", tmp_path / "fs")
+    out = deepspeed(recall_data, *COMMON, *flags, "--batch-size", 4, "--save-dir", tmp_path / "ds",
+                    "--deepspeed-config", "ds_configs/zero2.json", port=29670)
+    fs_lr, ds_lr = _lrs(ref.stdout + ref.stderr), _lrs(out)
+    assert len(fs_lr) == 3 and fs_lr[2] < fs_lr[0] and ds_lr == fs_lr, (fs_lr, ds_lr)
+    tags = sorted(p.name for p in (tmp_path / "ds").iterdir() if p.is_dir())
+    assert tags == ["epoch3"] and (tmp_path / "ds" / "latest").read_text().strip() == "epoch3"
+
+
+def test_one_epoch_without_epoch_checkpoints_still_writes_one(recall_data, tmp_path):
+    deepspeed(recall_data, *COMMON, "--batch-size", 4, "--max-epoch", 1, "--no-epoch-checkpoints",
+              "--disable-validation", "--save-dir", tmp_path, "--deepspeed-config", "ds_configs/zero1.json",
+              port=29671)
+    assert (tmp_path / "latest").read_text().strip() == "epoch1"
+
+
+def test_validating_on_the_training_split_leaves_training_unchanged(recall_data):
+    args = [recall_data, *COMMON, "--batch-size", 4, "--max-update", 16, "--no-save", "--deepspeed-config",
+            "ds_configs/zero2.json"]
+    plain = train_losses(deepspeed(*args, "--disable-validation", port=29672))
+    out = deepspeed(*args, "--valid-subset", "train", "--validate-interval-updates", 4, port=29673)
+    assert len(re.findall(r"valid on 'train' subset", out)) >= 3, out[-3000:]
+    assert train_losses(out) == plain
