@@ -53,10 +53,26 @@ def tiny_wrapper(vocab: int = 40, seed: int = 0, **overrides):
                                                    _Task(dictionary(vocab)))
 
 
-def cli(name: str, *args, check=True, timeout=600, cwd=REPO) -> subprocess.CompletedProcess:
+# the modules behind the console scripts, for an environment where packages were installed without them
+# (pip install --target on a bare GPU image: scripts/gpu_suite.sh)
+MODULES = {"fairseq-train": "fairseq_cli.train", "fairseq-eval-lm": "fairseq_cli.eval_lm",
+           "fairseq-interactive": "fairseq_cli.interactive", "fairseq-preprocess": "fairseq_cli.preprocess",
+           "fairseq-validate": "fairseq_cli.validate", "rmt-data": "rmt_fairseq.cli.data",
+           "rmt-deepspeed-train": "rmt_fairseq.deepspeed.train", "rmt-deepspeed-export": "rmt_fairseq.deepspeed.export",
+           "deepspeed": "deepspeed.launcher.runner"}
+
+
+def command(name: str) -> list:
+    """The command line that runs console script `name`: the installed script, else `python -m` its module."""
+    path = os.path.join(BIN, name)
+    return [path] if os.path.exists(path) or name not in MODULES else [sys.executable, "-m", MODULES[name]]
+
+
+def cli(name: str, *args, check=True, timeout=600, cwd=REPO, env=None) -> subprocess.CompletedProcess:
     """Run one of the installed console scripts (fairseq-train, fairseq-eval-lm, rmt-data ...)."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2")
-    p = subprocess.run([os.path.join(BIN, name), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2",
+               **(env or {}))
+    p = subprocess.run([*command(name), *map(str, args)], cwd=cwd, env=env, capture_output=True,
                        text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")

@@ -398,6 +398,14 @@ class RecurrentLM:
         ok = torch.stack(memory_ok) if memory_ok else torch.ones_like(losses, dtype=torch.bool)
         return losses, {"ntokens": out.ntokens, "memory_ok": ok, "rmt_state": state}
 
+    def prepare_for_inference_(self, cfg):
+        """fairseq's, plus --bf16: fairseq 0.12's eval-lm, interactive, generate and hub interface apply --fp16
+        (model.half()) and ignore --bf16; here a bfloat16 model, as fairseq-train --bf16 trains it."""
+        super().prepare_for_inference_(cfg)
+        common = getattr(cfg, "common", None)
+        if getattr(common, "bf16", False) and not getattr(common, "fp16", False):
+            self.to(dtype=torch.bfloat16)
+
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's load, after a one-line error for a checkpoint trained on another vocabulary (fairseq's own
         is torch's size-mismatch traceback)."""
