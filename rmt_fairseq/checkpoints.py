@@ -80,7 +80,15 @@ def install() -> None:
     if _state["installed"]:
         return
     _state["installed"] = True
+    import argparse
+
     import torch
+
+    # fairseq keeps a legacy optimizer's config (--optimizer sgd, nag, adagrad ...) as an argparse.Namespace in
+    # the checkpoint's cfg; torch >= 2.6 loads with weights_only=True and refuses it, so fairseq-eval-lm and a
+    # resume fail on every such checkpoint. A Namespace is a plain attribute holder: allow it.
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals([argparse.Namespace])
     from fairseq import checkpoint_utils
     from fairseq.file_io import PathManager
 

@@ -405,6 +405,8 @@ class RecurrentLM:
         common = getattr(cfg, "common", None)
         if getattr(common, "bf16", False) and not getattr(common, "fp16", False):
             self.to(dtype=torch.bfloat16)
+        param = next(self.parameters())
+        logger.info("inference in %s on %s", str(param.dtype).replace("torch.", ""), param.device)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's load, after a one-line error for a checkpoint trained on another vocabulary (fairseq's own

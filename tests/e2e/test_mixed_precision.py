@@ -71,14 +71,15 @@ def _eval_lm(data, path, *extra):
     out = p.stdout + p.stderr
     loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", out).group(1))
     tokens = int(re.search(r"Evaluated ([0-9,]+) tokens", out).group(1).replace(",", ""))
-    return loss, tokens
+    return loss, tokens, re.search(r"inference in (\w+)", out).group(1)
 
 
 @pytest.mark.parametrize("flag,tol", [("--bf16", EVAL_BF16), ("--fp16", EVAL_FP16)])
 def test_eval_lm_in_half_precision_scores_the_same_tokens_near_fp32(recall_data, checkpoint, flag, tol):
-    ref, n = _eval_lm(recall_data, checkpoint)
-    got, m = _eval_lm(recall_data, checkpoint, flag)
-    assert m == n and abs(got - ref) <= tol and got != ref, (got, ref)  # != : it really ran in half precision
+    ref, n, dtype = _eval_lm(recall_data, checkpoint)
+    got, m, half = _eval_lm(recall_data, checkpoint, flag)
+    assert (dtype, half) == ("float32", {"--bf16": "bfloat16", "--fp16": "float16"}[flag])
+    assert m == n and abs(got - ref) <= tol, (got, ref)
 
 
 def _interactive(data, path, *extra):
@@ -92,11 +93,12 @@ def _interactive(data, path, *extra):
     hyp = re.search(r"^H-0\t\S+\t(.*)$", out, re.M).group(1).split()
     scores = [float(x) for x in re.search(r"^P-0\t(.*)$", out, re.M).group(1).split()]
     assert hyp[:13] == prompt.split() and len(hyp) > 16, out[-2000:]
-    return scores[:13]  # the prompt's tokens: the same tokens in every precision
+    return scores[:13], re.search(r"inference in (\w+)", out).group(1)  # the prompt: the same tokens in any precision
 
 
 @pytest.mark.parametrize("flag,tol", [("--bf16", GEN_BF16), ("--fp16", GEN_FP16)])
 def test_interactive_in_half_precision_generates_and_scores_near_fp32(recall_data, checkpoint, flag, tol):
-    ref = _interactive(recall_data, checkpoint)
-    got = _interactive(recall_data, checkpoint, flag)
-    assert max(abs(a - b) for a, b in zip(got, ref)) <= tol and got != ref, (got, ref)
+    ref, dtype = _interactive(recall_data, checkpoint)
+    got, half = _interactive(recall_data, checkpoint, flag)
+    assert (dtype, half) == ("float32", {"--bf16": "bfloat16", "--fp16": "float16"}[flag])
+    assert max(abs(a - b) for a, b in zip(got, ref)) <= tol, (got, ref)
