@@ -125,9 +125,8 @@ def install() -> None:
     def DistributedFairseqModel(args, model, process_group, device):
         if device.type != "cpu" or getattr(args, "tpu", False) or args.ddp_backend not in {"c10d", "pytorch_ddp"}:
             return original_wrap(args, model, process_group, device)
-        from torch.nn.parallel import DistributedDataParallel
-
         from fairseq.distributed import DistributedTimeoutWrapper, ModuleProxyWrapper
+        from torch.nn.parallel import DistributedDataParallel
 
         # fairseq's pytorch_ddp wrapper, without the device ids DDP refuses for CPU modules
         wrapped = ModuleProxyWrapper(DistributedDataParallel(

@@ -152,4 +152,5 @@ def train_losses(text: str) -> dict:
     """{update: loss} from fairseq-train's (or rmt-deepspeed-train's) train_inner log lines."""
     import re
 
-    return {int(u): float(v) for v, u in re.findall(r"train_inner .*?loss[=\s]([0-9.]+),.*?num_updates[=\s](\d+)", text)}
+    pattern = r"train_inner .*?loss[=\s]([0-9.]+),.*?num_updates[=\s](\d+)"
+    return {int(u): float(v) for v, u in re.findall(pattern, text)}

@@ -10,7 +10,6 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
 
-
 @dataclass
 class RMTClassificationConfig(FairseqDataclass):
     checkpoint_segments: bool = field(

@@ -11,7 +11,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from rmt_fairseq.errors import RMTRunError
-from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState
 
 logger = logging.getLogger(__name__)
 

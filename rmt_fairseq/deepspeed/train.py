@@ -82,8 +82,8 @@ def main(argv=None):
     lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, fs_optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=fs_optimizer.optimizer, config=ds_config)
     device = engine.device
-    log.info("DeepSpeed: ZeRO stage %d, %d ranks, micro batch %d x accumulation %d, %s", engine.zero_optimization_stage(),
-             world, args.batch_size, update_freq, device)
+    log.info("DeepSpeed: ZeRO stage %d, %d ranks, micro batch %d x accumulation %d, %s",
+             engine.zero_optimization_stage(), world, args.batch_size, update_freq, device)
     pad = task.source_dictionary.pad()
 
     def set_lr(lr):
