@@ -75,3 +75,14 @@ def test_memorization_quick_runs_the_real_clis(tmp_path):
     assert res["extrapolation"][0]["segments"] == trained and res["extrapolation"][-1]["tokens"] >= 2000
     assert all(0 <= r["accuracy"] <= 100 and r["rss_mb"] > 0 for r in res["extrapolation"])
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_scaleout_quick(tmp_path):
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, "benchmarks/scaleout.py", "--quick", "--out", str(out)], cwd=REPO,
+                   check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert [r["combination"] for r in res["rows"]] == ["fairseq-train, 1 process",
+                                                       "fairseq-train, 2 ranks, pytorch_ddp"]
+    assert res["rows"][0]["ratio_to_one_process"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb_largest_process"] > 0 for r in res["rows"])
