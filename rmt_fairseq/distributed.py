@@ -52,6 +52,18 @@ def _has_torch_xla() -> bool:
     return importlib.util.find_spec("torch_xla") is not None
 
 
+def _reraise_one_line(e) -> None:
+    """A rank spawned here failed: torch hands its traceback over as text. The plugin's own errors (a bad flag,
+    file or value; a non-finite loss) become the one `error:` line they are in one process."""
+    from rmt_fairseq.errors import RMTConfigError, RMTRunError
+
+    for cls in (RMTConfigError, RMTRunError):
+        marker = f"{cls.__module__}.{cls.__name__}: "
+        if marker in str(e):
+            raise cls(str(e).rsplit(marker, 1)[1].strip().splitlines()[0]) from None
+    raise e
+
+
 def install() -> None:
     if _state["installed"]:
         return
@@ -96,16 +108,28 @@ def install() -> None:
         cfg.distributed_no_spawn = True  # the launcher (torchrun) started the processes
 
     def call_main(cfg, main, **kwargs):
+        from rmt_fairseq.errors import check
+
         dt = cfg.distributed_training
         if getattr(cfg.common, "bf16", False) and getattr(cfg.common, "tpu", False) and not _has_torch_xla():
             logger.info("--bf16 without torch_xla: bfloat16 on %s (fairseq 0.12 would read it as --tpu)",
                         "CPU" if no_cuda(cfg) else "GPU")
             cfg.common.tpu = False
+        training = getattr(main, "__module__", "") == "fairseq_cli.train"
+        check(not (training and no_cuda(cfg) and (cfg.common.fp16 or cfg.common.memory_efficient_fp16)),
+              "--fp16 trains on CUDA GPUs only (fairseq's FP16Optimizer and loss scaler); on CPU train with --bf16, "
+              "or in fp32")
+        launched = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
+        if launched and dt.distributed_init_method is None and int(os.environ["WORLD_SIZE"]) != \
+                dt.distributed_world_size:
+            # torchrun: fairseq reads WORLD_SIZE only when --distributed-world-size (default: the GPU count) > 1,
+            # so on CPU, or with one GPU per node, every rank would train alone; the launcher's count rules
+            logger.info("--distributed-world-size %d from the launcher (WORLD_SIZE)", int(os.environ["WORLD_SIZE"]))
+            dt.distributed_world_size = int(os.environ["WORLD_SIZE"])
         if no_cuda(cfg) and dt.distributed_world_size > 1 and not getattr(cfg.common, "tpu", False):
             if dt.distributed_backend == "nccl":
                 logger.info("no CUDA: --distributed-backend gloo (nccl needs GPUs)")
                 dt.distributed_backend = "gloo"
-            launched = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
             slurm = "SLURM_STEP_NODELIST" in os.environ or "SLURM_JOB_NODELIST" in os.environ
             if dt.distributed_init_method is None and not launched and not slurm:
                 # one host, N CPU processes (fairseq would spawn one per GPU: none)
@@ -117,22 +141,30 @@ def install() -> None:
                             dt.distributed_init_method, dt.distributed_backend)
                 kwargs["start_rank"] = dt.distributed_rank
                 dt.distributed_rank = None  # assigned per process by distributed_main
-                torch.multiprocessing.spawn(fn=dist_utils.distributed_main, args=(main, cfg, kwargs),
-                                            nprocs=dt.distributed_world_size, join=True)
+                try:
+                    torch.multiprocessing.spawn(fn=dist_utils.distributed_main, args=(main, cfg, kwargs),
+                                                nprocs=dt.distributed_world_size, join=True)
+                except torch.multiprocessing.ProcessRaisedException as e:
+                    _reraise_one_line(e)
                 return
         return original_call_main(cfg, main, **kwargs)
 
     def DistributedFairseqModel(args, model, process_group, device):
         if device.type != "cpu" or getattr(args, "tpu", False) or args.ddp_backend not in {"c10d", "pytorch_ddp"}:
             return original_wrap(args, model, process_group, device)
+        # fairseq's pytorch_ddp wrapper, without the device ids DDP refuses for CPU modules (torch >= 2.13 calls
+        # broadcast_buffers forward_sync_buffers)
+        import inspect
+
         from fairseq.distributed import DistributedTimeoutWrapper, ModuleProxyWrapper
         from torch.nn.parallel import DistributedDataParallel
 
-        # fairseq's pytorch_ddp wrapper, without the device ids DDP refuses for CPU modules
+        params = inspect.signature(DistributedDataParallel).parameters
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
         wrapped = ModuleProxyWrapper(DistributedDataParallel(
-            module=model.to(device), broadcast_buffers=args.broadcast_buffers, bucket_cap_mb=args.bucket_cap_mb,
-            process_group=process_group, find_unused_parameters=args.find_unused_parameters,
-            gradient_as_bucket_view=args.gradient_as_bucket_view))
+            module=model.to(device), bucket_cap_mb=args.bucket_cap_mb, process_group=process_group,
+            find_unused_parameters=args.find_unused_parameters, gradient_as_bucket_view=args.gradient_as_bucket_view,
+            **{sync: args.broadcast_buffers}))
         if getattr(args, "heartbeat_timeout", -1) > 0:
             wrapped = DistributedTimeoutWrapper(wrapped, timeout=args.heartbeat_timeout)
         return wrapped

@@ -59,7 +59,7 @@ MODULES = {"fairseq-train": "fairseq_cli.train", "fairseq-eval-lm": "fairseq_cli
            "fairseq-interactive": "fairseq_cli.interactive", "fairseq-preprocess": "fairseq_cli.preprocess",
            "fairseq-validate": "fairseq_cli.validate", "rmt-data": "rmt_fairseq.cli.data",
            "rmt-deepspeed-train": "rmt_fairseq.deepspeed.train", "rmt-deepspeed-export": "rmt_fairseq.deepspeed.export",
-           "deepspeed": "deepspeed.launcher.runner"}
+           "deepspeed": "deepspeed.launcher.runner", "torchrun": "torch.distributed.run"}
 
 
 def command(name: str) -> list:

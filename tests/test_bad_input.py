@@ -117,6 +117,10 @@ CASES = {
     "dropout out of range": train("--dropout", 1.5, names=["--dropout", "1.5"]),
     "mt layout without memory": train("--memory-layout", "mt", "--mem-tokens", 0,
                                       names=["--memory-layout mt", "--mem-tokens 0"]),
+    # fairseq-train starts 2 CPU ranks (rmt_fairseq/distributed.py): a rank's error is still one line
+    "two ranks, negative mem tokens": train("--mem-tokens", -1, "--distributed-world-size", 2,
+                                            names=["--mem-tokens", "-1"]),
+    "fp16 training on cpu": train("--fp16", names=["--fp16", "--bf16"]),
     # (no checkpoint in --save-dir: one saved mid-epoch with other streams would be refused first)
     "split too short": train("--batch-size", 400, "--tokens-per-sample", 64, last=None,
                              names=["--batch-size 400", "--tokens-per-sample 64"]),

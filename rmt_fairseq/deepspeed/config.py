@@ -15,7 +15,7 @@ def load_ds_config(path: str, batch_size: int, update_freq: int, world_size: int
     train_batch_size = micro batch x gradient accumulation x data-parallel size (as gpt-neox does)."""
     check(path is not None, "--deepspeed-config FILE is required (see ds_configs/README.md)")
     cfg = {}
-    for part in path.split(","):  # several files merge in order, one concern per file (zero2.json,bf16.json)
+    for part in [p.strip() for p in path.split(",") if p.strip()]:  # merged in order: zero2.json,bf16.json
         check(os.path.isfile(part), f"--deepspeed-config {part}: no such file")
         try:
             with open(part) as f:

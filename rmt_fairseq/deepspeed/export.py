@@ -26,10 +26,13 @@ def main(argv=None):
     ap.add_argument("--tag", help="checkpoint tag (default: the one in checkpoint-dir/latest)")
     ap.add_argument("--out", required=True, help="fairseq checkpoint to write")
     a = ap.parse_args(argv)
+    if not os.path.isdir(a.checkpoint_dir):
+        ap.error(f"--checkpoint-dir {a.checkpoint_dir}: no such directory")
     latest = os.path.join(a.checkpoint_dir, "latest")
     if a.tag is None:
         if not os.path.isfile(latest):
-            ap.error(f"--checkpoint-dir {a.checkpoint_dir}: no 'latest' file; pass --tag")
+            ap.error(f"--checkpoint-dir {a.checkpoint_dir}: no 'latest' file (not the --save-dir of "
+                     f"rmt-deepspeed-train, or it never saved); pass --tag")
         a.tag = open(latest).read().strip()
     tag_dir = os.path.join(a.checkpoint_dir, a.tag)
     if not os.path.isdir(tag_dir):

@@ -24,6 +24,14 @@ import torch
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # without --heartbeat-timeout: how long a rank waits for a dead peer
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def parse_args(argv):
     from fairseq import options
 
@@ -46,9 +54,19 @@ def main(argv=None):
     update_freq = args.update_freq[0] if isinstance(args.update_freq, list) else args.update_freq
     world = int(os.environ.get("WORLD_SIZE", "1"))
     from rmt_fairseq.deepspeed.config import load_ds_config
+    from rmt_fairseq.errors import RMTConfigError
 
-    ds_config = load_ds_config(args.deepspeed_config, args.batch_size, update_freq, world,  # before any comm
-                               clip_norm=args.clip_norm)
+    try:
+        ds_config = load_ds_config(args.deepspeed_config, args.batch_size, update_freq, world,  # before any comm
+                                   clip_norm=args.clip_norm)
+    except RMTConfigError:
+        if int(os.environ.get("RANK", "0")) != 0:
+            os._exit(2)  # every rank reads the same flags and JSON: rank 0 says it once
+        raise
+    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+        # started without the deepspeed launcher: one rank on this machine (DeepSpeed would look for MPI)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
 
     import deepspeed
     from fairseq import metrics, optim, tasks, utils

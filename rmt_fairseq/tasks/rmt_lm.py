@@ -269,6 +269,14 @@ class RMTLMTask(FairseqTask):
 
         if "://" in path:
             return
+        if os.path.isdir(path):
+            import glob
+
+            deepspeed_dir = (glob.glob(os.path.join(path, "*model_states.pt"))
+                             or glob.glob(os.path.join(path, "*", "*model_states.pt")))
+            check(not deepspeed_dir, f"{source} is a DeepSpeed checkpoint directory: export it to a fairseq "
+                                     f"checkpoint first (rmt-deepspeed-export --checkpoint-dir <its --save-dir> "
+                                     f"[--tag TAG] --out model.pt) and pass that file")
         check(os.path.isfile(path), f"{source}: no such file")
         try:  # mmap: only what is looked at is read, so a large checkpoint costs little here
             state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)

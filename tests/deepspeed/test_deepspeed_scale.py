@@ -139,3 +139,42 @@ def test_validating_on_the_training_split_leaves_training_unchanged(recall_data)
     out = deepspeed(*args, "--valid-subset", "train", "--validate-interval-updates", 4, port=29673)
     assert len(re.findall(r"valid on 'train' subset", out)) >= 3, out[-3000:]
     assert train_losses(out) == plain
+
+
+def test_a_bad_json_under_the_launcher_is_one_line(recall_data, tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"train_batch_size": 64}')
+    import subprocess
+
+    from helpers import BIN, REPO
+
+    p = subprocess.run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29674",
+                        os.path.join(BIN, "rmt-deepspeed-train"), *map(str, [recall_data, *COMMON, "--batch-size", 4,
+                                                                             "--deepspeed-config", bad])],
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=300)
+    errors = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error: ")]
+    assert p.returncode != 0 and len(errors) == 1 and "train_batch_size is 64" in errors[0], p.stderr[-2000:]
+
+
+def test_without_the_launcher_one_rank_trains(recall_data):
+    """rmt-deepspeed-train started directly is one rank (DeepSpeed alone would look for MPI): the losses of
+    single-process fairseq-train with the same streams."""
+    ref = train_losses(cli("fairseq-train", recall_data, *COMMON, "--batch-size", 4, "--max-update", 4, "--no-save",
+                           "--disable-validation", "--log-format", "simple", "--num-workers", 0).stdout)
+    p = cli("rmt-deepspeed-train", recall_data, *COMMON, "--batch-size", 4, "--max-update", 4, "--no-save",
+            "--disable-validation", "--deepspeed-config", "ds_configs/zero1.json")
+    got = train_losses(p.stdout + p.stderr)
+    assert sorted(got) == [1, 2, 3, 4] and all(abs(got[u] - ref[u]) <= TOL for u in got), (got, ref)
+
+
+def test_deepspeed_directories_are_named_where_a_file_is_expected(recall_data, tmp_path):
+    tag = tmp_path / "ds" / "update4"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    p = cli("fairseq-eval-lm", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path", tag, "--cpu",
+            check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "DeepSpeed checkpoint directory" in last and "rmt-deepspeed-export" in last
+    p = cli("rmt-deepspeed-export", "--checkpoint-dir", tmp_path / "nope", "--out", tmp_path / "m.pt", check=False)
+    assert p.returncode == 2 and "no such directory" in p.stderr.strip().splitlines()[-1]

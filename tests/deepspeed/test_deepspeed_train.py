@@ -101,6 +101,8 @@ BAD = {
     "param offload below zero3": ('{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}',
                                   "offload_param needs ZeRO stage >= 3"),
     "optimizer in json": ('{"optimizer": {"type": "AdamW"}}', "come from the fairseq flags"),
+    "space after a comma": ("ds_configs/zero2.json, ds_configs/nope.json",
+                            "--deepspeed-config ds_configs/nope.json: no such file"),
 }
 
 

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import BIN, REPO, cli, make_band_data, train_losses
+from helpers import BIN, REPO, cli, command, make_band_data, train_losses
 
 TOL = 2e-4
 UPDATES = 8
@@ -79,6 +79,17 @@ def test_two_ranks_log_the_losses_of_one_process(recall_data, band_data, one_pro
     got, ref = train_losses(log), one_process[name]
     assert sorted(got) == list(range(1, UPDATES + 1)), log[-3000:]
     assert all(abs(got[u] - ref[u]) <= TOL for u in got), (got, ref)
+
+
+def test_torchrun_without_a_world_size_flag_trains_one_job(recall_data, one_process):
+    """The README's torchrun line on CPU: fairseq reads WORLD_SIZE only when --distributed-world-size (default:
+    the GPU count, 1 here) is above 1, so each rank would train alone; the launcher's count is used."""
+    p = cli("torchrun", "--nproc_per_node", 2, "--master_port", 29931, command("fairseq-train")[-1], recall_data,
+            *STREAM, *CONFIGS["rmt-block"], "--batch-size", 4)
+    log = p.stdout + p.stderr
+    assert "from the launcher (WORLD_SIZE)" in log and "as rank 1" in log, log[-3000:]
+    got, ref = train_losses(log), one_process["rmt-block"]
+    assert sorted(got) == list(range(1, UPDATES + 1)) and all(abs(got[u] - ref[u]) <= TOL for u in got), (got, ref)
 
 
 def test_band_data_uses_the_last_band_on_rank_1_only(band_data):
