@@ -52,6 +52,34 @@ def _has_torch_xla() -> bool:
     return importlib.util.find_spec("torch_xla") is not None
 
 
+def _destroy_process_group() -> None:
+    """Tear the process group down while the interpreter is still whole: left to static destruction at exit,
+    a gloo rank was seen to abort ("terminate called without an active exception", SIGABRT) after training
+    had finished."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # exit anyway: the run's work is done
+            pass
+
+
+def _spawned_main(i, main, cfg, kwargs):
+    """A CPU rank started by call_main: fairseq's distributed_main, then a clean exit (process group destroyed,
+    output flushed, no C++ static teardown left to abort a finished run)."""
+    import sys
+
+    from fairseq.distributed import utils as dist_utils
+
+    dist_utils.distributed_main(i, main, cfg, kwargs)
+    _destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
 def _reraise_one_line(e) -> None:
     """A rank spawned here failed: torch hands its traceback over as text. The plugin's own errors (a bad flag,
     file or value; a non-finite loss) become the one `error:` line they are in one process."""
@@ -68,7 +96,11 @@ def install() -> None:
     if _state["installed"]:
         return
     _state["installed"] = True
+    import atexit
+
     import torch
+
+    atexit.register(_destroy_process_group)  # every launch path (torchrun, --distributed-no-spawn ranks)
     from fairseq import checkpoint_utils, models
     from fairseq.distributed import utils as dist_utils
     from fairseq.models import distributed_fairseq_model
@@ -142,7 +174,7 @@ def install() -> None:
                 kwargs["start_rank"] = dt.distributed_rank
                 dt.distributed_rank = None  # assigned per process by distributed_main
                 try:
-                    torch.multiprocessing.spawn(fn=dist_utils.distributed_main, args=(main, cfg, kwargs),
+                    torch.multiprocessing.spawn(fn=_spawned_main, args=(main, cfg, kwargs),
                                                 nprocs=dt.distributed_world_size, join=True)
                 except torch.multiprocessing.ProcessRaisedException as e:
                     _reraise_one_line(e)
