@@ -117,6 +117,11 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         """B x T x C -> B x T x V log-probabilities."""
         return self.get_normalized_probs((self.output_layer(hidden), None), log_probs=True).float()
 
+    def max_positions(self):
+        """Any length: every segment's tokens get positions 1..T, so fairseq's limit (the position table, the
+        segment length under --task rmt_lm) would cap generation at one segment."""
+        return int(1e9)
+
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False, **kwargs):
         """The whole prefix through the segment loop, fresh memory (generation recomputes it every step)."""
         out = run_segments(self, prev_output_tokens, None, RecurrentState(), seg_len=self.segment_len,

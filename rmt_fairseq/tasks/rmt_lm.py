@@ -517,6 +517,12 @@ class RMTLMTask(FairseqTask):
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         check(constraints is None, "--constraints is not supported with --task rmt_lm")
+        from fairseq.sequence_scorer import SequenceScorer
+
+        if isinstance(generator, SequenceScorer):  # the hub's score(): every token of each text, fresh memory
+            with torch.no_grad():
+                return generator.generate(models, scoring_sample(sample, self.source_dictionary.eos(),
+                                                                 self.source_dictionary.pad()))
         with torch.no_grad():
             if prefix_tokens is None and sample["net_input"]["src_tokens"].nelement():
                 prefix_tokens = sample["net_input"]["src_tokens"]  # the prompt is forced, then generation
@@ -532,10 +538,24 @@ class RMTLMTask(FairseqTask):
         return self.dictionary
 
 
+def scoring_sample(sample, eos: int, pad: int) -> dict:
+    """A PromptDataset batch as a teacher-forced one: source </s> t1 .. t(n-1), target t1 .. tn (the text as
+    encoded, its final </s> included), as a line of the training streams is read after the previous </s>."""
+    tgt = sample["target"]  # B x n, right-padded
+    src = torch.cat([tgt.new_full((tgt.size(0), 1), eos), tgt[:, :-1]], dim=1)  # B x n
+    src = src.masked_fill(tgt.eq(pad), pad)
+    lengths = tgt.ne(pad).sum(1)
+    return {**sample, "net_input": {"src_tokens": src, "src_lengths": lengths}, "ntokens": int(lengths.sum())}
+
+
 class PromptDataset(FairseqDataset):
+    """fairseq-interactive's and the hub interface's texts: prompts to continue (their final </s> dropped, so
+    generation continues them; net_input) and the texts as encoded, to score (target)."""
+
     def __init__(self, prompts, dictionary):
         super().__init__()
         eos = dictionary.eos()
+        self.texts = list(prompts)
         self.prompts = [p[:-1] if len(p) and p[-1] == eos else p for p in prompts]
         self.pad = dictionary.pad()
         self.sizes = np.array([len(p) for p in self.prompts])
@@ -555,4 +575,5 @@ class PromptDataset(FairseqDataset):
     def collater(self, items):
         toks = data_utils.collate_tokens([self.prompts[i] for i in items], self.pad, left_pad=False)
         return {"id": torch.tensor(items), "nsentences": len(items), "ntokens": int(toks.ne(self.pad).sum()),
-                "net_input": {"src_tokens": toks, "src_lengths": torch.tensor([len(self.prompts[i]) for i in items])}}
+                "net_input": {"src_tokens": toks, "src_lengths": torch.tensor([len(self.prompts[i]) for i in items])},
+                "target": data_utils.collate_tokens([self.texts[i] for i in items], self.pad, left_pad=False)}
