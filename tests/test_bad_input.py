@@ -148,6 +148,24 @@ CASES = {
     "dictionary mismatch in eval-lm": eval_lm(data="{copy}", names=["--path {ckpts}/rmt.pt",
                                                                     "vocabulary of {v_recall} types",
                                                                     "{copy}/dict.txt has {v_copy}"]),
+    # a dictionary of the same size whose ids mean other tokens (two entries swapped): the fingerprint the
+    # checkpoint keeps of its training dictionary differs (issue 14, item 4)
+    "swapped dictionary on resume": train("--restore-file", "{ckpts}/rmt.pt", data="{data}/swapped",
+                                          names=["--restore-file {ckpts}/rmt.pt", "{data}/swapped/dict.txt",
+                                                 "another dictionary"]),
+    "swapped dictionary in eval-lm": eval_lm(data="{data}/swapped", names=["--path {ckpts}/rmt.pt",
+                                                                          "{data}/swapped/dict.txt",
+                                                                          "another dictionary"]),
+    "swapped dictionary in interactive": Case("fairseq-interactive", ("{data}/swapped", "--user-dir", "user_dir",
+                                                                      "--task", "rmt_lm", "--path", "{ckpts}/rmt.pt",
+                                                                      "--cpu"),
+                                              ("--path {ckpts}/rmt.pt", "{data}/swapped/dict.txt",
+                                               "another dictionary")),
+    "swapped dictionary with --lm-path": Case("fairseq-train", ("{data}/swapped", *STOCK, "--save-dir", "{save}", *WRAP,
+                                                                "--lm-path", "{ckpts}/stock.pt"),
+                                              ("--lm-path {ckpts}/stock.pt", "another dictionary"), None),
+    "a word added to the dictionary in eval-lm": eval_lm(data="{data}/added", names=["--path {ckpts}/rmt.pt",
+                                                                                    "{data}/added/dict.txt"]),
     # ---- checkpoints -------------------------------------------------------------------------------------
     "other architecture": train("--restore-file", "{ckpts}/rmt.pt", "--decoder-layers", 3,
                                 names=["--restore-file {ckpts}/rmt.pt", "--decoder-layers 2 vs 3"]),
@@ -291,6 +309,10 @@ def _make_bad_data(data: Path, recall: str) -> None:
     for name in ["bad_dict", "empty_valid", "short_test"]:
         shutil.copytree(recall, data / name)
     (data / "bad_dict" / "dict.txt").write_text("f1 600\nno count here\n")
+    lines = (Path(recall) / "dict.txt").read_text().splitlines()
+    for name, new in [("swapped", [lines[1], lines[0], *lines[2:]]), ("added", [*lines, "zzz 1"])]:
+        shutil.copytree(recall, data / name)
+        (data / name / "dict.txt").write_text("\n".join(new) + "\n")
     _write_split(data / "empty_valid" / "valid", words, [])  # fairseq-preprocess of an empty --validpref
     _write_split(data / "short_test" / "test", words, ["K1 f1 f2 K1"])  # 5 tokens with </s>
     cli("rmt-data", "memorization", "reasoning", "--out", data / "mem", "--train-size", 20, "--valid-size", 4,

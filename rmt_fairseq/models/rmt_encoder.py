@@ -159,7 +159,9 @@ class RMTEncoderModel(FairseqEncoderModel):
         validate_config(cfg, task)
         encoder = RMTEncoder(cfg, task.source_dictionary, task.num_classes)
         if cfg.roberta_path and not from_checkpoint:
-            load_roberta(encoder, cfg.roberta_path, cfg)
+            data = getattr(task.cfg, "data", None)
+            load_roberta(encoder, cfg.roberta_path, cfg,
+                         os.path.join(data, "dict.txt") if isinstance(data, str) else "the data's dict.txt")
         return cls(encoder)
 
     def forward(self, src_tokens, segment_len: int, **kwargs):
@@ -187,9 +189,22 @@ def validate_config(cfg: RMTEncoderConfig, task) -> None:
         check(os.path.isfile(cfg.roberta_path), f"--roberta-path {cfg.roberta_path}: no such file")
 
 
-def load_roberta(encoder: RMTEncoder, path: str, cfg: RMTEncoderConfig) -> None:
+def load_roberta(encoder: RMTEncoder, path: str, cfg: RMTEncoderConfig, dict_file: str = "the data's dict.txt") -> None:
     """Copy a fairseq RoBERTa checkpoint's encoder (`encoder.sentence_encoder.*`, or the older `decoder.*` /
-    `emb_layer_norm` names) into `encoder.sentence_encoder`; every weight must fit exactly."""
+    `emb_layer_norm` names) into `encoder.sentence_encoder`; every weight must fit exactly. Where the checkpoint's
+    own dict.txt lies beside it (fairseq's roberta.base/ layout), the data's dictionary must list the same tokens
+    in the same order (a task may append symbols such as <mask>)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "dict.txt")
+    if os.path.isfile(beside):
+        from fairseq.data import Dictionary
+
+        theirs = Dictionary.load(beside).symbols
+        mine = encoder.dictionary.symbols
+        differ = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), None)
+        check(differ is None and len(mine) >= len(theirs),
+              f"--roberta-path {path} was trained with {beside}, which differs from {dict_file} ("
+              + (f"token {differ}: {theirs[differ]!r} vs {mine[differ]!r}" if differ is not None
+                 else f"{len(theirs)} vs {len(mine)} types") + "): use the checkpoint's dict.txt as the data's")
     try:
         # fairseq RoBERTa checkpoints keep their argparse args: a full (trusted, user-given) unpickle
         state = torch.load(path, map_location="cpu", weights_only=False)

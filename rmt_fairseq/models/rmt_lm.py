@@ -98,6 +98,12 @@ class RMTLanguageModelConfig(FairseqDataclass):
         metadata={"help": "per-sample recurrence: memory detached every K+1 segments of a sample (default: "
                   "gradient through the whole sample). Under --task rmt_lm: --bptt-unroll"},
     )
+    dictionary_fingerprint: Optional[str] = field(
+        default=None,
+        metadata={"help": "set when the model is built for training: sha256 (16 hex digits) of the training "
+                  "dictionary's symbols in order; a model loaded with another dict.txt (any order or size) stops "
+                  "with an error naming both"},
+    )
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
 
@@ -331,6 +337,15 @@ class RecurrentLM:
         data = getattr(task_cfg, "data", None)
         self.dictionary_file = (os.path.join(data.split(os.pathsep)[0], "dict.txt")
                                 if isinstance(data, str) and data not in ("", "???") else None)
+        # the training dictionary travels in the model's config (saved in every checkpoint): set when built for
+        # training, checked when a checkpoint's config comes back with other data
+        dictionary = getattr(task, "source_dictionary", None)
+        if dictionary is not None and hasattr(dictionary, "symbols"):
+            saved = getattr(cfg, "dictionary_fingerprint", None)
+            check_fingerprint(saved, dictionary, "the checkpoint", self.dictionary_file or "the data's dict.txt")
+            if saved is None and OmegaConf.is_config(cfg):
+                with open_dict(cfg):
+                    cfg.dictionary_fingerprint = dictionary_fingerprint(dictionary)
         self.per_sample = not getattr(task, "stream_level", False)
         self.segment_bptt_unroll = getattr(cfg, "segment_bptt_unroll", None)
         if not self.per_sample:
@@ -465,6 +480,24 @@ def check_vocabulary(state_dict, built: int, source: str, dict_file: str) -> Non
           f"{source} was trained with a vocabulary of {saved} types, but {dict_file} has {built}: the data was "
           f"binarized with another dictionary; binarize it with the checkpoint's (fairseq-preprocess --srcdict "
           f"<its data>/dict.txt)")
+
+
+def dictionary_fingerprint(dictionary) -> str:
+    """sha256 (first 16 hex digits) of a fairseq Dictionary's symbols in index order: equal iff every token id
+    means the same token (counts do not matter)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(dictionary.symbols).encode("utf-8")).hexdigest()[:16]
+
+
+def check_fingerprint(saved: Optional[str], dictionary, source: str, dict_file: str) -> None:
+    """One line naming both files when a model was trained on a dictionary with other token ids (a reordered,
+    added or removed entry) than the data's dict.txt. `saved` None (older checkpoints): nothing to compare."""
+    mine = dictionary_fingerprint(dictionary)
+    check(saved is None or saved == mine,
+          f"{source} was trained with another dictionary than {dict_file} (fingerprint {saved} vs {mine}: the same "
+          f"token ids would mean other tokens); binarize the data with the checkpoint's dictionary "
+          f"(fairseq-preprocess --srcdict <its data>/dict.txt)")
 
 
 def _with_defaults(cfg):

@@ -32,7 +32,7 @@ from rmt_fairseq.modules.adaptive import make_dense
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 
-from .rmt_lm import RecurrentLM, check_vocabulary, segment_nll
+from .rmt_lm import RecurrentLM, check_fingerprint, check_vocabulary, dictionary_fingerprint, segment_nll
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ class RMTTransformerLMConfig(TransformerLanguageModelConfig):
         default=None,
         metadata={"help": "per-sample recurrence: memory detached every K+1 segments of a sample (default: "
                   "gradient through the whole sample). Under --task rmt_lm: --bptt-unroll"},
+    )
+    dictionary_fingerprint: Optional[str] = field(
+        default=None,
+        metadata={"help": "set when the model is built for training: sha256 (16 hex digits) of the training "
+                  "dictionary's symbols in order; a model loaded with another dict.txt stops with an error"},
     )
     lm_path: Optional[str] = field(
         default=None,
@@ -171,6 +176,19 @@ def load_transformer_lm(model: RMTTransformerLanguageModel, path: str) -> None:
     check(family is not None and issubclass(family, TransformerLanguageModel),
           f"--lm-path {path} holds a {arch} model, not a transformer_lm one")
     check_vocabulary(sd, len(model.decoder.dictionary), f"--lm-path {path}", model.dictionary_file or "the data")
+    saved_fp = (cfg.get("model") or {}).get("dictionary_fingerprint") if isinstance(cfg, dict) else None
+    if saved_fp is None:  # a stock transformer_lm: compare with the dict.txt of the data it was trained on, if there
+        data = ((cfg.get("task") or {}).get("data") if isinstance(cfg, dict) else None) or getattr(
+            state.get("args"), "data", None)
+        trained_dict = os.path.join(data.split(os.pathsep)[0], "dict.txt") if isinstance(data, str) else None
+        if trained_dict and os.path.isfile(trained_dict):
+            from fairseq.data import Dictionary
+
+            saved_fp = dictionary_fingerprint(Dictionary.load(trained_dict))
+        else:
+            logger.warning("--lm-path %s: its training dict.txt (%s) is not there to compare token order with; only "
+                           "the vocabulary size was checked", path, trained_dict)
+    check_fingerprint(saved_fp, model.decoder.dictionary, f"--lm-path {path}", model.dictionary_file or "the data")
     model.upgrade_state_dict_named(sd, "")
     own = model.state_dict()
     for k, v in sd.items():

@@ -265,7 +265,7 @@ class RMTLMTask(FairseqTask):
         do not match. An unreadable file is left to fairseq's loader (rmt_fairseq/checkpoints.py names it)."""
         from fairseq.models import ARCH_MODEL_REGISTRY
 
-        from rmt_fairseq.models.rmt_lm import RecurrentLM, check_vocabulary
+        from rmt_fairseq.models.rmt_lm import RecurrentLM, check_fingerprint, check_vocabulary
 
         if "://" in path:
             return
@@ -298,8 +298,9 @@ class RMTLMTask(FairseqTask):
             check(saved_task == name, f"{source} was written by --task {saved_task}, not --task {name}: its data "
                                       f"position does not apply; pass --reset-dataloader (and --reset-optimizer) to "
                                       f"start from its weights only, or {again}")
-        check_vocabulary(state["model"], len(self.dictionary), source,
-                         os.path.join(utils.split_paths(self.cfg.data)[0], "dict.txt"))
+        dict_file = os.path.join(utils.split_paths(self.cfg.data)[0], "dict.txt")
+        check_vocabulary(state["model"], len(self.dictionary), source, dict_file)
+        check_fingerprint(_saved(state, "model", "dictionary_fingerprint"), self.dictionary, source, dict_file)
         if model is None:
             return
         mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}

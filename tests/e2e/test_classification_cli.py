@@ -110,3 +110,13 @@ def test_roberta_checkpoint_is_fine_tuned_with_memory(tmp_path):
     key = "encoder.sentence_encoder.layers.1.fc2.weight"
     fresh = torch.nn.init.normal_(torch.empty_like(rob[key]), std=0.02)
     assert (ft[key] - rob[key]).abs().max() < 0.01 < (fresh - rob[key]).abs().max()
+
+    # its dict.txt beside it (fairseq's roberta.base/ layout) and data binarized with two entries swapped: refused
+    (tmp_path / "roberta" / "dict.txt").write_text((mlm / "dict.txt").read_text())
+    lines = (mlm / "dict.txt").read_text().splitlines()
+    (cls / "dict.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    p = cli("fairseq-train", cls, *CLS, *sizes, "--roberta-path", roberta, "--tokens-per-sample", 24,
+            "--max-update", 4, "--save-dir", tmp_path / "ckpt2", check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and last.startswith("error: --roberta-path") and str(cls / "dict.txt") in last, last
+    assert not (tmp_path / "ckpt2").exists() or not any((tmp_path / "ckpt2").iterdir())
