@@ -27,6 +27,7 @@ from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from rmt_fairseq.compat import eval_context_window
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules.adaptive import DenseAdaptiveInput, adaptive_softmax_nll
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
@@ -103,6 +104,11 @@ class RMTLanguageModelConfig(FairseqDataclass):
         metadata={"help": "set when the model is built for training: sha256 (16 hex digits) of the training "
                   "dictionary's symbols in order; a model loaded with another dict.txt (any order or size) stops "
                   "with an error naming both"},
+    )
+    trained_segment_len: Optional[int] = field(
+        default=None,
+        metadata={"help": "set when the model is built for training: the segment length it trains with; every tool "
+                  "that loads the checkpoint uses it unless given another (--tokens-per-sample under --task rmt_lm)"},
     )
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
@@ -274,7 +280,10 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
             st["kv"][i] = ((torch.cat([past[0], k_new], 2), torch.cat([past[1], v_new], 2)) if past
                            else (k_new, v_new))
             x = x_next
-        st["seg"] = token[:, None] if st["seg"] is None else torch.cat([st["seg"], token[:, None]], dim=1)
+        # a copy: `token` is a view of the generator's token buffer, which beam search reorders in place (this
+        # state is reordered by reorder_incremental_state; a view would be reordered twice)
+        token = token[:, None].clone()
+        st["seg"] = token if st["seg"] is None else torch.cat([st["seg"], token], dim=1)
         st["t"] += 1
         return x[:, 0]
 
@@ -337,26 +346,83 @@ class RecurrentLM:
         data = getattr(task_cfg, "data", None)
         self.dictionary_file = (os.path.join(data.split(os.pathsep)[0], "dict.txt")
                                 if isinstance(data, str) and data not in ("", "???") else None)
-        # the training dictionary travels in the model's config (saved in every checkpoint): set when built for
-        # training, checked when a checkpoint's config comes back with other data
+        # what the model is trained with travels in its config (saved in every checkpoint): recorded here when
+        # built for training (rmt_fairseq.compat writes it into the config fairseq saves), checked / used when a
+        # checkpoint's config comes back
+        self.trained_with = {}
         dictionary = getattr(task, "source_dictionary", None)
         if dictionary is not None and hasattr(dictionary, "symbols"):
             saved = getattr(cfg, "dictionary_fingerprint", None)
             check_fingerprint(saved, dictionary, "the checkpoint", self.dictionary_file or "the data's dict.txt")
-            if saved is None and OmegaConf.is_config(cfg):
-                with open_dict(cfg):
-                    cfg.dictionary_fingerprint = dictionary_fingerprint(dictionary)
+            if saved is None:
+                self.trained_with["dictionary_fingerprint"] = dictionary_fingerprint(dictionary)
         self.per_sample = not getattr(task, "stream_level", False)
         self.segment_bptt_unroll = getattr(cfg, "segment_bptt_unroll", None)
-        if not self.per_sample:
-            self.decoder.segment_len = int(cfg.tokens_per_sample or 128)
-            return
-        T = cfg.segment_len or 128
-        S = getattr(task_cfg, "tokens_per_sample", None)  # the task's sample length
-        name = type(task).__name__
-        check(T >= 1, f"--segment-len must be >= 1, got {T}")
         if self.segment_bptt_unroll is not None:
             check(self.segment_bptt_unroll >= 0, f"--segment-bptt-unroll must be >= 0, got {self.segment_bptt_unroll}")
+        T = self._segment_len_from(cfg, task, task_cfg)
+        self.decoder.segment_len = T
+        max_pos = getattr(getattr(self.decoder, "embed_positions", None), "max_positions", None)
+        check(max_pos is None or T <= max_pos,
+              f"segment length {T} is longer than the model's learned position table ({max_pos} positions, "
+              f"--max-target-positions / --tokens-per-sample it was trained with): every segment's tokens get "
+              f"positions 1..T; use a segment length <= {max_pos}")
+        if self.per_sample:
+            self._check_sample_length(T, task, task_cfg)
+
+    def _segment_len_from(self, cfg, task, task_cfg) -> int:
+        """The segment length every door uses, and where it comes from (logged once per model build).
+
+        The model keeps what it was trained with in its config (`trained_segment_len`, saved in every checkpoint):
+        set when the model is built for training, from --tokens-per-sample (stream-level, --task rmt_lm) or
+        --segment-len (per-sample, any other task). A loaded model runs at that length unless the user gives
+        another one: --tokens-per-sample under --task rmt_lm (eval-lm, validate, interactive, the hub's
+        `tokens_per_sample=`), `segment_len` under per-sample tasks (--model-overrides / the hub's `segment_len=`);
+        every tool then uses it alike (the stream task's batches are cut to it, models/rmt_lm.py and generation
+        run it)."""
+        trained = getattr(cfg, "trained_segment_len", None)
+        if not self.per_sample:
+            if getattr(task, "seg_len", 0) is None:  # rmt_algorithmic: each batch names its own segment length
+                return int(cfg.tokens_per_sample or trained or 128)
+            given = getattr(task_cfg, "tokens_per_sample", None)
+            flag = "--tokens-per-sample"
+            # a checkpoint from before trained_segment_len: the --tokens-per-sample saved with its model config
+            T = int(given or trained or cfg.tokens_per_sample or 128)
+        else:
+            given, flag = cfg.segment_len, "--segment-len"
+            T = int(given or trained or 128)
+            check(T >= 1, f"--segment-len must be >= 1, got {T}")
+        if trained is None:  # built for training (or an older checkpoint): what it trains with travels with it
+            self.trained_with["trained_segment_len"] = T
+            return T
+        if T != trained:
+            logger.info("segment length %d (%s %d given; the model was trained with %d): every tool uses %d", T, flag,
+                        T, trained, T)
+        else:
+            logger.info("segment length %d, as the model was trained (from its checkpoint)", T)
+        if not self.per_sample and given is None and getattr(task_cfg, "tokens_per_sample", 0) is None:
+            task_cfg.tokens_per_sample = T  # the stream task cuts its batches to the model's segment length
+        return T
+
+    def _check_sample_length(self, T: int, task, task_cfg) -> None:
+        """Per-sample recurrence: a sample (--tokens-per-sample S of the task) is whole segments; under
+        fairseq-eval-lm --context-window C each scored block is C context tokens + S - C new ones, so C is whole
+        segments too (the scored tokens then sit where they would in a sample without context)."""
+        S = getattr(task_cfg, "tokens_per_sample", None)  # the task's sample length
+        name = type(task).__name__
+        context = eval_context_window()
+        if isinstance(S, int) and S > 0 and context:
+            S += context  # fairseq-eval-lm took the context window off --tokens-per-sample before the task saw it
+            check(context < S, f"--context-window {context} must be smaller than --tokens-per-sample {S} (each scored "
+                               f"block is the context plus --tokens-per-sample minus --context-window new tokens); "
+                               f"use --context-window {max(S - T, 0) if S % T == 0 else T} or a larger "
+                               f"--tokens-per-sample")
+            multiples = [c for c in range(T, S, T)]
+            check(S % T != 0 or context % T == 0,
+                  f"--context-window {context} is not a multiple of --segment-len {T}: per-sample recurrence splits "
+                  f"each scored block (context + new tokens, --tokens-per-sample {S} in all) into segments of {T} "
+                  f"from its start, so the scored tokens would start inside a segment; use --context-window "
+                  f"{' or '.join(map(str, multiples[:3])) if multiples else 0}")
         if isinstance(S, int) and S > 0:
             if S % T:
                 divisors = [d for d in range(min(T, S), 0, -1) if S % d == 0][:1]
@@ -370,7 +436,6 @@ class RecurrentLM:
             if S == T and getattr(self.decoder, "recurrent", False):
                 logger.warning("--segment-len %d equals --tokens-per-sample: one segment per sample, memory "
                                "tokens never carry anything to a next segment; use a shorter --segment-len", T)
-        self.decoder.segment_len = T
         logger.info("per-sample recurrence (%s): segments of %d tokens, memory fresh per sample", name, T)
 
     def forward(self, src_tokens, src_lengths=None, segment_len: Optional[int] = None, target=None,

@@ -59,6 +59,12 @@ class RMTTransformerLMConfig(TransformerLanguageModelConfig):
         metadata={"help": "set when the model is built for training: sha256 (16 hex digits) of the training "
                   "dictionary's symbols in order; a model loaded with another dict.txt stops with an error"},
     )
+    trained_segment_len: Optional[int] = field(
+        default=None,
+        metadata={"help": "set when the model is built for training: the segment length it trains with (--segment-len, "
+                  "or --tokens-per-sample under --task rmt_lm); every tool that loads the checkpoint uses it unless "
+                  "given another"},
+    )
     lm_path: Optional[str] = field(
         default=None,
         metadata={"help": "start from this fairseq transformer_lm checkpoint: its decoder weights load unchanged, "

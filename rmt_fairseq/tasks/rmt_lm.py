@@ -28,7 +28,7 @@ from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from rmt_fairseq import checkpoints, distributed
+from rmt_fairseq import checkpoints, compat, distributed
 from rmt_fairseq.data.streams import StreamDataset, flatten_indexed_dataset
 from rmt_fairseq.errors import RMTConfigError, check, install_excepthook
 from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, concat_states, num_streams, slice_state
@@ -36,6 +36,7 @@ from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, concat_st
 logger = logging.getLogger(__name__)
 install_excepthook()
 checkpoints.install()  # checkpoint files complete or absent; unreadable ones named (rmt_fairseq/checkpoints.py)
+compat.install()  # fairseq-eval-lm / numpy 2 fixes for fairseq's own tools (rmt_fairseq/compat.py)
 distributed.install()  # several ranks on CPU, every rank's streams in the checkpoint (rmt_fairseq/distributed.py)
 
 
@@ -205,9 +206,9 @@ class RMTLMTask(FairseqTask):
         return str(self.cfg.bptt_mode)
 
     def build_model(self, cfg, from_checkpoint=False):
+        # the model resolves the segment length (the trained one from its checkpoint unless --tokens-per-sample is
+        # given) and sets it here when the flag was not given: batches are cut to what the model runs
         model = super().build_model(cfg, from_checkpoint)
-        if self.cfg.tokens_per_sample is None and getattr(cfg, "tokens_per_sample", None):
-            self.cfg.tokens_per_sample = int(cfg.tokens_per_sample)  # eval-lm without the flag: the trained T
         decoder = getattr(model, "decoder", None)
         check(hasattr(decoder, "forward_segment"),
               f"--task {self._name()} runs rmt_lm models (--arch rmt_*, transformer_xl_*), got --arch "
@@ -541,7 +542,8 @@ class RMTLMTask(FairseqTask):
 
 def scoring_sample(sample, eos: int, pad: int) -> dict:
     """A PromptDataset batch as a teacher-forced one: source </s> t1 .. t(n-1), target t1 .. tn (the text as
-    encoded, its final </s> included), as a line of the training streams is read after the previous </s>."""
+    encoded without its final </s>, as fairseq's language_modeling scores a text in the hub's score()), read
+    as a line of the training streams is read after the previous </s>."""
     tgt = sample["target"]  # B x n, right-padded
     src = torch.cat([tgt.new_full((tgt.size(0), 1), eos), tgt[:, :-1]], dim=1)  # B x n
     src = src.masked_fill(tgt.eq(pad), pad)
@@ -550,13 +552,12 @@ def scoring_sample(sample, eos: int, pad: int) -> dict:
 
 
 class PromptDataset(FairseqDataset):
-    """fairseq-interactive's and the hub interface's texts: prompts to continue (their final </s> dropped, so
-    generation continues them; net_input) and the texts as encoded, to score (target)."""
+    """fairseq-interactive's and the hub interface's texts, their final </s> dropped: prompts to continue
+    (net_input) and the same tokens to score (target)."""
 
     def __init__(self, prompts, dictionary):
         super().__init__()
         eos = dictionary.eos()
-        self.texts = list(prompts)
         self.prompts = [p[:-1] if len(p) and p[-1] == eos else p for p in prompts]
         self.pad = dictionary.pad()
         self.sizes = np.array([len(p) for p in self.prompts])
@@ -577,4 +578,4 @@ class PromptDataset(FairseqDataset):
         toks = data_utils.collate_tokens([self.prompts[i] for i in items], self.pad, left_pad=False)
         return {"id": torch.tensor(items), "nsentences": len(items), "ntokens": int(toks.ne(self.pad).sum()),
                 "net_input": {"src_tokens": toks, "src_lengths": torch.tensor([len(self.prompts[i]) for i in items])},
-                "target": data_utils.collate_tokens([self.texts[i] for i in items], self.pad, left_pad=False)}
+                "target": toks}

@@ -42,7 +42,7 @@ def test_hub_score_is_fresh_identical_on_repeat_and_teacher_forced(recall_data, 
     again = lm.score(TEXT)["positional_scores"]
     assert torch.equal(first, again)
     d = lm.task.source_dictionary
-    text = [d.index(t) for t in TEXT.split()] + [d.eos()]
+    text = [d.index(t) for t in TEXT.split()]  # as fairseq's language_modeling score(): no final </s>
     src, tgt = torch.tensor([[d.eos()] + text[:-1]]), torch.tensor(text)
     with torch.no_grad():
         lp = torch.log_softmax(lm.models[0](src)[0].float(), -1)[0].gather(-1, tgt[:, None])[:, 0]

@@ -53,3 +53,23 @@ def test_reorder_moves_the_streams_state():
         swapped, _ = model.decoder(torch.cat([x[:, :10].flip(0), x[:, 10:11].flip(0)], 1), incremental_state=st)
         ref, _ = model.decoder(torch.cat([x[:, :10].flip(0), x[:, 10:11].flip(0)], 1))
     assert torch.allclose(swapped[:, -1], ref[:, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("mem_tokens,mem_len", [(3, 0), (0, 8), (3, 4)])
+def test_beam_reorders_of_the_generators_token_buffer_across_segments(mem_tokens, mem_len):
+    """As fairseq's SequenceGenerator: the decoder gets views of one token buffer, which beam search reorders in
+    place before it reorders the incremental state. Found by the agreement test (issue 14): the first token of a
+    segment was kept as a view, so it was reordered twice, and segments after the second boundary were wrong."""
+    model = tiny_model(mem_tokens=mem_tokens, mem_len=mem_len, seed=8).eval()
+    torch.manual_seed(2)
+    B, N = 3, 30  # segment length 8: boundaries after 8, 16, 24
+    buf = torch.randint(4, 40, (B, N))
+    inc, worst = {}, 0.0
+    with torch.no_grad():
+        for t in range(1, N + 1):
+            out = model.decoder(buf[:, :t], incremental_state=inc)[0][:, -1]
+            worst = max(worst, (out - model.decoder(buf[:, :t].clone())[0][:, -1]).abs().max().item())
+            order = torch.randperm(B)
+            buf[:, :t] = buf[:, :t].index_select(0, order)  # in place, as the generator does
+            model.decoder.reorder_incremental_state(inc, order)
+    assert worst < 1e-4

@@ -1,0 +1,188 @@
+"""What fairseq 0.12's own command-line tools need in order to serve stream-level models, installed when the
+plugin is imported (like checkpoints.install and distributed.install):
+
+- numpy >= 2 removed `np.compat`; fairseq 0.12's TokenBlockDataset uses `np.compat.long` in break mode "eos",
+  the inference dataset of --task language_modeling (fairseq-interactive, the hub's score()/sample()), which
+  therefore failed for every LM, stock ones included. `np.compat.long` is restored as numpy's int64 (what it
+  aliased).
+- fairseq-validate batches by --batch-size, which the stream task (validation streams: --batch-size-valid, saved in
+  the checkpoint) did not see; a --batch-size given to fairseq-validate is used as --batch-size-valid.
+- fairseq-eval-lm takes --context-window off --tokens-per-sample before the task and model are built, so a
+  per-sample model's checks saw a sample length the user never gave; the value of --context-window is kept here
+  (`eval_context_window`) for those checks to name the user's flags.
+- fairseq-eval-lm's word-level scoring (--post-process "@@ " / subword_nmt) merges a word's pieces within one
+  scored row only. Under --task rmt_lm a row is one segment of a stream, so a word split across two segments
+  became two "words" (its first pieces scored as a word of their own). For stream batches the pieces are
+  merged across the segments of the same stream (`stream_eval_lm`), as fairseq merges them within a row.
+"""
+
+import itertools
+import logging
+import math
+import sys
+import types
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_state = {"installed": False, "context_window": 0}
+
+
+def eval_context_window() -> int:
+    """fairseq-eval-lm's --context-window of the running command (0 for every other tool)."""
+    return int(_state["context_window"] or 0)
+
+
+def install() -> None:
+    if _state["installed"]:
+        return
+    _state["installed"] = True
+    if not hasattr(np, "compat"):
+        np.compat = types.SimpleNamespace(long=np.int64)
+    _patch_build_model()
+    main = sys.modules.get("__main__")
+    running = getattr(getattr(main, "__spec__", None), "name", None)  # python -m fairseq_cli.<tool>
+    for name, patch in [("fairseq_cli.eval_lm", _patch_eval_lm), ("fairseq_cli.validate", _patch_validate)]:
+        for module in [sys.modules.get(name), main if running == name else None]:
+            if module is not None and hasattr(module, "main"):
+                patch(module)
+
+
+def _patch_build_model() -> None:
+    """What a model records while it is built for training (`trained_with`: the dictionary's fingerprint, the
+    segment length; models/rmt_lm.py) goes into the config fairseq saves in its checkpoints. fairseq builds a
+    model whose --arch is its model name (rmt_lm, rmt_transformer_lm) from a merged copy of that config, so a
+    value set on the model's own config would not be saved."""
+    from fairseq import models
+    from omegaconf import OmegaConf, open_dict
+
+    original = models.build_model
+
+    def build_model(cfg, task, from_checkpoint=False):
+        model = original(cfg, task, from_checkpoint)
+        record = getattr(model, "trained_with", None)
+        for target in (cfg, getattr(model, "cfg", None)):
+            if record and OmegaConf.is_config(target):
+                with open_dict(target):
+                    for key, value in record.items():
+                        if target.get(key) is None:
+                            target[key] = value
+        return model
+
+    models.build_model = build_model
+
+
+def _patch_validate(module) -> None:
+    """fairseq-validate batches the split it validates by --batch-size; the stream task reads validation splits
+    as --batch-size-valid streams, which the checkpoint saved from training: a --batch-size given to
+    fairseq-validate (and no --batch-size-valid) is the number of streams."""
+    original_main = module.main
+
+    def main(cfg, override_args=None, **kwargs):
+        if override_args is not None and getattr(override_args, "batch_size", None) is not None \
+                and getattr(override_args, "batch_size_valid", None) is None:
+            override_args.batch_size_valid = override_args.batch_size
+        return original_main(cfg, override_args=override_args, **kwargs)
+
+    module.main = main
+
+
+def _patch_eval_lm(module) -> None:
+    original_main, original_eval_lm = module.main, module.eval_lm
+
+    def main(cfg, **kwargs):
+        eval_cfg = getattr(cfg, "eval_lm", None)
+        _state["context_window"] = getattr(eval_cfg, "context_window", None) or getattr(cfg, "context_window", 0) or 0
+        return original_main(cfg, **kwargs)
+
+    def eval_lm(models, source_dictionary, batch_iterator, post_process=None, **kwargs):
+        if post_process not in {"subword_nmt", "@@ "}:
+            return original_eval_lm(models, source_dictionary, batch_iterator, post_process, **kwargs)
+        batches = iter(batch_iterator)
+        first = next(batches, None)
+        batches = itertools.chain([first] if first is not None else [], batches)
+        if first is None or not _is_stream_batch(first):
+            return original_eval_lm(models, source_dictionary, batches, post_process, **kwargs)
+        return stream_eval_lm(models, source_dictionary, batches, post_process, **kwargs)
+
+    module.main, module.eval_lm = main, eval_lm
+
+
+def _is_stream_batch(sample) -> bool:
+    from rmt_fairseq.models.rmt_lm import StreamStates
+
+    return isinstance((sample.get("net_input") or {}).get("rmt_state"), StreamStates)
+
+
+def stream_eval_lm(models, source_dictionary, batch_iterator, post_process, output_word_probs=False,
+                   output_word_stats=False, target_dictionary=None, softmax_batch=0, remove_bos_token=False,
+                   device=None):
+    """fairseq_cli.eval_lm.eval_lm for --task rmt_lm batches (row i of every batch is stream i, one segment per
+    batch) with BPE post-processing: a word's pieces are merged across the segments of its stream, its score is
+    the sum of its pieces' log-probabilities (fairseq's rule within a row), and the loss is the total
+    log-probability over the number of words (base 2). Same arguments and result as fairseq's function."""
+    from fairseq.logging.meters import StopwatchMeter
+    from fairseq.sequence_scorer import SequenceScorer
+    from fairseq_cli.eval_lm import WordStat
+
+    target_dictionary = target_dictionary or source_dictionary
+    device = device or next(models[0].parameters()).device
+    from fairseq import utils
+
+    scorer = SequenceScorer(target_dictionary, softmax_batch)
+    timer = StopwatchMeter()
+    bpe_cont = post_process.rstrip()
+    bpe_toks = {i for i in range(len(source_dictionary)) if source_dictionary[i].endswith(bpe_cont)}
+    pending = {}  # stream row -> (pieces of the word in progress, their summed log-probability)
+    words = {}  # stream row -> [(word, log-prob, made of pieces)] (for --output-word-stats' next-word figures)
+    score_sum, count = 0.0, 0
+
+    def finish(row, word, score, is_bpe, line):
+        nonlocal score_sum, count
+        if math.isinf(score):
+            logger.info("skipping a word with an inf score: %s", word)
+            return
+        score_sum, count = score_sum + score, count + 1
+        line.append((word, score))
+        if output_word_stats:
+            words.setdefault(row, []).append((word, score, is_bpe))
+
+    for sample in batch_iterator:
+        if "net_input" not in sample:
+            continue
+        sample = utils.move_to_cuda(sample, device=device)
+        timer.start()
+        hypos = scorer.generate(models, sample)
+        timer.stop(sample["ntokens"])
+        for row, hypos_i in enumerate(hypos):
+            tokens, scores = hypos_i[0]["tokens"].tolist(), hypos_i[0]["positional_scores"].float().tolist()
+            pieces, acc = pending.pop(row, ("", 0.0))
+            line = []
+            for tok, sc in zip(tokens, scores):
+                piece = source_dictionary[tok]
+                if tok in bpe_toks:
+                    pieces, acc = pieces + piece[: -len(bpe_cont)], acc + sc
+                    continue
+                finish(row, pieces + piece, acc + sc, bool(pieces), line)
+                pieces, acc = "", 0.0
+            if pieces:
+                pending[row] = (pieces, acc)
+            if output_word_probs:
+                logger.info(str(int(sample["id"][row])) + " " + "\t".join("{} [{:2f}]".format(w, s) for w, s in line))
+    for row, (pieces, acc) in sorted(pending.items()):  # a stream ending inside a word: its pieces count as one
+        finish(row, pieces, acc, True, [])
+    loss = -score_sum / count / math.log(2) if count > 0 else 0
+    logger.info("Evaluated {:,} tokens in {:.1f}s ({:.2f} tokens/s); {:,} words (--post-process {!r}: pieces "
+                "merged across segments of each stream)".format(timer.n, timer.sum,
+                                                                1.0 / timer.avg if timer.avg > 0 else 0, count,
+                                                                post_process))
+    if output_word_stats:
+        stats = {}
+        for row_words in words.values():
+            for i, (w, sc, is_bpe) in enumerate(row_words):
+                nxt = row_words[i + 1][1] if i + 1 < len(row_words) else None
+                stats.setdefault(w, WordStat(w, is_bpe)).add(sc, nxt)
+        for ws in sorted(stats.values(), key=lambda x: x.count, reverse=True):
+            logger.info(ws)
+    return {"loss": loss, "perplexity": 2**loss}
