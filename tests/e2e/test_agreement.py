@@ -64,8 +64,8 @@ def checkpoint(recall_data, tmp_path_factory):
         if family not in cache:
             save = tmp_path_factory.mktemp(family)
             cli("fairseq-train", recall_data, "--user-dir", "user_dir", *FAMILIES[family], "--criterion",
-                "rmt_cross_entropy", "--batch-size", 4, "--optimizer", "adam", "--lr", "3e-3", "--cpu", "--num-workers",
-                0, "--max-update", 12, "--disable-validation", "--no-epoch-checkpoints", "--seed", 1, "--save-dir", save)
+                "rmt_cross_entropy", "--batch-size", 4, "--optimizer", "adam", "--lr", "3e-3", "--cpu",
+                "--num-workers", 0, "--max-update", 12, "--disable-validation", "--no-epoch-checkpoints", "--seed", 1, "--save-dir", save)
             cache[family] = save
         return cache[family]
 
@@ -132,8 +132,9 @@ def interactive(data, path, family, seg, prompts, max_len_b):
 @pytest.mark.parametrize("seg", [T, OTHER], ids=["trained_T", "other_T"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_door_gives_the_same_scores(agree_data, checkpoint, family, seg):
-    import user_dir  # noqa: F401
     from fairseq import hub_utils
+
+    import user_dir  # noqa: F401
 
     save = checkpoint(family)
     path = save / "checkpoint_last.pt"
