@@ -65,7 +65,8 @@ def checkpoint(recall_data, tmp_path_factory):
             save = tmp_path_factory.mktemp(family)
             cli("fairseq-train", recall_data, "--user-dir", "user_dir", *FAMILIES[family], "--criterion",
                 "rmt_cross_entropy", "--batch-size", 4, "--optimizer", "adam", "--lr", "3e-3", "--cpu",
-                "--num-workers", 0, "--max-update", 12, "--disable-validation", "--no-epoch-checkpoints", "--seed", 1, "--save-dir", save)
+                "--num-workers", 0, "--max-update", 12, "--disable-validation", "--no-epoch-checkpoints", "--seed", 1,
+                "--save-dir", save)
             cache[family] = save
         return cache[family]
 
