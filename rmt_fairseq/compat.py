@@ -121,7 +121,9 @@ def stream_eval_lm(models, source_dictionary, batch_iterator, post_process, outp
     """fairseq_cli.eval_lm.eval_lm for --task rmt_lm batches (row i of every batch is stream i, one segment per
     batch) with BPE post-processing: a word's pieces are merged across the segments of its stream, its score is
     the sum of its pieces' log-probabilities (fairseq's rule within a row), and the loss is the total
-    log-probability over the number of words (base 2). Same arguments and result as fairseq's function."""
+    log-probability over the number of words (base 2). Streams are contiguous slices of the split: the pieces
+    that end one stream are the start of the next stream's first word. Same arguments and result as fairseq's
+    function."""
     from fairseq.logging.meters import StopwatchMeter
     from fairseq.sequence_scorer import SequenceScorer
     from fairseq_cli.eval_lm import WordStat
@@ -136,7 +138,7 @@ def stream_eval_lm(models, source_dictionary, batch_iterator, post_process, outp
     bpe_toks = {i for i in range(len(source_dictionary)) if source_dictionary[i].endswith(bpe_cont)}
     pending = {}  # stream row -> (pieces of the word in progress, their summed log-probability)
     words = {}  # stream row -> [(word, log-prob, made of pieces)] (for --output-word-stats' next-word figures)
-    score_sum, count = 0.0, 0
+    score_sum, count, rows = 0.0, 0, 0
 
     def finish(row, word, score, is_bpe, line):
         nonlocal score_sum, count
@@ -155,6 +157,7 @@ def stream_eval_lm(models, source_dictionary, batch_iterator, post_process, outp
         timer.start()
         hypos = scorer.generate(models, sample)
         timer.stop(sample["ntokens"])
+        rows = len(hypos)
         for row, hypos_i in enumerate(hypos):
             tokens, scores = hypos_i[0]["tokens"].tolist(), hypos_i[0]["positional_scores"].float().tolist()
             pieces, acc = pending.pop(row, ("", 0.0))
@@ -170,8 +173,16 @@ def stream_eval_lm(models, source_dictionary, batch_iterator, post_process, outp
                 pending[row] = (pieces, acc)
             if output_word_probs:
                 logger.info(str(int(sample["id"][row])) + " " + "\t".join("{} [{:2f}]".format(w, s) for w, s in line))
-    for row, (pieces, acc) in sorted(pending.items()):  # a stream ending inside a word: its pieces count as one
-        finish(row, pieces, acc, True, [])
+    # stream r's last target is followed by stream r+1's first one (data/streams.py cuts the split into contiguous
+    # streams): pieces left at the end of stream r belong to the first word of stream r+1, already counted there
+    for row, (pieces, acc) in sorted(pending.items()):
+        if row + 1 < rows:
+            score_sum += acc
+            if words.get(row + 1):
+                w, sc, _ = words[row + 1][0]
+                words[row + 1][0] = (pieces + w, sc + acc, True)
+        else:  # the split (or this shard of it) ends inside a word: its pieces count as one word, as in fairseq
+            finish(row, pieces, acc, True, [])
     loss = -score_sum / count / math.log(2) if count > 0 else 0
     logger.info("Evaluated {:,} tokens in {:.1f}s ({:.2f} tokens/s); {:,} words (--post-process {!r}: pieces "
                 "merged across segments of each stream)".format(timer.n, timer.sum,

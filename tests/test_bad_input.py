@@ -166,6 +166,35 @@ CASES = {
                                               ("--lm-path {ckpts}/stock.pt", "another dictionary"), None),
     "a word added to the dictionary in eval-lm": eval_lm(data="{data}/added", names=["--path {ckpts}/rmt.pt",
                                                                                     "{data}/added/dict.txt"]),
+    "a word added to the dictionary on resume": train("--restore-file", "{ckpts}/rmt.pt", data="{data}/added",
+                                                      names=["--restore-file {ckpts}/rmt.pt", "{data}/added/dict.txt"]),
+    "a word added to the dictionary in interactive": Case("fairseq-interactive", ("{data}/added", "--user-dir",
+                                                                                  "user_dir", "--task", "rmt_lm",
+                                                                                  "--path", "{ckpts}/rmt.pt", "--cpu"),
+                                                          ("--path {ckpts}/rmt.pt", "{data}/added/dict.txt")),
+    "a word added to the dictionary with --lm-path": Case("fairseq-train", ("{data}/added", *STOCK, "--save-dir",
+                                                                            "{save}", *WRAP, "--lm-path",
+                                                                            "{ckpts}/stock.pt"),
+                                                          ("--lm-path {ckpts}/stock.pt", "{data}/added/dict.txt"),
+                                                          None),
+    # a word removed and fairseq-preprocess's padding filling its place: the same size, other token ids
+    "a word removed from the dictionary in eval-lm": eval_lm(data="{data}/removed",
+                                                             names=["--path {ckpts}/rmt.pt", "{data}/removed/dict.txt",
+                                                                    "another dictionary"]),
+    "a word removed from the dictionary on resume": train("--restore-file", "{ckpts}/rmt.pt", data="{data}/removed",
+                                                          names=["--restore-file {ckpts}/rmt.pt",
+                                                                 "{data}/removed/dict.txt", "another dictionary"]),
+    "a word removed from the dictionary in interactive": Case("fairseq-interactive", ("{data}/removed", "--user-dir",
+                                                                                      "user_dir", "--task", "rmt_lm",
+                                                                                      "--path", "{ckpts}/rmt.pt",
+                                                                                      "--cpu"),
+                                                              ("--path {ckpts}/rmt.pt", "{data}/removed/dict.txt",
+                                                               "another dictionary")),
+    "a word removed from the dictionary with --lm-path": Case("fairseq-train", ("{data}/removed", *STOCK,
+                                                                                "--save-dir", "{save}", *WRAP,
+                                                                                "--lm-path", "{ckpts}/stock.pt"),
+                                                              ("--lm-path {ckpts}/stock.pt", "another dictionary"),
+                                                              None),
     # ---- checkpoints -------------------------------------------------------------------------------------
     "other architecture": train("--restore-file", "{ckpts}/rmt.pt", "--decoder-layers", 3,
                                 names=["--restore-file {ckpts}/rmt.pt", "--decoder-layers 2 vs 3"]),
@@ -310,7 +339,11 @@ def _make_bad_data(data: Path, recall: str) -> None:
         shutil.copytree(recall, data / name)
     (data / "bad_dict" / "dict.txt").write_text("f1 600\nno count here\n")
     lines = (Path(recall) / "dict.txt").read_text().splitlines()
-    for name, new in [("swapped", [lines[1], lines[0], *lines[2:]]), ("added", [*lines, "zzz 1"])]:
+    real = [line for line in lines if not line.startswith("madeupword")]
+    pads = [line for line in lines if line.startswith("madeupword")]
+    removed = [*real[:-1], *pads, f"madeupword{len(pads):04d} 0"]  # as fairseq-preprocess pads to a multiple of 8
+    for name, new in [("swapped", [lines[1], lines[0], *lines[2:]]), ("added", [*lines, "zzz 1"]),
+                      ("removed", removed)]:
         shutil.copytree(recall, data / name)
         (data / name / "dict.txt").write_text("\n".join(new) + "\n")
     _write_split(data / "empty_valid" / "valid", words, [])  # fairseq-preprocess of an empty --validpref

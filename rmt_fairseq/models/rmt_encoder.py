@@ -228,7 +228,8 @@ def load_roberta(encoder: RMTEncoder, path: str, cfg: RMTEncoderConfig, dict_fil
     target.upgrade_state_dict_named(prefixed, "sentence_encoder")
     backbone = {k[len("sentence_encoder.") :]: v for k, v in prefixed.items()}
     own = target.state_dict()
-    hints = {"embed_tokens.weight": "the data's dict.txt must be the checkpoint's dict.txt",
+    hints = {"embed_tokens.weight": f"{dict_file} holds another number of types than the checkpoint's dictionary; "
+                                    f"binarize the data with the checkpoint's dict.txt",
              "embed_positions.weight": "set --max-positions to the checkpoint's"}
     for k, v in backbone.items():
         if k in own and own[k].shape != v.shape:

@@ -411,7 +411,7 @@ class RecurrentLM:
         S = getattr(task_cfg, "tokens_per_sample", None)  # the task's sample length
         name = type(task).__name__
         context = eval_context_window()
-        if isinstance(S, int) and S > 0 and context:
+        if isinstance(S, int) and context:
             S += context  # fairseq-eval-lm took the context window off --tokens-per-sample before the task saw it
             check(context < S, f"--context-window {context} must be smaller than --tokens-per-sample {S} (each scored "
                                f"block is the context plus --tokens-per-sample minus --context-window new tokens); "

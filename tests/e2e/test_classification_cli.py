@@ -113,10 +113,16 @@ def test_roberta_checkpoint_is_fine_tuned_with_memory(tmp_path):
 
     # its dict.txt beside it (fairseq's roberta.base/ layout) and data binarized with two entries swapped: refused
     (tmp_path / "roberta" / "dict.txt").write_text((mlm / "dict.txt").read_text())
+    # (and with a word added, and a word removed with fairseq-preprocess's padding in its place: same size)
     lines = (mlm / "dict.txt").read_text().splitlines()
-    (cls / "dict.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
-    p = cli("fairseq-train", cls, *CLS, *sizes, "--roberta-path", roberta, "--tokens-per-sample", 24,
-            "--max-update", 4, "--save-dir", tmp_path / "ckpt2", check=False)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 2 and last.startswith("error: --roberta-path") and str(cls / "dict.txt") in last, last
-    assert not (tmp_path / "ckpt2").exists() or not any((tmp_path / "ckpt2").iterdir())
+    real = [line for line in lines if not line.startswith("madeupword")]
+    pads = [line for line in lines if line.startswith("madeupword")]
+    for variant in ([lines[1], lines[0], *lines[2:]], [*lines, "zzz 1"],
+                    [*real[:-1], *pads, f"madeupword{len(pads):04d} 0"]):
+        (cls / "dict.txt").write_text("\n".join(variant) + "\n")
+        p = cli("fairseq-train", cls, *CLS, *sizes, "--roberta-path", roberta, "--tokens-per-sample", 24,
+                "--max-update", 4, "--save-dir", tmp_path / "ckpt2", check=False)
+        errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+        assert p.returncode == 2 and len(errors) == 1, p.stderr[-2000:]
+        assert errors[0].startswith("error: --roberta-path") and str(cls / "dict.txt") in errors[0], errors
+        assert not (tmp_path / "ckpt2").exists() or not any((tmp_path / "ckpt2").iterdir())

@@ -2,6 +2,7 @@
 memory, identical on repeat, equal to the teacher-forced forward), model(tokens) without hidden state, and
 generation with the transformer_lm wrapper under --task rmt_lm past one segment."""
 
+import math
 import os
 import re
 import subprocess
@@ -64,3 +65,58 @@ def test_wrapper_under_the_stream_task_generates_past_one_segment(recall_data, t
     hyps = [h.split() for h in re.findall(r"^H-0\t\S+\t(.*)$", out, re.M)]
     assert p.returncode == 0 and len(hyps) == 3, out[-3000:]
     assert all(h[:26] == prompt.split() and 30 <= len(h) <= 40 for h in hyps), hyps
+
+
+def test_bpe_word_scores_merge_pieces_across_segments_and_streams(recall_data, tmp_path):
+    """fairseq-eval-lm --post-process "@@ " under --task rmt_lm: a word whose pieces straddle two segments (or two
+    streams) is one word; the word count is the raw text's and the loss is the total log-probability over it."""
+    raw = os.path.join(os.path.dirname(recall_data), "raw")
+
+    def bpe(line):  # K3 f1 -> K@@ 3 f@@ 1: every word two pieces
+        return " ".join(f"{w[0]}@@ {w[1:]}" for w in line.split())
+
+    train = [bpe(line) for line in open(os.path.join(raw, "train.txt")).read().splitlines()[:300]]
+    test = open(os.path.join(raw, "test.txt")).read().splitlines()[:10]  # 10 lines x (18 pieces + </s>)
+    (tmp_path / "train.txt").write_text("\n".join(train) + "\n")
+    (tmp_path / "test.txt").write_text("\n" + "\n".join(bpe(line) for line in test) + "\n")  # first token </s>
+    data = tmp_path / "bin"
+    cli("fairseq-preprocess", "--only-source", "--trainpref", tmp_path / "train.txt", "--testpref",
+        tmp_path / "test.txt", "--destdir", data, "--workers", 1)
+    cli("fairseq-train", data, *TRAIN, "--arch", "rmt_tiny", "--max-update", 5, "--save-dir", tmp_path / "ck")
+
+    def eval_lm(*extra):
+        p = cli("fairseq-eval-lm", data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path",
+                tmp_path / "ck" / "checkpoint_last.pt", "--batch-size", 2, "--gen-subset", "test", "--cpu",
+                "--num-workers", 0, *extra)
+        return p.stdout + p.stderr
+
+    # per token (no post-processing): 190 targets in 2 streams of 95, segments of 8; token 95 ends stream 0
+    # in the middle of a word (every word is two pieces, so odd positions are first pieces)
+    out = eval_lm("--output-word-probs")
+    lines = re.findall(r"fairseq_cli\.eval_lm[ |:]+\d+ (.*)$", out, re.M)
+    tokens = [(w, float(x)) for line in lines for w, x in re.findall(r"(\S+) \[(-?[0-9.]+)\]", line)]
+    assert len(tokens) == 190 and tokens[94][0].endswith("@@")
+    total = sum(x for _, x in tokens)
+    words = sum(len(line.split()) + 1 for line in test)  # each line's words and its </s>
+    out = eval_lm("--post-process", "@@ ")
+    assert re.search(rf"\b{words} words \(--post-process '@@ '", out), out[-2000:]
+    loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", out).group(1))
+    assert abs(loss - (-total / words / math.log(2))) < 1e-4 + 5e-5
+
+
+@pytest.mark.parametrize("kw", [dict(mem_tokens=3), dict(mem_tokens=0, mem_len=8), dict(mem_tokens=3, mem_len=4)])
+def test_a_long_text_scored_in_chunks_with_its_state_equals_one_call(kw):
+    """The README's way to score a long text as one stream from Python: model(chunk, rmt_state=state), the
+    state returned in extra["rmt_state"] passed to the next chunk (chunks of whole segments)."""
+    from rmt_fairseq.modules.recurrence import RecurrentState
+
+    model = tiny_model(**kw).eval()  # segment length 8
+    tokens = torch.randint(4, 40, (1, 48))
+    with torch.no_grad():
+        whole = model(tokens)[0]
+        state, parts = RecurrentState(), []
+        for chunk in tokens.split(16, dim=1):
+            logits, extra = model(chunk, rmt_state=state)
+            state = extra["rmt_state"]
+            parts.append(logits)
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-5)

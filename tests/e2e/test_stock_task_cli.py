@@ -118,3 +118,28 @@ def test_wrapper_under_the_stream_task(recall_data, stock, tmp_path):
             "--num-workers", 0, "--gen-subset", "valid")
     m = re.search(r"Loss \(base 2\): ([0-9.]+)", e.stdout + e.stderr)
     assert m and float(m.group(1)) == pytest.approx(valid[-1], abs=1.5e-4)
+
+
+def test_context_window_combinations_name_context_window(recall_data, tmp_path):
+    """fairseq-eval-lm takes --context-window off --tokens-per-sample before the model is built; the checks of a
+    per-sample model name the flags and values the user gave, and the value they suggest works (issue 14)."""
+    cli("fairseq-train", recall_data, "--user-dir", "user_dir", "--arch", "rmt_transformer_lm", *SIZES, *COMMON,
+        "--mem-tokens", 2, "--segment-len", 8, "--criterion", "rmt_cross_entropy", "--lr", "1e-3", "--max-update", 2,
+        "--save-dir", tmp_path)
+    path = tmp_path / "checkpoint_last.pt"
+
+    def eval_lm(sample, context):
+        return cli("fairseq-eval-lm", recall_data, "--user-dir", "user_dir", "--task", "language_modeling", "--path",
+                   path, "--tokens-per-sample", sample, "--context-window", context, "--batch-size", 4, "--cpu",
+                   "--num-workers", 0, "--gen-subset", "valid", check=False)
+
+    for sample, context, names in [(32, 12, ["--context-window 12", "--segment-len 8", "--context-window 8 or 16"]),
+                                   (32, 32, ["--context-window 32", "smaller than --tokens-per-sample 32"]),
+                                   (36, 8, ["--tokens-per-sample 36", "--segment-len 8"])]:
+        p = eval_lm(sample, context)
+        errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+        assert p.returncode == 2 and len(errors) == 1, (p.stdout + p.stderr)[-2000:]
+        assert all(n in errors[0] for n in names), errors[0]
+        assert "--tokens-per-sample 20" not in errors[0] and "--tokens-per-sample 28" not in errors[0]
+    p = eval_lm(32, 8)  # the value the first error suggests
+    assert p.returncode == 0 and re.search(r"Loss \(base 2\): [0-9.]+", p.stdout + p.stderr)
