@@ -42,7 +42,23 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """The `rmt-deepspeed-train` console script (argv None: sys.argv, then a clean exit) or an in-process call."""
+    if argv is not None:
+        return _main(argv)
+    rc = _main(sys.argv[1:])
+    # as fairseq-train's CPU ranks (rmt_fairseq/distributed.py): tear the process group down and leave without C++
+    # static teardown, where a finished gloo rank was seen to abort ("terminate called without an active
+    # exception"; the launcher then reports the whole job as failed)
+    from rmt_fairseq.distributed import _destroy_process_group
+
+    _destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(rc or 0)
+
+
+def _main(argv):
     from rmt_fairseq.errors import check, install_excepthook
 
     install_excepthook()
