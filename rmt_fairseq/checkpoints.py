@@ -24,7 +24,13 @@ from rmt_fairseq.errors import RMTConfigError
 
 logger = logging.getLogger(__name__)
 
-_state = {"installed": False, "fallback": False}
+_state = {"installed": False, "fallback": False, "last_loaded": None}
+
+
+def last_loaded() -> str:
+    """The checkpoint file fairseq's loader read last (fairseq builds the model from it right after), for
+    error lines that name it; None before any."""
+    return _state["last_loaded"]
 # what torch.load / fairseq's upgrade raise on a truncated or corrupt file
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError)
 
@@ -117,6 +123,7 @@ def install() -> None:
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         if _is_local(path) and not os.path.exists(path):
             raise RMTConfigError(f"checkpoint {path}: no such file")
+        _state["last_loaded"] = path
         try:
             return original_load(path, arg_overrides, load_on_all_ranks)
         except LOAD_ERRORS as e:

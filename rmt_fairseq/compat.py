@@ -93,7 +93,14 @@ def _patch_eval_lm(module) -> None:
 
     def main(cfg, **kwargs):
         eval_cfg = getattr(cfg, "eval_lm", None)
-        _state["context_window"] = getattr(eval_cfg, "context_window", None) or getattr(cfg, "context_window", 0) or 0
+        context = getattr(eval_cfg, "context_window", None) or getattr(cfg, "context_window", 0) or 0
+        _state["context_window"] = context
+        task = getattr(getattr(cfg, "task", None), "_name", None)
+        if context and task in ("rmt_lm", "rmt_algorithmic"):  # before fairseq subtracts it from a None length
+            from rmt_fairseq.errors import RMTConfigError
+
+            raise RMTConfigError(f"--context-window {context} does not apply to --task {task}: memory (and --mem-len "
+                                 f"cache) already carry context across segments")
         return original_main(cfg, **kwargs)
 
     def eval_lm(models, source_dictionary, batch_iterator, post_process=None, **kwargs):

@@ -164,6 +164,11 @@ CASES = {
     "swapped dictionary with --lm-path": Case("fairseq-train", ("{data}/swapped", *STOCK, "--save-dir", "{save}", *WRAP,
                                                                 "--lm-path", "{ckpts}/stock.pt"),
                                               ("--lm-path {ckpts}/stock.pt", "another dictionary"), None),
+    "swapped dictionary in fairseq-validate": Case("fairseq-validate", ("{data}/swapped", "--user-dir", "user_dir",
+                                                                        "--task", "rmt_lm", "--path",
+                                                                        "{ckpts}/rmt.pt", "--batch-size", 4, "--cpu"),
+                                                   ("the checkpoint {ckpts}/rmt.pt", "{data}/swapped/dict.txt",
+                                                    "another dictionary")),
     "a word added to the dictionary in eval-lm": eval_lm(data="{data}/added", names=["--path {ckpts}/rmt.pt",
                                                                                     "{data}/added/dict.txt"]),
     "a word added to the dictionary on resume": train("--restore-file", "{ckpts}/rmt.pt", data="{data}/added",
@@ -212,6 +217,11 @@ CASES = {
                                                                                 "no such file"]),
     "missing finetune model": train("--finetune-from-model", "{ckpts}/nope.pt", last=None,
                                     names=["--finetune-from-model {ckpts}/nope.pt", "no such file"]),
+    # fairseq-eval-lm subtracts --context-window from --tokens-per-sample before anything else: without the flag
+    # (the trained segment length comes from the checkpoint) that was a TypeError inside fairseq
+    "context window under rmt_lm without a segment length": Case(
+        "fairseq-eval-lm", ("{recall}", "--user-dir", "user_dir", "--task", "rmt_lm", "--batch-size", 4, "--cpu",
+                            "--path", "{ckpts}/rmt.pt", "--context-window", 8), ("--context-window 8", "--task rmt_lm")),
     "missing eval-lm path": eval_lm(path="{ckpts}/nope.pt", names=["--path {ckpts}/nope.pt", "no such file"]),
     "no memory state mid-epoch": train("--max-update", 3, last="no_memory.pt",
                                        names=["{save}/checkpoint_last.pt", "after 2 batches", "no memory state",

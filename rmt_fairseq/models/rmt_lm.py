@@ -110,6 +110,10 @@ class RMTLanguageModelConfig(FairseqDataclass):
         metadata={"help": "set when the model is built for training: the segment length it trains with; every tool "
                   "that loads the checkpoint uses it unless given another (--tokens-per-sample under --task rmt_lm)"},
     )
+    trained_tokens_per_sample: Optional[int] = field(
+        default=None, metadata={"help": "set when the model is built for training under a per-sample task: its "
+                                "sample length (a different one at evaluation is logged)"},
+    )
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
 
@@ -353,7 +357,10 @@ class RecurrentLM:
         dictionary = getattr(task, "source_dictionary", None)
         if dictionary is not None and hasattr(dictionary, "symbols"):
             saved = getattr(cfg, "dictionary_fingerprint", None)
-            check_fingerprint(saved, dictionary, "the checkpoint", self.dictionary_file or "the data's dict.txt")
+            from rmt_fairseq.checkpoints import last_loaded
+
+            source = f"the checkpoint {last_loaded()}" if saved is not None and last_loaded() else "the checkpoint"
+            check_fingerprint(saved, dictionary, source, self.dictionary_file or "the data's dict.txt")
             if saved is None:
                 self.trained_with["dictionary_fingerprint"] = dictionary_fingerprint(dictionary)
         self.per_sample = not getattr(task, "stream_level", False)
@@ -368,7 +375,7 @@ class RecurrentLM:
               f"--max-target-positions / --tokens-per-sample it was trained with): every segment's tokens get "
               f"positions 1..T; use a segment length <= {max_pos}")
         if self.per_sample:
-            self._check_sample_length(T, task, task_cfg)
+            self._check_sample_length(T, cfg, task, task_cfg)
 
     def _segment_len_from(self, cfg, task, task_cfg) -> int:
         """The segment length every door uses, and where it comes from (logged once per model build).
@@ -389,7 +396,7 @@ class RecurrentLM:
             # a checkpoint from before trained_segment_len: the --tokens-per-sample saved with its model config
             T = int(given or trained or cfg.tokens_per_sample or 128)
         else:
-            given, flag = cfg.segment_len, "--segment-len"
+            given, flag = cfg.segment_len, "segment_len"  # --segment-len in training, --model-overrides after
             T = int(given or trained or 128)
             check(T >= 1, f"--segment-len must be >= 1, got {T}")
         if trained is None:  # built for training (or an older checkpoint): what it trains with travels with it
@@ -404,13 +411,22 @@ class RecurrentLM:
             task_cfg.tokens_per_sample = T  # the stream task cuts its batches to the model's segment length
         return T
 
-    def _check_sample_length(self, T: int, task, task_cfg) -> None:
+    def _check_sample_length(self, T: int, cfg, task, task_cfg) -> None:
         """Per-sample recurrence: a sample (--tokens-per-sample S of the task) is whole segments; under
         fairseq-eval-lm --context-window C each scored block is C context tokens + S - C new ones, so C is whole
         segments too (the scored tokens then sit where they would in a sample without context)."""
         S = getattr(task_cfg, "tokens_per_sample", None)  # the task's sample length
         name = type(task).__name__
         context = eval_context_window()
+        trained_S = getattr(cfg, "trained_tokens_per_sample", None)
+        if trained_S is None:
+            self.trained_with["trained_tokens_per_sample"] = S
+        elif isinstance(S, int) and S + context != trained_S:
+            logger.warning("samples of %d tokens (--tokens-per-sample, %s): the model was trained on samples of %d, "
+                           "so memory now spans %d segments per sample instead of %d; pass --tokens-per-sample %d to "
+                           "evaluate as trained", S + context,
+                           "fairseq's default" if S + context == 1024 else "given", trained_S, (S + context) // T,
+                           trained_S // T, trained_S)
         if isinstance(S, int) and context:
             S += context  # fairseq-eval-lm took the context window off --tokens-per-sample before the task saw it
             check(context < S, f"--context-window {context} must be smaller than --tokens-per-sample {S} (each scored "

@@ -65,6 +65,10 @@ class RMTTransformerLMConfig(TransformerLanguageModelConfig):
                   "or --tokens-per-sample under --task rmt_lm); every tool that loads the checkpoint uses it unless "
                   "given another"},
     )
+    trained_tokens_per_sample: Optional[int] = field(
+        default=None, metadata={"help": "set when the model is built for training under a per-sample task: its "
+                                "sample length (a different one at evaluation is logged)"},
+    )
     lm_path: Optional[str] = field(
         default=None,
         metadata={"help": "start from this fairseq transformer_lm checkpoint: its decoder weights load unchanged, "

@@ -397,7 +397,8 @@ class RMTLMTask(FairseqTask):
             flatten_indexed_dataset(data), streams_per_shard=B, seg_len=self.seg_len,
             segments_per_batch=self.segments_per_batch(split), split=split, shard_id=rank, num_shards=size, owner=data,
         )
-        logger.info("%s: %d streams x %d tokens, %d batches of %d segments of %d", split, B,
+        ranks = f" on each of {size} ranks ({B * size} streams in all)" if size > 1 else ""
+        logger.info("%s: %d streams%s x %d tokens, %d batches of %d segments of %d", split, B, ranks,
                     self.datasets[split].stream_len, len(self.datasets[split]), self.segments_per_batch(split),
                     self.seg_len)
 
@@ -528,6 +529,11 @@ class RMTLMTask(FairseqTask):
         with torch.no_grad():
             if prefix_tokens is None and sample["net_input"]["src_tokens"].nelement():
                 prefix_tokens = sample["net_input"]["src_tokens"]  # the prompt is forced, then generation
+                longest, max_len = int(sample["net_input"]["src_lengths"].max()), getattr(generator, "max_len_b", None)
+                if isinstance(max_len, int) and getattr(generator, "max_len_a", 0) == 0 and longest > max_len:
+                    logger.warning("a prompt of %d tokens is longer than --max-len-b %d (which counts the prompt): "
+                                   "its hypotheses are its first %d tokens; raise --max-len-b", longest, max_len,
+                                   max_len)
             return generator.generate(models, sample, prefix_tokens=prefix_tokens,
                                       bos_token=self.source_dictionary.eos())  # </s> starts a line, as in training
 

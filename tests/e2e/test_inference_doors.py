@@ -25,6 +25,17 @@ def rmt_xl(recall_data, tmp_path_factory):
     return save
 
 
+def test_a_prompt_longer_than_max_len_b_is_said(recall_data, rmt_xl, caplog):
+    import user_dir  # noqa: F401
+    from rmt_fairseq.models.rmt_lm import RMTLanguageModel
+
+    lm = RMTLanguageModel.from_pretrained(str(rmt_xl), "checkpoint_last.pt", data_name_or_path=recall_data).eval()
+    with caplog.at_level("WARNING", logger="rmt_fairseq.tasks.rmt_lm"):
+        hypo = lm.generate([lm.encode(TEXT)], beam=1, max_len_b=5)[0][0]
+    assert len(hypo["tokens"]) == 6  # fairseq's rule: the first 5 prompt tokens, then </s>
+    assert "a prompt of 13 tokens is longer than --max-len-b 5" in caplog.text
+
+
 def test_model_called_twice_gives_the_same_output():
     model = tiny_model(mem_tokens=3, mem_len=4).eval()
     tokens = torch.randint(4, 40, (2, 24))

@@ -143,3 +143,6 @@ def test_context_window_combinations_name_context_window(recall_data, tmp_path):
         assert "--tokens-per-sample 20" not in errors[0] and "--tokens-per-sample 28" not in errors[0]
     p = eval_lm(32, 8)  # the value the first error suggests
     assert p.returncode == 0 and re.search(r"Loss \(base 2\): [0-9.]+", p.stdout + p.stderr)
+    assert "the model was trained on samples of" not in p.stdout + p.stderr
+    p = eval_lm(64, 8)  # another sample length than the trained one: said once
+    assert p.returncode == 0 and (p.stdout + p.stderr).count("the model was trained on samples of 32") == 1

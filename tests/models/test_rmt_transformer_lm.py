@@ -438,7 +438,8 @@ def test_presets_parse_to_the_stock_settings(name):
     assert ours.pop("_name") == f"rmt_{name}" and stock.pop("_name") == name
     assert {k: ours[k] for k in stock} == stock
     assert set(ours) - set(stock) == {"mem_tokens", "segment_len", "segment_bptt_unroll", "lm_path",
-                                      "dictionary_fingerprint", "trained_segment_len"}
+                                      "dictionary_fingerprint", "trained_segment_len",
+                                      "trained_tokens_per_sample"}
     assert ours["mem_tokens"] == 10
 
 
