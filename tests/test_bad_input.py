@@ -221,7 +221,8 @@ CASES = {
     # (the trained segment length comes from the checkpoint) that was a TypeError inside fairseq
     "context window under rmt_lm without a segment length": Case(
         "fairseq-eval-lm", ("{recall}", "--user-dir", "user_dir", "--task", "rmt_lm", "--batch-size", 4, "--cpu",
-                            "--path", "{ckpts}/rmt.pt", "--context-window", 8), ("--context-window 8", "--task rmt_lm")),
+                            "--path", "{ckpts}/rmt.pt", "--context-window", 8),
+        ("--context-window 8", "--task rmt_lm")),
     "missing eval-lm path": eval_lm(path="{ckpts}/nope.pt", names=["--path {ckpts}/nope.pt", "no such file"]),
     "no memory state mid-epoch": train("--max-update", 3, last="no_memory.pt",
                                        names=["{save}/checkpoint_last.pt", "after 2 batches", "no memory state",
