@@ -131,14 +131,13 @@ def stream_eval_lm(models, source_dictionary, batch_iterator, post_process, outp
     log-probability over the number of words (base 2). Streams are contiguous slices of the split: the pieces
     that end one stream are the start of the next stream's first word. Same arguments and result as fairseq's
     function."""
+    from fairseq import utils
     from fairseq.logging.meters import StopwatchMeter
     from fairseq.sequence_scorer import SequenceScorer
     from fairseq_cli.eval_lm import WordStat
 
     target_dictionary = target_dictionary or source_dictionary
     device = device or next(models[0].parameters()).device
-    from fairseq import utils
-
     scorer = SequenceScorer(target_dictionary, softmax_batch)
     timer = StopwatchMeter()
     bpe_cont = post_process.rstrip()

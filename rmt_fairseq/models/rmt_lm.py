@@ -40,7 +40,31 @@ MEMORY_LAYOUTS = ChoiceEnum(["rmt", "mt"])
 
 
 @dataclass
-class RMTLanguageModelConfig(FairseqDataclass):
+class TrainedWithConfig(FairseqDataclass):
+    """What a model records when it is built for training (RecurrentLM.setup_from_task; written into the config
+    fairseq saves by rmt_fairseq/compat.py) and every tool that loads its checkpoint uses or checks. Shared by
+    the configs of both LM families."""
+
+    dictionary_fingerprint: Optional[str] = field(
+        default=None,
+        metadata={"help": "set when the model is built for training: sha256 (16 hex digits) of the training "
+                  "dictionary's symbols in order; a model loaded with another dict.txt (any order or size) stops "
+                  "with an error naming both"},
+    )
+    trained_segment_len: Optional[int] = field(
+        default=None,
+        metadata={"help": "set when the model is built for training: the segment length it trains with (--segment-len, "
+                  "or --tokens-per-sample under --task rmt_lm); every tool that loads the checkpoint uses it unless "
+                  "given another"},
+    )
+    trained_tokens_per_sample: Optional[int] = field(
+        default=None, metadata={"help": "set when the model is built for training under a per-sample task: its "
+                                "sample length (a different one at evaluation is logged)"},
+    )
+
+
+@dataclass
+class RMTLanguageModelConfig(TrainedWithConfig):
     decoder_layers: int = field(default=16, metadata={"help": "number of decoder layers"})
     decoder_embed_dim: int = field(default=410, metadata={"help": "model dimension C"})
     decoder_ffn_embed_dim: int = field(default=2100, metadata={"help": "feed-forward inner dimension"})
@@ -98,21 +122,6 @@ class RMTLanguageModelConfig(FairseqDataclass):
         default=None,
         metadata={"help": "per-sample recurrence: memory detached every K+1 segments of a sample (default: "
                   "gradient through the whole sample). Under --task rmt_lm: --bptt-unroll"},
-    )
-    dictionary_fingerprint: Optional[str] = field(
-        default=None,
-        metadata={"help": "set when the model is built for training: sha256 (16 hex digits) of the training "
-                  "dictionary's symbols in order; a model loaded with another dict.txt (any order or size) stops "
-                  "with an error naming both"},
-    )
-    trained_segment_len: Optional[int] = field(
-        default=None,
-        metadata={"help": "set when the model is built for training: the segment length it trains with; every tool "
-                  "that loads the checkpoint uses it unless given another (--tokens-per-sample under --task rmt_lm)"},
-    )
-    trained_tokens_per_sample: Optional[int] = field(
-        default=None, metadata={"help": "set when the model is built for training under a per-sample task: its "
-                                "sample length (a different one at evaluation is logged)"},
     )
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 

@@ -32,13 +32,20 @@ from rmt_fairseq.modules.adaptive import make_dense
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 
-from .rmt_lm import RecurrentLM, check_fingerprint, check_vocabulary, dictionary_fingerprint, segment_nll
+from .rmt_lm import (
+    RecurrentLM,
+    TrainedWithConfig,
+    check_fingerprint,
+    check_vocabulary,
+    dictionary_fingerprint,
+    segment_nll,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RMTTransformerLMConfig(TransformerLanguageModelConfig):
+class RMTTransformerLMConfig(TransformerLanguageModelConfig, TrainedWithConfig):
     mem_tokens: int = field(
         default=10,
         metadata={"help": "RMT memory tokens M (read block before, write block after each segment); 0 = none"},
@@ -53,21 +60,6 @@ class RMTTransformerLMConfig(TransformerLanguageModelConfig):
         default=None,
         metadata={"help": "per-sample recurrence: memory detached every K+1 segments of a sample (default: "
                   "gradient through the whole sample). Under --task rmt_lm: --bptt-unroll"},
-    )
-    dictionary_fingerprint: Optional[str] = field(
-        default=None,
-        metadata={"help": "set when the model is built for training: sha256 (16 hex digits) of the training "
-                  "dictionary's symbols in order; a model loaded with another dict.txt stops with an error"},
-    )
-    trained_segment_len: Optional[int] = field(
-        default=None,
-        metadata={"help": "set when the model is built for training: the segment length it trains with (--segment-len, "
-                  "or --tokens-per-sample under --task rmt_lm); every tool that loads the checkpoint uses it unless "
-                  "given another"},
-    )
-    trained_tokens_per_sample: Optional[int] = field(
-        default=None, metadata={"help": "set when the model is built for training under a per-sample task: its "
-                                "sample length (a different one at evaluation is logged)"},
     )
     lm_path: Optional[str] = field(
         default=None,
