@@ -60,6 +60,15 @@ def _patch_build_model() -> None:
     original = models.build_model
 
     def build_model(cfg, task, from_checkpoint=False):
+        if from_checkpoint and OmegaConf.is_config(cfg):
+            # a checkpoint's rmt_lm config written before a field existed: the value it was trained with, set
+            # before fairseq runs the --arch function (a preset would otherwise fill in today's preset value)
+            from rmt_fairseq.models.rmt_lm import RMTLanguageModel, with_legacy_values
+
+            arch = getattr(cfg, "_name", None) or getattr(cfg, "arch", None)
+            if isinstance(models.ARCH_MODEL_REGISTRY.get(arch), type) and \
+                    issubclass(models.ARCH_MODEL_REGISTRY[arch], RMTLanguageModel):
+                with_legacy_values(cfg)
         model = original(cfg, task, from_checkpoint)
         record = getattr(model, "trained_with", None)
         for target in (cfg, getattr(model, "cfg", None)):

@@ -45,7 +45,6 @@ def main(argv=None):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     import user_dir  # noqa: F401
-    from rmt_fairseq.modules.memory import Layout
     from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([a.path], arg_overrides={"data": a.data})
@@ -69,7 +68,7 @@ def main(argv=None):
         for li, attn in enumerate(layers):
             w = attn.last_attention[0]  # H x N x K
             H, N, K = w.shape
-            layout = Layout(K - N, M, seg.numel(), W)
+            layout = dec.layout(K - N, M, seg.numel(), W)
             labels_k = (["c"] * layout.cache + [f"r{i}" for i in range(M)] + [d[t] for t in seg.tolist()]
                         + [f"w{i}" for i in range(W)])
             labels_q = labels_k[layout.cache :]

@@ -33,10 +33,13 @@ from rmt_fairseq.modules.adaptive import DenseAdaptiveInput, adaptive_softmax_nl
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
+from rmt_fairseq.modules.transformer_xl import XLAdaptiveEmbedding, XLAdaptiveLogSoftmax, init_transformer_xl_
 
 logger = logging.getLogger(__name__)
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "mt"])
+INIT_SCHEMES = ChoiceEnum(["fairseq", "normal", "uniform"])
+EMBEDDING_IMPLS = ChoiceEnum(["fairseq", "transformer_xl"])
 
 
 @dataclass
@@ -72,9 +75,58 @@ class RMTLanguageModelConfig(TrainedWithConfig):
     decoder_head_dim: Optional[int] = field(
         default=None, metadata={"help": "per-head dimension (Transformer-XL's d_head; default: C / heads)"}
     )
-    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings, residuals and output"})
-    attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
-    activation_dropout: float = field(default=0.0, metadata={"help": "dropout inside the feed-forward block"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings, relative position embeddings, "
+                                                   "residual branches and the output (Transformer-XL's --dropout)"})
+    attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights (XL's --dropatt)"})
+    activation_dropout: float = field(
+        default=0.0, metadata={"help": "dropout after the feed-forward block's ReLU (Transformer-XL uses --dropout "
+                               "there: the paper presets set it equal to --dropout)"})
+    no_memory_dropout: bool = field(
+        default=False,
+        metadata={"help": "do not apply --dropout to memory tokens (LM-RMT applies it: read memory joins the embedding "
+                  "dropout, written memory is taken after the output dropout)"},
+    )
+    read_mem_from_cache: Optional[bool] = field(
+        default=False,
+        metadata={"help": "read and write memory tokens attend to the XL cache (LM-RMT's --read_mem_from_cache; off: "
+                  "only segment tokens see the cache)"},
+    )
+    same_length: bool = field(
+        default=False,
+        metadata={"help": "every segment token attends the same number of tokens: the --mem-len before it and itself "
+                  "(Transformer-XL's --same_length; needs --mem-len > 0; an evaluation option in XL's scripts, set "
+                  "with --model-overrides)"},
+    )
+    clamp_len: int = field(
+        default=-1,
+        metadata={"help": "relative distances above this use the position embedding of this distance "
+                  "(Transformer-XL's --clamp_len; <= 0: off)"},
+    )
+    init: INIT_SCHEMES = field(
+        default="fairseq",
+        metadata={"help": "initialisation: fairseq (PyTorch's Linear default, embeddings N(0, C^-0.5), u/v zero), or "
+                  "Transformer-XL's `weights_init`: normal (weights, embeddings, u/v N(0, --init-std), LayerNorm "
+                  "N(1, --init-std), projections N(0, --proj-init-std), biases 0) or uniform (U(-init_range, "
+                  "init_range) instead of N(0, init_std))"},
+    )
+    init_std: float = field(default=0.02, metadata={"help": "--init normal: std of weights (XL's --init_std)"})
+    init_range: float = field(default=0.1, metadata={"help": "--init uniform: bound (XL's --init_range)"})
+    proj_init_std: float = field(
+        default=0.01, metadata={"help": "--init normal/uniform: std of adaptive projections (XL's --proj_init_std)"}
+    )
+    embedding_impl: EMBEDDING_IMPLS = field(
+        default="fairseq",
+        metadata={"help": "input embedding and output softmax: fairseq (nn.Embedding / fairseq's AdaptiveInput and "
+                  "AdaptiveSoftmax; a bias-free output layer) or transformer_xl (XL's AdaptiveEmbedding and "
+                  "ProjectedAdaptiveLogSoftmax: bands of C / --div-val^i, projections only where a band's "
+                  "dimension differs from C, output biases; cutoffs from --adaptive-softmax-cutoff, weights tied "
+                  "with --tie-adaptive-weights or --share-decoder-input-output-embed, projections with "
+                  "--tie-adaptive-proj)"},
+    )
+    div_val: int = field(
+        default=1, metadata={"help": "--embedding-impl transformer_xl: band i has dimension C / div_val^i "
+                             "(Transformer-XL's --div_val)"}
+    )
     mem_tokens: int = field(
         default=10,
         metadata={"help": "RMT memory tokens M (read block before, write block after each segment); 0 = none"},
@@ -140,6 +192,12 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         self.embed_tokens = embed_tokens
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(C)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.memory_dropout = not cfg.no_memory_dropout
+        # memory rows and the XL cache (modules/memory.py); None: a config from before the switch existed
+        rmc = getattr(cfg, "read_mem_from_cache", False)
+        self.mem_cache_rule = "write" if rmc is None else ("both" if rmc else "none")
+        self.same_length = bool(cfg.same_length)
+        self.clamp_len = max(int(cfg.clamp_len), 0)
         self.memory = MemoryTokens(cfg.mem_tokens, C) if cfg.mem_tokens > 0 else None
         head_dim = cfg.decoder_head_dim or C // H
         self.layers = nn.ModuleList(
@@ -154,7 +212,14 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
 
         self.adaptive_softmax = None
         self.output_projection = None
-        if cfg.adaptive_softmax_cutoff is not None:
+        if str(cfg.embedding_impl) == "transformer_xl":
+            cutoffs = options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int) if cfg.adaptive_softmax_cutoff else []
+            tied = cfg.tie_adaptive_weights or cfg.share_decoder_input_output_embed
+            # XL's tie_projs: [False] + [tie] * clusters (the first band's projection is never shared)
+            self.adaptive_softmax = XLAdaptiveLogSoftmax(
+                len(dictionary), C, C, cutoffs, cfg.div_val, tied_embedding=embed_tokens if tied else None,
+                tie_projs=[False] + [bool(cfg.tie_adaptive_proj)] * len(cutoffs))
+        elif cfg.adaptive_softmax_cutoff is not None:
             self.adaptive_softmax = AdaptiveSoftmax(
                 len(dictionary), C, options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int),
                 dropout=cfg.adaptive_softmax_dropout,
@@ -167,6 +232,13 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
                 self.output_projection.weight = embed_tokens.weight
             else:
                 nn.init.normal_(self.output_projection.weight, mean=0, std=C**-0.5)
+        if str(cfg.init) != "fairseq":  # Transformer-XL's weights_init over the whole decoder (embeddings included)
+            init_transformer_xl_(self, str(cfg.init), cfg.init_std, cfg.init_range, cfg.proj_init_std)
+
+    def layout(self, cache: int, read: int, segment: int, write: int) -> Layout:
+        """The attention geometry of a segment with these block sizes under this model's switches."""
+        return Layout(cache, read, segment, write, mem_cache=self.mem_cache_rule,
+                      same_length=self.mem_len if self.same_length else 0, clamp_len=self.clamp_len)
 
     # ---- the segment interface used by modules/recurrence.py -------------------------------------------
 
@@ -179,7 +251,10 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
     ) -> SegmentOutput:
         B, T = tokens.shape
         M = self.num_mem_tokens
-        x = self.dropout(self.embed_scale * self.embed_tokens(tokens))  # B x T x C
+        x = self.embed_scale * self.embed_tokens(tokens)  # B x T x C
+        mem_drop = self.memory_dropout and M > 0
+        if not mem_drop:
+            x = self.dropout(x)
         if M == 0:
             h, W = x, 0
         elif self.recurrent:
@@ -188,8 +263,10 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
             h, W = torch.cat([read, x, read], dim=1), M  # B x (M+T+M) x C
         else:  # MT: learned tokens in front of every segment, nothing carried
             h, W = torch.cat([self.memory(B), x], dim=1), 0  # B x (M+T) x C
+        if mem_drop:  # LM-RMT: memory is concatenated before the embedding dropout
+            h = self.dropout(h)
         L = cache[0].size(1) if cache is not None else 0
-        pos_emb, rel_index, mask_bias = self.layouts.get(Layout(L, M, T, W), h.device, h.dtype)
+        pos_emb, rel_index, mask_bias = self.layouts.get(self.layout(L, M, T, W), h.device, h.dtype)
         pos_emb = self.dropout(pos_emb)
         u, v = self.pos_bias()  # H x D each
 
@@ -205,7 +282,11 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
                 h = torch_checkpoint(layer, h, layer_cache, pos_emb, rel_index, mask_bias, u, v, use_reentrant=False)
             else:
                 h = layer(h, layer_cache, pos_emb, rel_index, mask_bias, u, v)  # B x (M+T+W) x C
-        hidden = self.dropout(h[:, M : M + T])  # B x T x C
+        if mem_drop:  # LM-RMT: written memory is taken after the output dropout
+            h = self.dropout(h)
+            hidden = h[:, M : M + T]  # B x T x C
+        else:
+            hidden = self.dropout(h[:, M : M + T])  # B x T x C
         new_memory = h[:, M + T :] if self.recurrent else None  # B x M x C
         return SegmentOutput(hidden=hidden, memory=new_memory, cache=new_cache)
 
@@ -248,7 +329,7 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
     def _layout_tables(self, st):
         L = st["state"].cache[0].size(1) if st["state"].cache is not None else 0
         M = self.num_mem_tokens
-        layout = Layout(L, M, self.segment_len, M if self.recurrent else 0)
+        layout = self.layout(L, M, self.segment_len, M if self.recurrent else 0)
         w = next(self.parameters())  # the model's device and dtype (a half/bf16 model generates in half/bf16)
         return L, M, self.layouts.get(layout, w.device, w.dtype)
 
@@ -333,6 +414,8 @@ class StreamStates:
 def segment_nll(decoder, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Summed NLL (nats, fp32) of target B x T given hidden B x T x C; pad targets are ignored. `decoder` has
     fairseq's output attributes (adaptive_softmax or output_projection): RMTDecoder and TransformerDecoder."""
+    if isinstance(decoder.adaptive_softmax, XLAdaptiveLogSoftmax):
+        return decoder.adaptive_softmax.nll(hidden, target, decoder.padding_idx)
     if decoder.adaptive_softmax is not None:
         # every tail runs (data-parallel safe) and pad is ignored in the head only: modules/adaptive.py
         return adaptive_softmax_nll(decoder.adaptive_softmax, hidden, target, decoder.padding_idx)
@@ -533,7 +616,15 @@ class RMTLanguageModel(RecurrentLM, FairseqLanguageModel):
         validate_config(cfg, len(task.source_dictionary))
         dictionary = task.source_dictionary
         C = cfg.decoder_embed_dim
-        if cfg.adaptive_input:
+        if str(cfg.embedding_impl) == "transformer_xl":
+            cutoffs = options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int) if cfg.adaptive_softmax_cutoff else []
+            embed_tokens = XLAdaptiveEmbedding(len(dictionary), C, C, cutoffs, cfg.div_val, dictionary.pad())
+            if str(cfg.init) == "fairseq":  # fairseq's embedding convention, per band
+                for band in embed_tokens.emb_layers:
+                    nn.init.normal_(band.weight, mean=0, std=C**-0.5)
+                    if band.padding_idx is not None:
+                        nn.init.constant_(band.weight[band.padding_idx], 0)
+        elif cfg.adaptive_input:
             cutoff = cfg.adaptive_input_cutoff or cfg.adaptive_softmax_cutoff
             check(cutoff is not None, "--adaptive-input needs --adaptive-input-cutoff or --adaptive-softmax-cutoff")
             # every band runs on every call (modules/adaptive.py): data-parallel safe
@@ -590,9 +681,27 @@ def check_fingerprint(saved: Optional[str], dictionary, source: str, dict_file: 
           f"(fairseq-preprocess --srcdict <its data>/dict.txt)")
 
 
+# Fields whose value for a checkpoint written before they existed is not their default (nor a preset's): what such
+# a checkpoint was trained with (write memory saw the XL cache, memory tokens had no dropout, fairseq's embedding
+# and softmax modules).
+LEGACY_VALUES = {"read_mem_from_cache": None, "no_memory_dropout": True, "embedding_impl": "fairseq",
+                 "init": "fairseq"}
+
+
+def with_legacy_values(cfg):
+    """A checkpoint's model config (OmegaConf): fields it lacks get LEGACY_VALUES (rmt_fairseq.compat calls this
+    for every rmt_lm checkpoint, before fairseq applies the --arch preset)."""
+    missing = {k: v for k, v in LEGACY_VALUES.items() if k not in cfg}
+    if missing:
+        with open_dict(cfg):
+            for k, v in missing.items():
+                cfg[k] = v
+    return cfg
+
+
 def _with_defaults(cfg):
-    """Fields added after a checkpoint was written get their defaults, so old checkpoints stay loadable
-    (fairseq merges dataclass defaults only when --arch is the model name, not for the presets)."""
+    """Fields added after a checkpoint was written get their defaults, so old checkpoints stay loadable (fairseq
+    merges dataclass defaults only when --arch is the model name, not for the presets)."""
     if not OmegaConf.is_config(cfg):
         return cfg
     missing = {k: v for k, v in vars(RMTLanguageModelConfig()).items() if k not in cfg and not k.startswith("_")
@@ -639,9 +748,30 @@ def validate_config(cfg, vocab_size: int) -> None:
     if cfg.share_decoder_input_output_embed and cfg.adaptive_softmax_cutoff is not None:
         logger.warning("--share-decoder-input-output-embed is ignored with --adaptive-softmax-cutoff "
                        "(tie adaptive input and softmax with --tie-adaptive-weights)")
-    if cfg.tie_adaptive_weights:
+    xl = str(cfg.embedding_impl) == "transformer_xl"
+    if cfg.tie_adaptive_weights and not xl:
         check(cfg.adaptive_input and cfg.adaptive_softmax_cutoff is not None,
               "--tie-adaptive-weights needs --adaptive-input and --adaptive-softmax-cutoff")
+    check(cfg.div_val >= 1, f"--div-val must be >= 1, got {cfg.div_val}")
+    check(cfg.div_val == 1 or xl, f"--div-val {cfg.div_val} needs --embedding-impl transformer_xl (fairseq's "
+                                  f"adaptive modules take --adaptive-input-factor / --adaptive-softmax-factor)")
+    if xl and cfg.adaptive_input_cutoff is not None:
+        check(cfg.adaptive_input_cutoff == cfg.adaptive_softmax_cutoff,
+              f"--adaptive-input-cutoff {cfg.adaptive_input_cutoff} differs from --adaptive-softmax-cutoff "
+              f"{cfg.adaptive_softmax_cutoff}: --embedding-impl transformer_xl cuts input and output at the same "
+              f"cutoffs (Transformer-XL's)")
+    if xl and cfg.adaptive_softmax_cutoff is not None and cfg.div_val > 1:
+        cut = options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int)
+        check(cfg.decoder_embed_dim // cfg.div_val ** len(cut) >= 1,
+              f"--div-val {cfg.div_val}: the last of {len(cut) + 1} bands would have dimension "
+              f"{cfg.decoder_embed_dim} // {cfg.div_val}^{len(cut)} = 0; use a smaller --div-val")
+    check(str(cfg.init) in ("fairseq", "normal", "uniform"), f"--init must be fairseq, normal or uniform, got {cfg.init}")
+    for flag, value in [("--init-std", cfg.init_std), ("--init-range", cfg.init_range),
+                        ("--proj-init-std", cfg.proj_init_std)]:
+        check(value > 0, f"{flag} must be > 0, got {value}")
+    check(not cfg.same_length or cfg.mem_len > 0,
+          f"--same-length needs --mem-len > 0 (every token attends the --mem-len tokens before it and itself, "
+          f"Transformer-XL's rule), got --mem-len {cfg.mem_len}")
 
 
 # ---- architectures: size presets; every field stays overridable on the command line ---------------------
@@ -659,21 +789,34 @@ def _defaults(args, **values):
             setattr(args, k, v)
 
 
+# The authors' Transformer-XL conventions (LM-RMT pytorch/train.py defaults, the same as kimiyoung/transformer-xl):
+# XL's weights_init, dropout inside the FFN, XL's adaptive embedding and softmax. Every value is checked against
+# the authors' scripts by tests/models/test_paper_presets.py; examples/*/README.md list them side by side.
+XL_CONVENTIONS = dict(init="normal", init_std=0.02, init_range=0.1, proj_init_std=0.01,
+                      embedding_impl="transformer_xl")
+
+
 @register_model_architecture("rmt_lm", "rmt_wt103")
 def rmt_wt103(args):
-    """Transformer-XL base for WikiText-103 (Dai et al. 2019) with 10 memory tokens; segment 150."""
-    _defaults(args, decoder_layers=16, decoder_embed_dim=410, decoder_attention_heads=10,
-              decoder_ffn_embed_dim=2100, dropout=0.1, attention_dropout=0.0, mem_tokens=10, mem_len=0,
-              adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=1.0, adaptive_input=True,
-              adaptive_input_factor=1.0, tie_adaptive_weights=True, tie_adaptive_proj=True, tokens_per_sample=150)
+    """Transformer-XL base for WikiText-103 (Dai et al. 2019; LM-RMT pytorch/run_wt103_base.sh) with 10 memory
+    tokens; segment 150: 16 layers, C 410, 10 heads of 41, FFN 2100, dropout 0.1 (in the FFN too), dropatt 0,
+    adaptive input and softmax with cutoffs 20000/40000/200000, div_val 1, tied."""
+    _defaults(args, **XL_CONVENTIONS, decoder_layers=16, decoder_embed_dim=410, decoder_attention_heads=10,
+              decoder_head_dim=41, decoder_ffn_embed_dim=2100, dropout=0.1, attention_dropout=0.0,
+              activation_dropout=0.1, mem_tokens=10, mem_len=0, adaptive_softmax_cutoff="20000,40000,200000",
+              div_val=1, adaptive_softmax_factor=1.0, adaptive_input=True, adaptive_input_factor=1.0,
+              tie_adaptive_weights=True, tie_adaptive_proj=True, tokens_per_sample=150)
 
 
 @register_model_architecture("rmt_lm", "rmt_enwik8")
 def rmt_enwik8(args):
-    """Transformer-XL 12-layer enwik8 model with 10 memory tokens; segment 512, byte vocabulary."""
-    _defaults(args, decoder_layers=12, decoder_embed_dim=512, decoder_attention_heads=8,
-              decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0, mem_tokens=10, mem_len=0,
-              share_decoder_input_output_embed=True, tokens_per_sample=512)
+    """Transformer-XL 12-layer enwik8 model (LM-RMT pytorch/run_enwik8_base.sh) with 10 memory tokens; segment
+    512, byte vocabulary: 12 layers, C 512, 8 heads of 64, FFN 2048, dropout 0.1 (in the FFN too), dropatt 0, a
+    tied softmax with a bias."""
+    _defaults(args, **XL_CONVENTIONS, decoder_layers=12, decoder_embed_dim=512, decoder_attention_heads=8,
+              decoder_head_dim=64, decoder_ffn_embed_dim=2048, dropout=0.1, attention_dropout=0.0,
+              activation_dropout=0.1, mem_tokens=10, mem_len=0, share_decoder_input_output_embed=True,
+              tokens_per_sample=512)
 
 
 @register_model_architecture("rmt_lm", "transformer_xl_wt103")

@@ -15,6 +15,18 @@ never see write memory (it has seen their future). Read memory sees only itself:
 segment's summary and must not change with this segment's tokens. In the MT layout (the paper's "MT"
 ablation) there is no write block (Mw = 0) and no recurrence.
 
+The cache columns of the memory rows follow LM-RMT's one switch `--read_mem_from_cache` (mem_transformer.py,
+`dec_attn_mask[:M, :mlen]` and `[-M:, :mlen]`): off (its default), neither read nor write memory sees the cache;
+on, both do. (Checkpoints written before the switch existed keep their rule: write memory sees the cache, read
+memory does not; Layout.mem_cache "write".)
+
+Transformer-XL's evaluation options (Dai et al. 2019; kimiyoung/transformer-xl `--same_length`, `--clamp_len`):
+  same length (window W > 0)  segment token t attends the W token positions ending at itself (cache and segment,
+                              in stream order), so every token sees the same number of tokens; memory rows and
+                              the read-memory columns are unchanged (LM-RMT drops its memory mask under
+                              --same_length; here the RMT mask holds and only token keys are windowed)
+  clamp (C > 0)               relative distances above C use the sinusoid of C
+
 Positions: the blocks are laid out in this order, [cache | read | segment | write], and relative distances
 are taken in that order (as the authors' LM-RMT does by concatenation).
 """
@@ -61,14 +73,23 @@ class HasMemoryTokens:
         return self.memory(batch_size) if self.recurrent else None  # B x M x C
 
 
+MEM_CACHE_RULES = ("none", "both", "write")  # which memory rows see the cache columns (module docstring)
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Sizes of the blocks of one segment's input: cache L, read memory M, segment T, write memory Mw."""
+    """The attention geometry of one segment: block sizes (cache L, read memory M, segment T, write memory Mw),
+    which memory rows see the cache (`mem_cache`: "none", "both" or the pre-switch "write"), the same-length
+    window (`same_length`: W token keys per segment token, 0 = off) and the distance clamp (`clamp_len`, 0 =
+    off). See the module docstring."""
 
     cache: int
     read: int
     segment: int
     write: int
+    mem_cache: str = "none"
+    same_length: int = 0
+    clamp_len: int = 0
 
     @property
     def queries(self) -> int:
@@ -86,11 +107,25 @@ def visibility(layout: Layout) -> torch.Tensor:
     vis = torch.zeros(N, K, dtype=torch.bool)
     r_read, r_seg, r_write = slice(0, M), slice(M, M + T), slice(M + T, N)
     c_cache, c_read, c_seg = slice(0, L), slice(L, L + M), slice(L + M, L + M + T)
+    if layout.mem_cache not in MEM_CACHE_RULES:
+        raise ValueError(f"Layout.mem_cache must be one of {MEM_CACHE_RULES}, got {layout.mem_cache!r}")
     vis[r_read, c_read] = True
     vis[r_seg, c_cache] = True
     vis[r_seg, c_read] = True
     vis[r_seg, c_seg] = torch.ones(T, T, dtype=torch.bool).tril()  # causal within the segment
     vis[r_write, :] = True  # write memory sees cache, read memory, the whole segment and all write memory
+    if layout.mem_cache == "both":
+        vis[r_read, c_cache] = True
+    elif layout.mem_cache == "none":
+        vis[r_write, c_cache] = False
+    if layout.same_length > 0:
+        # token t of the segment sits at stream position L + t, cache column c at c, segment column s at L + s:
+        # keep the keys at positions (L + t - W, L + t]
+        tok_pos = torch.cat([torch.arange(L), L + torch.arange(T)])  # L + T
+        q_pos = L + torch.arange(T)  # T
+        inside = tok_pos[None, :] > q_pos[:, None] - layout.same_length  # T x (L + T)
+        vis[r_seg, c_cache] &= inside[:, :L]
+        vis[r_seg, c_seg] &= inside[:, L:]
     return vis
 
 
@@ -132,6 +167,8 @@ class LayoutCache:
         key = (layout, device, dtype)
         if key not in self._tables:
             distances, index = relative_distances(layout)
+            if layout.clamp_len > 0:  # Transformer-XL's clamp_len: farther distances share the embedding of C
+                distances = distances.clamp(max=float(layout.clamp_len))
             pos_emb = sinusoid_table(distances, self.embed_dim).to(device=device, dtype=dtype)
             self._tables[key] = (pos_emb, index.to(device), self.mask(layout, device, dtype))
         return self._tables[key]
