@@ -4,6 +4,7 @@
 #   examples/enwik8/run.sh list                  every row: its flags and the paper's test bits per character
 #   examples/enwik8/run.sh ROW [FLAGS...]        train one row (FLAGS go to the trainer, e.g. --seed 2)
 #   examples/enwik8/run.sh eval ROW [FLAGS...]   test bpc of the row's checkpoint (fairseq-eval-lm "Loss (base 2)")
+#   examples/enwik8/run.sh eval-xl ROW [FLAGS...]  rows with a cache: Transformer-XL's own evaluation (run_enwik8_base.sh eval)
 #
 # Training setup of the authors' runs (LM-RMT experiment_results/results_wt103_enwik8_all_parameters.csv, which is
 # Transformer-XL base's enwik8 setup): Adam, lr 2.5e-4, cosine decay to 0 over the run, no warmup, gradient
@@ -41,6 +42,8 @@ rmt-m20-k2-t128   128  64 400000 --arch rmt_enwik8 --mem-tokens 20 --bptt-unroll
 # Transformer-XL base's enwik8 optimisation (Dai et al. 2019), as the authors ran it
 OPTIM=(--optimizer adam --lr 2.5e-4 --lr-scheduler cosine --warmup-updates 0 --clip-norm 0.25)
 EVAL_STREAMS=10  # Transformer-XL's and LM-RMT's eval_batch_size
+XL_EVAL='80 2100 820'  # eval-xl: Transformer-XL's run_enwik8_base.sh eval: tgt_len, mem_len, clamp_len (+ same_length)
+EVAL_T=128  # the authors' eval_tgt_len for every enwik8 run (their results dump)
 DEFAULT_DATA=data-bin/enwik8
 DEFAULT_SAVE_ROOT=checkpoints/enwik8
 

@@ -4,6 +4,7 @@
 #   examples/wikitext-103/run.sh list                  every row: its flags and the paper's test perplexity
 #   examples/wikitext-103/run.sh ROW [FLAGS...]        train one row (FLAGS go to the trainer, e.g. --seed 2)
 #   examples/wikitext-103/run.sh eval ROW [FLAGS...]   test perplexity of the row's checkpoint (fairseq-eval-lm)
+#   examples/wikitext-103/run.sh eval-xl ROW [FLAGS...]  rows with a cache: Transformer-XL's own evaluation (run_wt103_base.sh eval)
 #
 # Training setup of the authors' runs (LM-RMT experiment_results/results_wt103_enwik8_all_parameters.csv, which is
 # Transformer-XL base's WikiText-103 setup): Adam, lr 2.5e-4, cosine decay to 0 over the run, no warmup, gradient
@@ -74,6 +75,7 @@ rmt-m50-k1-t50             50 128 200000 --arch rmt_wt103 --mem-tokens 50 --bptt
 # Transformer-XL base's WikiText-103 optimisation (Dai et al. 2019), as the authors ran it
 OPTIM=(--optimizer adam --lr 2.5e-4 --lr-scheduler cosine --warmup-updates 0 --clip-norm 0.25)
 EVAL_STREAMS=10  # Transformer-XL's and LM-RMT's eval_batch_size
+XL_EVAL='64 640 400'  # eval-xl: Transformer-XL's run_wt103_base.sh eval: tgt_len, mem_len, clamp_len (+ same_length)
 DEFAULT_DATA=data-bin/wikitext-103
 DEFAULT_SAVE_ROOT=checkpoints/wt103
 

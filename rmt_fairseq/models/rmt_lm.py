@@ -213,7 +213,7 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         self.adaptive_softmax = None
         self.output_projection = None
         if str(cfg.embedding_impl) == "transformer_xl":
-            cutoffs = options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int) if cfg.adaptive_softmax_cutoff else []
+            cutoffs = _cutoffs(cfg)
             tied = cfg.tie_adaptive_weights or cfg.share_decoder_input_output_embed
             # XL's tie_projs: [False] + [tie] * clusters (the first band's projection is never shared)
             self.adaptive_softmax = XLAdaptiveLogSoftmax(
@@ -617,7 +617,7 @@ class RMTLanguageModel(RecurrentLM, FairseqLanguageModel):
         dictionary = task.source_dictionary
         C = cfg.decoder_embed_dim
         if str(cfg.embedding_impl) == "transformer_xl":
-            cutoffs = options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int) if cfg.adaptive_softmax_cutoff else []
+            cutoffs = _cutoffs(cfg)
             embed_tokens = XLAdaptiveEmbedding(len(dictionary), C, C, cutoffs, cfg.div_val, dictionary.pad())
             if str(cfg.init) == "fairseq":  # fairseq's embedding convention, per band
                 for band in embed_tokens.emb_layers:
@@ -640,6 +640,11 @@ class RMTLanguageModel(RecurrentLM, FairseqLanguageModel):
 
     def max_positions(self):
         return self.decoder.max_positions()
+
+
+def _cutoffs(cfg) -> List[int]:
+    """--adaptive-softmax-cutoff as integers ([] when unset)."""
+    return options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int) if cfg.adaptive_softmax_cutoff else []
 
 
 def vocabulary_size(state_dict) -> Optional[int]:
@@ -765,7 +770,8 @@ def validate_config(cfg, vocab_size: int) -> None:
         check(cfg.decoder_embed_dim // cfg.div_val ** len(cut) >= 1,
               f"--div-val {cfg.div_val}: the last of {len(cut) + 1} bands would have dimension "
               f"{cfg.decoder_embed_dim} // {cfg.div_val}^{len(cut)} = 0; use a smaller --div-val")
-    check(str(cfg.init) in ("fairseq", "normal", "uniform"), f"--init must be fairseq, normal or uniform, got {cfg.init}")
+    check(str(cfg.init) in ("fairseq", "normal", "uniform"),
+          f"--init must be fairseq, normal or uniform, got {cfg.init}")
     for flag, value in [("--init-std", cfg.init_std), ("--init-range", cfg.init_range),
                         ("--proj-init-std", cfg.proj_init_std)]:
         check(value > 0, f"{flag} must be > 0, got {value}")

@@ -110,7 +110,8 @@ class XLAdaptiveLogSoftmax(nn.Module):
                 self.out_projs.append(TransposedProjection(tied_embedding.emb_projs[i].weight))
             else:
                 self.out_projs.append(TransposedProjection(nn.Parameter(torch.empty(proj_dim, d).normal_(0, 0.01))))
-        # XL's cluster_weight K x E_0 and cluster_bias K, scored with the head from band 0's projection
+        # XL's cluster_weight K x E_0 and cluster_bias K, scored with the head from band 0's projection; band i's
+        # cluster logit is the head's column -i (XL's `head_logprob_i[:, -i]`): row K - i, XL's order
         self.cluster = nn.Linear(_band_dim(embed_dim, div_val, 0), self.n_clusters) if self.n_clusters else None
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ class XLAdaptiveLogSoftmax(nn.Module):
         tails = []
         for i, (lo, hi) in enumerate(self.bands[1:], start=1):
             mask = (t >= lo) & (t < hi)
-            head_target[mask] = self.shortlist + i - 1  # the head scores the cluster
+            head_target[mask] = self.shortlist + self.n_clusters - i  # the head scores the cluster (column -i)
             idx = mask.nonzero(as_tuple=False).squeeze(1)  # n
             tails.append((self._tail(i, x.index_select(0, idx)), t.index_select(0, idx) - lo))
         loss = F.cross_entropy(self._head(x).float(), head_target, ignore_index=padding_idx, reduction="sum")
@@ -147,7 +148,8 @@ class XLAdaptiveLogSoftmax(nn.Module):
         head = F.log_softmax(self._head(x).float(), dim=-1)  # BT x (shortlist + K)
         parts = [head[:, : self.shortlist]]
         for i in range(1, len(self.bands)):
-            parts.append(head[:, self.shortlist + i - 1, None] + F.log_softmax(self._tail(i, x).float(), dim=-1))
+            parts.append(head[:, self.shortlist + self.n_clusters - i, None]
+                         + F.log_softmax(self._tail(i, x).float(), dim=-1))
         return torch.cat(parts, dim=-1).view(B, T, self.n_token)
 
 

@@ -93,7 +93,8 @@ DEFAULT_TOKENS_PER_SAMPLE = 128
 STRUCTURAL_FIELDS = ["decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
                      "decoder_head_dim", "mem_tokens", "share_decoder_input_output_embed", "adaptive_input",
                      "adaptive_input_cutoff", "adaptive_input_factor", "adaptive_softmax_cutoff",
-                     "adaptive_softmax_factor", "tie_adaptive_weights", "tie_adaptive_proj"]
+                     "adaptive_softmax_factor", "tie_adaptive_weights", "tie_adaptive_proj", "embedding_impl",
+                     "div_val"]
 
 
 def _linked(cfg, key):
@@ -208,6 +209,9 @@ class RMTLMTask(FairseqTask):
     def build_model(self, cfg, from_checkpoint=False):
         # the model resolves the segment length (the trained one from its checkpoint unless --tokens-per-sample is
         # given) and sets it here when the flag was not given: batches are cut to what the model runs
+        resume = None if from_checkpoint else self._resume_checkpoint()
+        if resume is not None:
+            self._continue_as_trained(resume[0], cfg)
         model = super().build_model(cfg, from_checkpoint)
         decoder = getattr(model, "decoder", None)
         check(hasattr(decoder, "forward_segment"),
@@ -219,12 +223,40 @@ class RMTLMTask(FairseqTask):
                   f"--mem-tokens {getattr(cfg, 'mem_tokens', 0)}")
         if getattr(decoder, "recurrent", False) and self.bptt_unroll == 0:
             logger.warning("--bptt-unroll 0 with memory tokens: write memory receives no gradient; use >= 1")
-        if not from_checkpoint:
-            resume = self._resume_checkpoint()
-            if resume is not None:
-                path, source, continues = resume
-                self.check_checkpoint(path, source, model=model, resume=continues)
+        if resume is not None:
+            path, source, continues = resume
+            self.check_checkpoint(path, source, model=model, resume=continues)
         return model
+
+    @staticmethod
+    def _continue_as_trained(path: str, cfg) -> None:
+        """fairseq-train builds the model of the flags, then loads the checkpoint into it. An rmt_lm checkpoint
+        written before a behaviour switch existed (models/rmt_lm.py LEGACY_VALUES: memory dropout, which memory
+        rows see the XL cache, the embedding modules) continues with what it was trained with: its values go into
+        the config fairseq builds from and saves, and are logged."""
+        from fairseq.models import ARCH_MODEL_REGISTRY
+        from omegaconf import OmegaConf, open_dict
+
+        from rmt_fairseq.models.rmt_lm import LEGACY_VALUES, RMTLanguageModel
+
+        if "://" in path or not os.path.isfile(path) or not OmegaConf.is_config(cfg):
+            return
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            saved = state["cfg"]["model"]
+        except Exception:
+            return  # not a readable fairseq checkpoint with a config: check_checkpoint says what it is
+        family = ARCH_MODEL_REGISTRY.get(_saved(state, "model", "_name"))
+        if saved is None or not (isinstance(family, type) and issubclass(family, RMTLanguageModel)):
+            return
+        missing = {k: v for k, v in LEGACY_VALUES.items() if k not in saved}
+        if missing:
+            with open_dict(cfg):
+                for k, v in missing.items():
+                    cfg[k] = v
+            logger.info("%s was written before %s existed: continuing it as trained (%s)", path,
+                        ", ".join("--" + k.replace("_", "-") for k in missing),
+                        ", ".join(f"{k}={v}" for k, v in missing.items()))
 
     # ---- checkpoints: checked before fairseq loads them --------------------------------------------------------
 

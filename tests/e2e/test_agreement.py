@@ -34,6 +34,12 @@ FAMILIES = {
     "mt": TINY + STREAM + ["--memory-layout", "mt"],
     "no_memory": TINY + STREAM + ["--mem-tokens", 0],
     "adaptive_softmax": TINY + STREAM + ["--adaptive-softmax-cutoff", 12],
+    # the WikiText-103 preset's Transformer-XL conventions (XL's adaptive softmax with biases, XL's init, dropout as
+    # LM-RMT), shrunk, with Transformer-XL's same-length attention and distance clamp and LM-RMT's memory/cache switch
+    "xl_conventions": ["--arch", "rmt_wt103", "--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-head-dim",
+                       16, "--decoder-attention-heads", 2, "--decoder-ffn-embed-dim", 64, "--adaptive-softmax-cutoff",
+                       12, "--mem-tokens", 2, "--mem-len", 6, "--same-length", "--clamp-len", 5,
+                       "--read-mem-from-cache"] + STREAM,
     "wrapper_stream": WRAPPER + STREAM,
     "wrapper_per_sample": WRAPPER + ["--task", "language_modeling", "--tokens-per-sample", SAMPLE_LEN,
                                      "--segment-len", T],
