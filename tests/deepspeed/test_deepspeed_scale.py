@@ -1,6 +1,7 @@
 """rmt-deepspeed-train at scale-out's edges, 2 ranks under the real `deepspeed` launcher (gloo on loopback):
-a wt103-shaped model (adaptive input + tied adaptive softmax) whose last band only rank 1 uses, under ZeRO-1/2/3
-with ZeRO-3 really partitioning every weight (persistence threshold 0); exported ZeRO-2/3 checkpoints evaluate
+a wt103-shaped model (adaptive input + tied adaptive softmax: fairseq's modules, and Transformer-XL's as the paper
+presets build them) whose last band only rank 1 uses, under ZeRO-1/2/3 with ZeRO-3 really partitioning every weight
+(persistence threshold 0); exported ZeRO-2/3 checkpoints evaluate
 with fairseq-eval-lm to DeepSpeed's last validation loss; --update-freq 2 over an epoch of an odd number of
 batches groups updates as fairseq-train does (every stage); resume with dropout, Adam and warm-up reproduces
 the run; reduce_lr_on_plateau decays as under fairseq-train; validating on the training split changes nothing;
@@ -24,6 +25,12 @@ from test_deepspeed_train import COMMON, TOL, _valid, deepspeed  # noqa: E402  (
 pytestmark = pytest.mark.deepspeed
 WT103_SHAPED = ["--adaptive-input", "--adaptive-softmax-cutoff", "20,32", "--tie-adaptive-weights",
                 "--tie-adaptive-proj", "--adaptive-softmax-factor", 2, "--adaptive-input-factor", 2]
+# the paper presets' Transformer-XL conventions: XL's adaptive embedding and softmax (bands of 64/32/16, output biases,
+# tied weights and projections, every band a module ZeRO-3 gathers), XL's init, LM-RMT's memory/cache switch
+XL_SHAPED = ["--embedding-impl", "transformer_xl", "--adaptive-softmax-cutoff", "20,32", "--div-val", 2,
+             "--tie-adaptive-weights", "--tie-adaptive-proj", "--init", "normal", "--mem-len", 8,
+             "--read-mem-from-cache", "--same-length", "--clamp-len", 6]
+SHAPES = {"fairseq": WT103_SHAPED, "transformer_xl": XL_SHAPED}
 STAGES = [1, 2, 3]
 
 
@@ -44,20 +51,24 @@ def ds_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wt103_reference(band_data):
-    p = cli("fairseq-train", band_data, *COMMON, *WT103_SHAPED, "--batch-size", 8, "--max-update", 8, "--no-save",
-            "--disable-validation", "--log-format", "simple", "--num-workers", 0)
-    return train_losses(p.stdout + p.stderr)
+    out = {}
+    for shape, flags in SHAPES.items():
+        p = cli("fairseq-train", band_data, *COMMON, *flags, "--batch-size", 8, "--max-update", 8, "--no-save",
+                "--disable-validation", "--log-format", "simple", "--num-workers", 0)
+        out[shape] = train_losses(p.stdout + p.stderr)
+    return out
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage,shape", [(1, "fairseq"), (2, "fairseq"), (3, "fairseq"), (2, "transformer_xl"),
+                                         (3, "transformer_xl")])
 def test_wt103_shaped_band_on_one_rank_logs_fairseq_train_losses_and_exports(band_data, wt103_reference, ds_config,
-                                                                             stage, tmp_path):
+                                                                             stage, shape, tmp_path):
     save = tmp_path / "ds"
-    out = deepspeed(band_data, *COMMON, *WT103_SHAPED, "--batch-size", 4, "--max-update", 8, "--save-dir", save,
-                    "--deepspeed-config", ds_config(stage), port=29640 + stage)
+    out = deepspeed(band_data, *COMMON, *SHAPES[shape], "--batch-size", 4, "--max-update", 8, "--save-dir", save,
+                    "--deepspeed-config", ds_config(stage), port=(29640 if shape == "fairseq" else 29680) + stage)
     got = train_losses(out)
     assert sorted(got) == list(range(1, 9)), out[-3000:]
-    assert all(abs(got[u] - wt103_reference[u]) <= TOL for u in got), (got, wt103_reference)
+    assert all(abs(got[u] - wt103_reference[shape][u]) <= TOL for u in got), (got, wt103_reference[shape])
     if stage == 3:
         tag = open(save / "latest").read().strip()
         assert len(list((save / tag).glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2

@@ -31,6 +31,12 @@ CONFIGS = {
     "xl": ["--mem-tokens", 0, "--mem-len", 8, "--bptt-unroll", 0],
     "rmt+xl": ["--mem-len", 8, "--bptt-unroll", 1],
     "adaptive-one-rank-band": [*WT103_SHAPED, "--bptt-unroll", 1],
+    # the paper presets' Transformer-XL conventions: XL's adaptive embedding and softmax (bands of 64/32/16, output
+    # biases, tied), XL's init, LM-RMT's memory/cache switch, XL's same-length attention and distance clamp
+    "adaptive-xl-one-rank-band": ["--embedding-impl", "transformer_xl", "--adaptive-softmax-cutoff", "20,32",
+                                  "--div-val", 2, "--tie-adaptive-weights", "--tie-adaptive-proj", "--init", "normal",
+                                  "--mem-len", 8, "--read-mem-from-cache", "--same-length", "--clamp-len", 6,
+                                  "--bptt-unroll", 1],
 }
 WRAPPER = ["--user-dir", "user_dir", "--task", "language_modeling", "--arch", "rmt_transformer_lm",
            "--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64,

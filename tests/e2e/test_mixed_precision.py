@@ -28,7 +28,10 @@ GEN_BF16, GEN_FP16 = 0.1, 0.02
 TRAIN = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--criterion", "rmt_cross_entropy",
          "--tokens-per-sample", 8, "--optimizer", "sgd", "--lr", 0.5, "--log-interval", 1, "--seed", 1, "--cpu",
          "--bptt-unroll", 1, "--log-format", "simple", "--num-workers", 0, "--max-update", 8]
-MODELS = {"rmt": [], "xl": ["--mem-tokens", 0, "--mem-len", 8, "--bptt-unroll", 0], "rmt+xl": ["--mem-len", 8]}
+MODELS = {"rmt": [], "xl": ["--mem-tokens", 0, "--mem-len", 8, "--bptt-unroll", 0], "rmt+xl": ["--mem-len", 8],
+          # the paper presets' Transformer-XL conventions: XL's adaptive softmax and init, same-length, clamp
+          "xl-conventions": ["--embedding-impl", "transformer_xl", "--adaptive-softmax-cutoff", 12, "--init", "normal",
+                             "--mem-len", 8, "--read-mem-from-cache", "--same-length", "--clamp-len", 6]}
 
 
 def _close(got, ref, first, later):
