@@ -40,6 +40,8 @@ def _common(exp):
         "init": ("normal", S_TRAIN), "init_std": (0.02, S_TRAIN), "init_range": (0.1, S_TRAIN),
         "proj_init_std": (0.01, S_TRAIN), "LayerNorm init": ("N(1, init_std)", "train.py weights_init"),
         "u, v (r_w_bias, r_r_bias) init": ("N(0, init_std)", "train.py weights_init"),
+        "u, v shared across layers": (True, f"{S_CODE} MemTransformerLM (one r_w_bias, r_r_bias)"),
+        "position embedding dropout": (0.1, f"{S_CODE} _forward: drop(pos_emb)"),
         "adaptive": (wt, b), "cutoffs": ("20000,40000,200000" if wt else "-", "train.py (--adaptive: wt103)"),
         "div_val": (1, S_TRAIN), "tied": (True, "train.py (not --not_tied)"),
         "tie_projs": ("F,T,T,T" if wt else "F", "train.py"), "output bias": (True, "proj_adaptive_softmax.py"),
@@ -47,9 +49,15 @@ def _common(exp):
         "lr": (0.00025, b), "scheduler": ("cosine", S_TRAIN), "eta_min": (0.0, S_TRAIN),
         "warmup_step": (0, b), "max_step": (200000 if wt else 400000, b), "clip": (0.25, S_TRAIN),
         "same_length (training)": (False, S_CSV), "clamp_len (training)": (-1, S_CSV),
-        "eval batch_size": (10, "train.py eval_batch_size"),
+        "eval batch_size": (10, "train.py eval_batch_size"), "eval_interval": (4000, S_CSV),
+        "seed": (1111, S_TRAIN),
     }
 
+
+# train.py keeps the K previous segments and their memory, then `mem_tokens.values = prev_mem_tokens[0].clone()`:
+# an attribute assignment that leaves the tensor as it is, so the replay runs from the newest memory
+REPLAY_AUTHORS = "the newest memory"
+REPLAY_OURS = "the memory the segment first saw"
 
 AUTHORS = {
     "wt103": {
@@ -63,7 +71,8 @@ AUTHORS = {
                 "num_mem_tokens": (10, S_CSV), "mem_at_end": (True, S_CSV), "mem_backprop_depth": (3, S_CSV),
                 "read_mem_from_cache": (False, S_CSV), "memory dropout": (True, f"{S_CODE} _forward"),
                 "eval_tgt_len": (150, S_CSV), "eval mem_len": (0, "train.py evaluate()"),
-                "memory token init": ("N(0, 1), one vector for all M", f"{S_CODE} init_mem_tokens")},
+                "memory token init": ("N(0, 1), one vector for all M", f"{S_CODE} init_mem_tokens"),
+                "BPTT replay starts from": (REPLAY_AUTHORS, "train.py train(), mem_backprop_depth")},
     },
     "enwik8": {
         "xl": {**_common("enwik8"), "tgt_len": (512, S_BASE["enwik8"]), "batch_size": (22, S_BASE["enwik8"]),
@@ -78,12 +87,18 @@ AUTHORS = {
                 "num_mem_tokens": (5, S_CSV), "mem_at_end": (True, S_CSV), "mem_backprop_depth": (1, S_CSV),
                 "read_mem_from_cache": (False, S_CSV), "memory dropout": (True, f"{S_CODE} _forward"),
                 "eval_tgt_len": (128, S_CSV), "eval mem_len": (0, "train.py evaluate()"),
-                "memory token init": ("N(0, 1), one vector for all M", f"{S_CODE} init_mem_tokens")},
+                "memory token init": ("N(0, 1), one vector for all M", f"{S_CODE} init_mem_tokens"),
+                "BPTT replay starts from": (REPLAY_AUTHORS, "train.py train(), mem_backprop_depth")},
     },
 }
 
 # Where ours differs on purpose (the reason is printed under the table).
 INTENTIONAL = {
+    "seed": "fairseq's --seed (default 1); the authors' runs used 1111, 1337 and others (their results dump)",
+    "BPTT replay starts from": "LM-RMT's train.py keeps the K previous segments' memory to replay them from it, but "
+                               "the line meant to restore it (`mem_tokens.values = prev_mem_tokens[0].clone()`) sets "
+                               "an attribute and leaves the tensor unchanged; --bptt-mode sliding replays from the "
+                               "saved memory, as intended",
     "memory token init": "each of the M memory tokens gets its own N(0, 1) draw (modules/memory.py MemoryTokens): "
                          "identical slots are symmetric under attention and only diverge through position",
 }
@@ -108,7 +123,9 @@ FLAGS = {
     "eval_tgt_len": "run.sh eval: --tokens-per-sample", "eval mem_len": "run.sh eval: --model-overrides mem_len",
     "eval-xl tgt_len": "run.sh eval-xl: --tokens-per-sample", "eval-xl mem_len": "run.sh eval-xl: mem_len",
     "eval-xl clamp_len": "run.sh eval-xl: clamp_len", "eval-xl same_length": "run.sh eval-xl: same_length",
-    "memory token init": "(MemoryTokens)",
+    "memory token init": "(MemoryTokens)", "u, v shared across layers": "(PositionBias)",
+    "position embedding dropout": "--dropout", "eval_interval": "run.sh: --save-interval-updates (validates)",
+    "seed": "--seed", "BPTT replay starts from": "--bptt-mode sliding",
 }
 
 
@@ -167,7 +184,10 @@ def ours(exp: str, which: str) -> dict:
         "mem_backprop_depth": cfg.task.bptt_unroll if cfg.task.bptt_mode == "sliding" else None,
         "read_mem_from_cache": bool(m.read_mem_from_cache), "memory dropout": not m.no_memory_dropout,
         "eval_tgt_len": ev.tokens_per_sample, "eval mem_len": ev_over.get("mem_len", m.mem_len),
-        "memory token init": "N(0, 1), a vector per token",
+        "memory token init": "N(0, 1), a vector per token", "u, v shared across layers": True,
+        "position embedding dropout": m.dropout, "eval_interval": cfg.checkpoint.save_interval_updates,
+        "seed": cfg.common.seed,
+        "BPTT replay starts from": REPLAY_OURS if cfg.task.bptt_mode == "sliding" else None,
     }
     if which == "xl":
         x = options.parse_args_and_arch(options.get_eval_lm_parser(), _dry_run(exp, "eval-xl", row)[1:])
@@ -214,21 +234,27 @@ def readme_table(exp: str) -> str:
 
 
 def main(argv=None) -> int:
+    import argparse
     import logging
     import warnings
 
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help="rewrite the tables in the two READMEs")
+    group.add_argument("--check", action="store_true", help="exit 1 when a README's table differs from the code's")
+    a = ap.parse_args(argv)
     logging.disable(logging.WARNING)  # fairseq's and hydra's INFO lines: the table is the output
     warnings.simplefilter("ignore")
-    mode = (argv if argv is not None else sys.argv[1:])[:1]
     stale = []
     for exp in ("wt103", "enwik8"):
         t = table(exp)
-        if mode == ["--write"]:
+        if a.write:
             path = os.path.join(REPO, READMES[exp])
             text = open(path).read()
             text = text[: text.index(BEGIN) + len(BEGIN) + 1] + t + text[text.index(END) :]
             open(path, "w").write(text)
-        elif mode == ["--check"]:
+        elif a.check:
             if readme_table(exp) != t:
                 stale.append(READMES[exp])
         else:
@@ -236,6 +262,8 @@ def main(argv=None) -> int:
     for path in stale:
         print(f"error: the hyperparameter table in {path} differs from the code; run python examples/paper_hparams.py "
               f"--write", file=sys.stderr)
+    if a.write or (a.check and not stale):
+        print(f"{' and '.join(READMES.values())}: tables {'written' if a.write else 'up to date'}")
     return 1 if stale else 0
 
 

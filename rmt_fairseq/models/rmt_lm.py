@@ -653,7 +653,9 @@ def vocabulary_size(state_dict) -> Optional[int]:
     if "decoder.embed_tokens.weight" in state_dict:
         w = state_dict["decoder.embed_tokens.weight"]
         return int(w.shape[0]) if w.dim() == 2 else None  # ZeRO-3 module states hold empty placeholders
-    bands = [v for k, v in state_dict.items() if re.fullmatch(r"decoder\.embed_tokens\.embeddings\.\d+\.0\.weight", k)]
+    # fairseq's AdaptiveInput (embeddings.N.0) or Transformer-XL's AdaptiveEmbedding (emb_layers.N)
+    bands = [v for k, v in state_dict.items()
+             if re.fullmatch(r"decoder\.embed_tokens\.(embeddings\.\d+\.0|emb_layers\.\d+)\.weight", k)]
     if not bands or any(b.dim() != 2 for b in bands):
         return None
     return sum(int(b.shape[0]) for b in bands)
@@ -750,10 +752,10 @@ def validate_config(cfg, vocab_size: int) -> None:
             check(False, f"{flag} must be comma-separated integers, got {value!r}")
         check(all(a < b for a, b in zip([0] + cut, cut)) and cut[-1] < vocab_size,
               f"{flag} {value}: cutoffs must be increasing and smaller than the vocabulary size ({vocab_size})")
-    if cfg.share_decoder_input_output_embed and cfg.adaptive_softmax_cutoff is not None:
+    xl = str(cfg.embedding_impl) == "transformer_xl"
+    if cfg.share_decoder_input_output_embed and cfg.adaptive_softmax_cutoff is not None and not xl:
         logger.warning("--share-decoder-input-output-embed is ignored with --adaptive-softmax-cutoff "
                        "(tie adaptive input and softmax with --tie-adaptive-weights)")
-    xl = str(cfg.embedding_impl) == "transformer_xl"
     if cfg.tie_adaptive_weights and not xl:
         check(cfg.adaptive_input and cfg.adaptive_softmax_cutoff is not None,
               "--tie-adaptive-weights needs --adaptive-input and --adaptive-softmax-cutoff")
@@ -775,6 +777,9 @@ def validate_config(cfg, vocab_size: int) -> None:
     for flag, value in [("--init-std", cfg.init_std), ("--init-range", cfg.init_range),
                         ("--proj-init-std", cfg.proj_init_std)]:
         check(value > 0, f"{flag} must be > 0, got {value}")
+    if cfg.read_mem_from_cache and (cfg.mem_tokens == 0 or cfg.mem_len == 0):
+        logger.warning("--read-mem-from-cache has no effect with --mem-tokens %d --mem-len %d: it lets memory tokens "
+                       "see the XL cache, so it needs both", cfg.mem_tokens, cfg.mem_len)
     check(not cfg.same_length or cfg.mem_len > 0,
           f"--same-length needs --mem-len > 0 (every token attends the --mem-len tokens before it and itself, "
           f"Transformer-XL's rule), got --mem-len {cfg.mem_len}")

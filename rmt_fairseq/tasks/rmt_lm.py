@@ -406,12 +406,14 @@ class RMTLMTask(FairseqTask):
     # ---- data ----------------------------------------------------------------------------------------------
 
     def _parallel(self):
-        if self.cfg.data_parallel_rank is None or self.cfg.data_parallel_size is None:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                self.cfg.data_parallel_rank = dist_utils.get_data_parallel_rank()
-                self.cfg.data_parallel_size = dist_utils.get_data_parallel_world_size()
-            else:
-                self.cfg.data_parallel_rank, self.cfg.data_parallel_size = 0, 1
+        """(this process's data-parallel rank, the number of ranks): its share of the streams."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            # one process reads every stream, whatever a config loaded from a checkpoint says (fairseq-validate
+            # builds the task from it, and a DeepSpeed checkpoint's holds the rank that saved it: 0 of N)
+            self.cfg.data_parallel_rank, self.cfg.data_parallel_size = 0, 1
+        elif self.cfg.data_parallel_rank is None or self.cfg.data_parallel_size is None:
+            self.cfg.data_parallel_rank = dist_utils.get_data_parallel_rank()
+            self.cfg.data_parallel_size = dist_utils.get_data_parallel_world_size()
         return self.cfg.data_parallel_rank, self.cfg.data_parallel_size
 
     def segments_per_batch(self, split: str) -> int:

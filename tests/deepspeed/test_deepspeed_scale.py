@@ -82,6 +82,12 @@ def test_wt103_shaped_band_on_one_rank_logs_fairseq_train_losses_and_exports(ban
             "--num-workers", 0)
     loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", e.stdout + e.stderr).group(1))
     assert loss == pytest.approx(_valid(out)[-1], abs=TOL)
+    # fairseq-validate builds the task from the export's config (saved by rank 0 of 2): one process, every stream
+    v = cli("fairseq-validate", band_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path",
+            tmp_path / "model.pt", "--batch-size", 8, "--valid-subset", "valid", "--cpu", "--num-workers", 0)
+    vout = v.stdout + v.stderr
+    assert "8 streams x" in vout, vout[-2000:]
+    assert float(re.search(r"valid \| .*?loss ([0-9.]+)", vout).group(1)) == pytest.approx(_valid(out)[-1], abs=TOL)
 
 
 @pytest.fixture(scope="module")

@@ -304,3 +304,18 @@ def test_model_with_transformer_xl_embedding_trains_and_scores_consistently():
     with torch.no_grad():
         after = model(x, target=y)[0].sum()
     assert after < before.detach() - 1e-3
+
+
+@pytest.mark.parametrize("cutoff", [None, "10,20"])
+def test_checkpoint_vocabulary_is_read_from_xl_embeddings(cutoff):
+    """The checks that name a checkpoint trained on another vocabulary read its size from XL's embedding too."""
+    from rmt_fairseq.errors import RMTConfigError
+    from rmt_fairseq.models.rmt_lm import check_vocabulary, vocabulary_size
+
+    model = tiny_model(vocab=40, embedding_impl="transformer_xl", adaptive_softmax_cutoff=cutoff, div_val=2,
+                       share_decoder_input_output_embed=True)
+    n = len(model.decoder.dictionary)
+    assert vocabulary_size(model.state_dict()) == n
+    check_vocabulary(model.state_dict(), n, "the checkpoint", "dict.txt")
+    with pytest.raises(RMTConfigError, match=f"vocabulary of {n} types, but dict.txt has {n + 8}"):
+        check_vocabulary(model.state_dict(), n + 8, "the checkpoint", "dict.txt")
