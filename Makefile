@@ -3,12 +3,16 @@
 PY := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(CURDIR)/.venv/bin/python)
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint
+.PHONY: setup test test-long demo lint
 setup:
 	bash scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the long checks kept out of `make test` (marker `long`: the benchmark scripts' quick runs); CI runs both
+test-long: setup
+	$(PY) -m pytest -q -m long $(PYTEST_ARGS)
 
 demo: setup
 	cd $(CURDIR) && $(dir $(PY))rmt-demo $(DEMO_ARGS)

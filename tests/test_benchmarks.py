@@ -1,10 +1,16 @@
-"""Benchmark scripts run in --quick mode and write well-formed JSON (figures are never asserted here)."""
+"""Benchmark scripts run in --quick mode and write well-formed JSON (figures are never asserted here).
+
+Marked `long` (about 2.5 minutes): not in `make test`; `make test-long` runs them, and CI runs it after `make test`."""
 
 import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
+
+pytestmark = pytest.mark.long
 
 
 def test_deep_unroll_memory_quick(tmp_path):

@@ -123,6 +123,26 @@ class XLAdaptiveLogSoftmax(nn.Module):
     def _tail(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.out_layers[i](self.out_projs[i](x))  # n x V_i
 
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor):
+        """fairseq's AdaptiveSoftmax.forward interface, for `--criterion adaptive_loss`: hidden B x T x C, target
+        B x T -> ([head logits BT x (shortlist + K), tail i logits n_i x V_i or None], [head targets, tail i targets
+        or None]), a tail None when no target falls in it (adaptive_loss checks the targets' min/max)."""
+        x = hidden.reshape(-1, hidden.size(-1))  # BT x C
+        t = target.reshape(-1)  # BT
+        head_target = t.clone()
+        logits, targets = [self._head(x)], [head_target]
+        for i, (lo, hi) in enumerate(self.bands[1:], start=1):
+            mask = (t >= lo) & (t < hi)
+            head_target[mask] = self.shortlist + self.n_clusters - i
+            if mask.any():
+                idx = mask.nonzero(as_tuple=False).squeeze(1)  # n_i
+                logits.append(self._tail(i, x.index_select(0, idx)))
+                targets.append(t.index_select(0, idx) - lo)
+            else:
+                logits.append(None)
+                targets.append(None)
+        return logits, targets
+
     def nll(self, hidden: torch.Tensor, target: torch.Tensor, padding_idx: int) -> torch.Tensor:
         """Summed NLL (nats, fp32) of target B x T given hidden B x T x C; targets equal to padding_idx (in the
         first band) are not scored. Every tail runs (on zero rows when no target falls in it)."""

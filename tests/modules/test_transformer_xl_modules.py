@@ -319,3 +319,18 @@ def test_checkpoint_vocabulary_is_read_from_xl_embeddings(cutoff):
     check_vocabulary(model.state_dict(), n, "the checkpoint", "dict.txt")
     with pytest.raises(RMTConfigError, match=f"vocabulary of {n} types, but dict.txt has {n + 8}"):
         check_vocabulary(model.state_dict(), n + 8, "the checkpoint", "dict.txt")
+
+
+@pytest.mark.parametrize("cutoffs", [(), (6,), (6, 12)])
+def test_fairseq_adaptive_loss_interface_gives_the_same_nll(cutoffs):
+    """forward(hidden, target) is fairseq's AdaptiveSoftmax interface (--criterion adaptive_loss under
+    --task language_modeling): the summed cross entropies of its lists equal nll()."""
+    sm = XLAdaptiveLogSoftmax(V, 16, 16, list(cutoffs), 1)
+    _randomize(sm, seed=11)
+    hidden = torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(12))
+    target = _targets(13).view(2, 24)
+    target[0, :2] = torch.tensor([V - 1, 0])
+    logits, targets = sm(hidden, target)
+    assert len(logits) == len(targets) == len(cutoffs) + 1
+    loss = sum(F.cross_entropy(lg.float(), tg, reduction="sum") for lg, tg in zip(logits, targets) if tg is not None)
+    assert torch.allclose(loss, sm.nll(hidden, target, padding_idx=-100), atol=1e-4)
