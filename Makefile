@@ -10,7 +10,8 @@ setup:
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# the long checks kept out of `make test` (marker `long`: the benchmark scripts' quick runs); CI runs both
+# the long checks kept out of `make test` (marker `long`: the benchmark scripts' quick runs, the demo, the SIGKILL
+# resume tests, the learning test); CI runs both
 test-long: setup
 	$(PY) -m pytest -q -m long $(PYTEST_ARGS)
 

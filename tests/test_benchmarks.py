@@ -1,6 +1,6 @@
 """Benchmark scripts run in --quick mode and write well-formed JSON (figures are never asserted here).
 
-Marked `long` (about 2.5 minutes): not in `make test`; `make test-long` runs them, and CI runs it after `make test`."""
+Marked `long` (about 2.2 minutes): not in `make test`; `make test-long` runs them, and CI runs it after `make test`."""
 
 import json
 import subprocess

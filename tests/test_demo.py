@@ -3,7 +3,11 @@ attention-plot command draws its checkpoint."""
 
 import json
 
+import pytest
+
 from helpers import cli
+
+pytestmark = pytest.mark.long  # about 75 s: `make test-long` (CI runs it after `make test`)
 
 
 def test_demo_writes_results_and_plot(tmp_path):

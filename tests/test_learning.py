@@ -9,6 +9,7 @@ no model without memory can go below the bound whatever its seed."""
 
 import os
 
+import pytest
 import torch
 
 from helpers import build_from_cli_args, make_recall_data, validation_loss
@@ -40,6 +41,7 @@ def _train(data, mem_tokens, seed=1):
     return validation_loss(task, model, criterion)
 
 
+@pytest.mark.long  # about 22 s: `make test-long`
 def test_rmt_recalls_across_segments_and_the_baseline_cannot(tmp_path):
     data = make_recall_data(str(tmp_path), gap=GAP, train_docs=3000, valid_docs=300)
     bound = recall_bounds(GAP, 8)  # 0.6 bits without memory, 0.3 with

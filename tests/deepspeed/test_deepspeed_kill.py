@@ -17,7 +17,7 @@ from helpers import BIN, REPO
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_deepspeed_train import COMMON, _losses, deepspeed  # noqa: E402  (the module beside this one)
 
-pytestmark = pytest.mark.deepspeed
+pytestmark = [pytest.mark.deepspeed, pytest.mark.long]  # about 65 s: `make test-long`
 BOUND_S = 35
 
 

@@ -89,6 +89,7 @@ def reference(recall_data, tmp_path_factory):
     return save, losses
 
 
+@pytest.mark.long  # about 26 s: `make test-long`
 def test_sigkill_at_several_points_then_resume_reproduces_the_uninterrupted_run(recall_data, reference, tmp_path):
     ref_dir, ref_losses = reference
     rng = random.Random(0)
