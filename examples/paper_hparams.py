@@ -59,6 +59,18 @@ def _common(exp):
 REPLAY_AUTHORS = "the newest memory"
 REPLAY_OURS = "the memory the segment first saw"
 
+def _rmt_row(exp, tgt_len, batch_size, num_mem_tokens, mem_backprop_depth):
+    """The RMT column: a run of the authors' results dump (no cache, memory tokens at both ends, evaluated at the
+    training length)."""
+    return {**_common(exp), "tgt_len": (tgt_len, S_CSV), "batch_size": (batch_size, S_CSV), "mem_len": (0, S_CSV),
+            "num_mem_tokens": (num_mem_tokens, S_CSV), "mem_at_end": (True, S_CSV),
+            "mem_backprop_depth": (mem_backprop_depth, S_CSV), "read_mem_from_cache": (False, S_CSV),
+            "memory dropout": (True, f"{S_CODE} _forward"), "eval_tgt_len": (tgt_len, S_CSV),
+            "eval mem_len": (0, "train.py evaluate()"),
+            "memory token init": ("N(0, 1), one vector for all M", f"{S_CODE} init_mem_tokens"),
+            "BPTT replay starts from": (REPLAY_AUTHORS, "train.py train(), mem_backprop_depth")}
+
+
 AUTHORS = {
     "wt103": {
         "xl": {**_common("wt103"), "tgt_len": (150, S_BASE["wt103"]), "batch_size": (60, S_BASE["wt103"]),
@@ -67,12 +79,7 @@ AUTHORS = {
                "eval-xl tgt_len": (64, S_BASE["wt103"] + " eval"), "eval-xl mem_len": (640, S_BASE["wt103"] + " eval"),
                "eval-xl clamp_len": (400, S_BASE["wt103"] + " eval"),
                "eval-xl same_length": (True, S_BASE["wt103"] + " eval")},
-        "rmt": {**_common("wt103"), "tgt_len": (150, S_CSV), "batch_size": (60, S_CSV), "mem_len": (0, S_CSV),
-                "num_mem_tokens": (10, S_CSV), "mem_at_end": (True, S_CSV), "mem_backprop_depth": (3, S_CSV),
-                "read_mem_from_cache": (False, S_CSV), "memory dropout": (True, f"{S_CODE} _forward"),
-                "eval_tgt_len": (150, S_CSV), "eval mem_len": (0, "train.py evaluate()"),
-                "memory token init": ("N(0, 1), one vector for all M", f"{S_CODE} init_mem_tokens"),
-                "BPTT replay starts from": (REPLAY_AUTHORS, "train.py train(), mem_backprop_depth")},
+        "rmt": _rmt_row("wt103", tgt_len=150, batch_size=60, num_mem_tokens=10, mem_backprop_depth=3),
     },
     "enwik8": {
         "xl": {**_common("enwik8"), "tgt_len": (512, S_BASE["enwik8"]), "batch_size": (22, S_BASE["enwik8"]),
@@ -83,12 +90,7 @@ AUTHORS = {
                "eval-xl mem_len": (2100, S_BASE["enwik8"] + " eval"),
                "eval-xl clamp_len": (820, S_BASE["enwik8"] + " eval"),
                "eval-xl same_length": (True, S_BASE["enwik8"] + " eval")},
-        "rmt": {**_common("enwik8"), "tgt_len": (128, S_CSV), "batch_size": (64, S_CSV), "mem_len": (0, S_CSV),
-                "num_mem_tokens": (5, S_CSV), "mem_at_end": (True, S_CSV), "mem_backprop_depth": (1, S_CSV),
-                "read_mem_from_cache": (False, S_CSV), "memory dropout": (True, f"{S_CODE} _forward"),
-                "eval_tgt_len": (128, S_CSV), "eval mem_len": (0, "train.py evaluate()"),
-                "memory token init": ("N(0, 1), one vector for all M", f"{S_CODE} init_mem_tokens"),
-                "BPTT replay starts from": (REPLAY_AUTHORS, "train.py train(), mem_backprop_depth")},
+        "rmt": _rmt_row("enwik8", tgt_len=128, batch_size=64, num_mem_tokens=5, mem_backprop_depth=1),
     },
 }
 

@@ -768,7 +768,7 @@ def validate_config(cfg, vocab_size: int) -> None:
               f"{cfg.adaptive_softmax_cutoff}: --embedding-impl transformer_xl cuts input and output at the same "
               f"cutoffs (Transformer-XL's)")
     if xl and cfg.adaptive_softmax_cutoff is not None and cfg.div_val > 1:
-        cut = options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int)
+        cut = _cutoffs(cfg)
         check(cfg.decoder_embed_dim // cfg.div_val ** len(cut) >= 1,
               f"--div-val {cfg.div_val}: the last of {len(cut) + 1} bands would have dimension "
               f"{cfg.decoder_embed_dim} // {cfg.div_val}^{len(cut)} = 0; use a smaller --div-val")

@@ -80,7 +80,7 @@ class XLAdaptiveEmbedding(nn.Module):
         out = w.new_zeros(flat.size(0), self.proj_dim)  # BT x C
         for (lo, hi), emb, proj in zip(self.bands, self.emb_layers, self.emb_projs):
             idx = ((flat >= lo) & (flat < hi)).nonzero(as_tuple=False).squeeze(1)  # n (may be 0)
-            out = out.index_copy(0, idx, proj(emb(flat.index_select(0, idx) - lo)).to(out.dtype))  # n x C
+            out.index_copy_(0, idx, proj(emb(flat.index_select(0, idx) - lo)).to(out.dtype))  # n x C
         return out.view(*tokens.shape, self.proj_dim)
 
 
