@@ -148,6 +148,11 @@ def install() -> None:
                         "CPU" if no_cuda(cfg) else "GPU")
             cfg.common.tpu = False
         training = getattr(main, "__module__", "") == "fairseq_cli.train"
+        if getattr(main, "__module__", "") in ("fairseq_cli.train", "fairseq_cli.validate"):
+            # fairseq asserts this in main() with a traceback; the same rule as one line
+            check(cfg.dataset.batch_size is not None or cfg.dataset.max_tokens is not None,
+                  "--batch-size is required (for --task rmt_lm: parallel streams per process; for other tasks: "
+                  "samples per batch, or --max-tokens)")
         check(not (training and no_cuda(cfg) and (cfg.common.fp16 or cfg.common.memory_efficient_fp16)),
               "--fp16 trains on CUDA GPUs only (fairseq's FP16Optimizer and loss scaler); on CPU train with --bf16, "
               "or in fp32")

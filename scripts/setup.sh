@@ -55,5 +55,12 @@ if ! "$PY" -c "import rmt_fairseq, importlib.metadata as m; m.version('rmt-fairs
   echo "[setup] installing rmt-fairseq (editable)"
   "${PIP[@]}" --no-build-isolation --no-deps -e .
 fi
+# The startup hook of rmt_fairseq/quiet.py: hides the two notices fairseq's own imports print on every command
+# (DeepSpeed's "Setting accelerator to CPU", "Please install tensorboardX"), before the plugin can be imported.
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [ ! -f "$SITE/rmt_fairseq_quiet.pth" ]; then
+  echo 'import sys; exec("try:\n import rmt_fairseq.quiet as q; q.install()\nexcept Exception:\n pass")' \
+    > "$SITE/rmt_fairseq_quiet.pth"
+fi
 # fairseq must import cleanly with this torch (catches a broken or mismatched install early).
 "$PY" -c "import torch, fairseq, deepspeed; print('[setup] ok: torch', torch.__version__, '| fairseq', fairseq.__version__, '| deepspeed', deepspeed.__version__)" 2>&1 | grep '^\[setup\]'

@@ -124,6 +124,13 @@ CASES = {
     # (no checkpoint in --save-dir: one saved mid-epoch with other streams would be refused first)
     "split too short": train("--batch-size", 400, "--tokens-per-sample", 64, last=None,
                              names=["--batch-size 400", "--tokens-per-sample 64"]),
+    # fairseq asserts this in main(); the plugin says it in one line (issue 16)
+    "missing batch size": Case("fairseq-train", ("{recall}", *[a for i, a in enumerate(BASE) if
+                                                               "--batch-size" not in BASE[max(i - 1, 0):i + 1]],
+                                                 "--save-dir", "{save}"), ("--batch-size",)),
+    "missing batch size in fairseq-validate": Case("fairseq-validate", ("{recall}", "--user-dir", "user_dir", "--task",
+                                                                       "rmt_lm", "--path", "{ckpts}/rmt.pt", "--cpu"),
+                                                   ("--batch-size",)),
     "stock criterion": train("--criterion", "cross_entropy", names=["--criterion rmt_cross_entropy", "cross_entropy"]),
     "zero tokens per sample": train("--tokens-per-sample", 0, names=["--tokens-per-sample", "0"]),
     "bos token in streams": train("--add-bos-token", names=["--add-bos-token", "--task rmt_lm"]),
