@@ -3,7 +3,7 @@
 PY := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(CURDIR)/.venv/bin/python)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-long demo lint
+.PHONY: setup test test-long test-docs demo lint
 setup:
 	bash scripts/setup.sh
 
@@ -14,6 +14,10 @@ test: setup
 # resume tests, the learning test); CI runs both
 test-long: setup
 	$(PY) -m pytest -q -m long $(PYTEST_ARGS)
+
+# every command block of README.md and examples/*/README.md, run shrunk (tests/docs); CI runs it after test-long
+test-docs: setup
+	$(PY) -m pytest -q -m docs $(PYTEST_ARGS)
 
 demo: setup
 	cd $(CURDIR) && $(dir $(PY))rmt-demo $(DEMO_ARGS)

@@ -27,6 +27,8 @@ import time
 
 from common import run  # a CLI run with its log kept; exits naming the log on failure
 
+from rmt_fairseq.provenance import provenance  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_CONFIGS = ["none", "xl40", "rmt5_k0", "rmt5_k1", "rmt5_k2", "rmt10_k0", "rmt10_k1", "rmt10_k2"]
 QUICK_CONFIGS = ["none", "xl40", "rmt5_k1"]
@@ -160,7 +162,7 @@ def main(argv=None):
         print(f"| {r['config']} | {r['test_bpc']:.4f} | {r['final_valid_bpc']} | {r['train_seconds'] or 0:.0f} |")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"setup": setup, "rows": rows}, f, indent=2)
+        json.dump({"setup": setup, "rows": rows, "provenance": provenance()}, f, indent=2)
     if a.png:
         import matplotlib
 

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from rmt_fairseq.provenance import provenance  # noqa: E402
+
 
 def _current_rss_kb() -> int:
     with open("/proc/self/status") as f:
@@ -102,7 +104,7 @@ def main(argv=None):
     print(json.dumps(summary, indent=2))
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"size": size, "rows": rows, "summary": summary}, f, indent=2)
+        json.dump({"size": size, "rows": rows, "summary": summary, "provenance": provenance()}, f, indent=2)
     if a.png:
         import matplotlib
 

@@ -21,6 +21,8 @@ import sys
 
 from common import run  # a CLI run with its log kept; exits naming the log on failure
 
+from rmt_fairseq.provenance import provenance  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
@@ -113,7 +115,7 @@ def main(argv=None):
     }
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump({**result, "provenance": provenance()}, f, indent=1)
     print(f"\n{a.task}, noise {result['setup']['noise']}, T={T}, trained up to "
           f"{runs['rmt']['curriculum_stage_reached']} segments (RMT)")
     print(f"{'model':>10} {'segments':>9} {'tokens':>10} {'accuracy':>9} {'us/token':>9} {'RSS MB':>7}")

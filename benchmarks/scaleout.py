@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 
+from rmt_fairseq.provenance import provenance  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
@@ -124,7 +126,7 @@ def main(argv=None):
         r["ratio_to_one_process"] = round(r["tokens_per_s"] / base, 3) if base else None
     result = {"setting": {"updates": updates, "global_streams": 8, "segment": T, "model": "rmt_tiny" + (
         " 4 x 256, FFN 1024" if size else ""), "threads_per_process": 1, "cpu_cores": os.cpu_count()},
-        "rows": rows}
+        "rows": rows, "provenance": provenance()}
     print(f"\n{'combination':<46} {'tokens/s':>9} {'x 1 proc':>8} {'wall s':>7} {'peak MB':>8}")
     for r in rows:
         print(f"{r['combination']:<46} {r['tokens_per_s']:>9.0f} {r['ratio_to_one_process']:>8.3f} {r['wall_s']:>7.1f} "

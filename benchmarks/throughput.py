@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from rmt_fairseq.provenance import provenance  # noqa: E402
+
 
 def gemm_flops(n=1024, reps=10):
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -95,7 +97,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"size": dict(layers=L, dim=C, heads=H, T=T, B=B, M=M, vocab=V), "gemm_flops": peak,
-                   "ideal_rmt_ratio": ideal, "rows": rows}, f, indent=2)
+                   "ideal_rmt_ratio": ideal, "rows": rows, "provenance": provenance()}, f, indent=2)
     return 0
 
 

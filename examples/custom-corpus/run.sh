@@ -36,6 +36,7 @@ TRAIN=(--user-dir "$REPO/user_dir" --task rmt_lm --arch rmt_tiny --criterion rmt
   --seed 1 --num-workers 0 --save-dir "$SAVE" --no-epoch-checkpoints --log-format simple --log-interval 100
   "${DEVICE[@]}")
 
+SECONDS=0
 case "$LAUNCHER" in
   fairseq)
     fairseq-train "$DATA" "${TRAIN[@]}" "$@" 2>&1 | tee "$SAVE/train.log"
@@ -54,6 +55,7 @@ case "$LAUNCHER" in
     ;;
   *) echo "error: LAUNCHER must be fairseq or deepspeed, got '$LAUNCHER'" >&2; exit 2 ;;
 esac
+TRAIN_SECONDS=$SECONDS
 
 # The whole test split cut into EVAL_BATCH_SIZE streams, memory carried across every segment (T: the trained
 # one). Fewer streams: longer context carried, slower; each stream needs at least one segment of tokens.
@@ -64,16 +66,37 @@ grep -E "Evaluated|Loss \(base 2\)" "$SAVE/eval_test.log" | sed 's/^.*eval_lm[:|
 
 # Bits per character of the raw test text (prepare.sh's splits.json next to DATA): comparable across word, bpe
 # and char. Loss per token x the test split's tokens (line ends included) / its characters (newlines included).
-SPLITS=$(dirname "$DATA")/splits.json
-if [ -f "$SPLITS" ]; then
-  python - "$SAVE/eval_test.log" "$DATA/preprocess.log" "$SPLITS" <<'PY'
-import json, re, sys
-bits = float(re.search(r"Loss \(base 2\): ([\d.]+)", open(sys.argv[1]).read()).group(1))
-log = open(sys.argv[2]).read()
+# Everything measured goes to $SAVE/results.json, with the commands and the commit (rmt_fairseq/provenance.py).
+python - "$SAVE" "$DATA" "$SECONDS" "$TRAIN_SECONDS" "$LAUNCHER" "$@" <<'PY'
+import json, os, re, sys
+from rmt_fairseq.provenance import provenance
+save, data, wall, train_wall, launcher, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \
+    sys.argv[5], sys.argv[6:]
+ev, tr = open(f"{save}/eval_test.log").read(), open(f"{save}/train.log").read()
+bits = float(re.search(r"Loss \(base 2\): ([\d.]+)", ev).group(1))
+scored = int(re.search(r"Evaluated ([\d,]+) tokens", ev).group(1).replace(",", ""))
+valid = re.findall(r"valid on 'valid' subset \| loss ([\d.]+)", tr)
+updates = re.findall(r"num_updates[ =](\d+)", tr)
+log = open(f"{data}/preprocess.log").read()
 tokens, unk = re.search(r"test\.txt: \d+ sents, (\d+) tokens, ([\d.]+)% replaced", log).groups()
-chars = json.load(open(sys.argv[3]))["test"]["chars"]
-note = f"; {unk}% of the tokens are <unk>, whose spelling costs nothing here: an underestimate" if float(unk) else ""
-print(f"test: {bits * int(tokens) / chars:.4f} bits per character of the raw text ({tokens} tokens, {chars} "
-      f"characters){note}")
+splits = os.path.join(os.path.dirname(data), "splits.json")
+level = json.load(open(splits)).get("level") if os.path.exists(splits) else None
+dict_size = sum(1 for _ in open(f"{data}/dict.txt"))
+r = {"data": data, "level": level or ("char" if dict_size < 300 else "word or bpe"), "launcher": launcher,
+     "extra_flags": extra, "updates": int(updates[-1]) if updates else None,
+     "valid_loss": float(valid[-1]) if valid else None, "test_loss": bits, "test_tokens": int(tokens),
+     "test_tokens_scored": scored, "unk_percent": float(unk), "wall_seconds": wall, "train_seconds": train_wall,
+     "provenance": provenance(["examples/custom-corpus/run.sh", *extra])}
+if os.path.exists(splits):
+    chars = json.load(open(splits))["test"]["chars"]
+    r["test_chars"] = chars
+    r["test_bpc_raw"] = bits * int(tokens) / chars
+    note = f"; {unk}% of the tokens are <unk>, whose spelling costs nothing here: an underestimate" if float(unk) else ""
+    print(f"test: {r['test_bpc_raw']:.4f} bits per character of the raw text ({tokens} tokens, {chars} "
+          f"characters){note}")
+print(f"scored {scored:,} of the {int(tokens):,} test tokens (the last {int(tokens) - scored} do not fill the "
+      f"--batch-size {os.environ.get('EVAL_BATCH_SIZE', 16)} streams)" if scored < int(tokens) else
+      f"scored all {scored:,} test tokens")
+json.dump(r, open(f"{save}/results.json", "w"), indent=2)
+print(f"wrote {save}/results.json")
 PY
-fi
