@@ -1,4 +1,4 @@
-"""`rmt-data`: write generated datasets as plain text splits for fairseq-preprocess.
+r"""`rmt-data`: write generated datasets as plain text splits for fairseq-preprocess.
 
     rmt-data copy      --out DIR [--src-len 24] [--vocab-size 10]      (target: the source twice)
     rmt-data reverse   --out DIR [--src-len 24] [--vocab-size 10]      (target: the source reversed)
@@ -40,6 +40,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written (it holds example commands); every flag that has a value by default shows it
+    after its help, as argparse.ArgumentDefaultsHelpFormatter does, but not `(default: None)` or `False`."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def _write(path, lines):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -48,43 +59,47 @@ def _write(path, lines):
 
 
 def main(argv=None):
-    p = _Parser(prog="rmt-data", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(prog="rmt-data", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="task", required=True)
-    r = sub.add_parser("recall", help="key recalled one segment later (LM memory test)")
+    r = sub.add_parser("recall", help="key recalled one segment later (LM memory test)",
+                       formatter_class=HelpFormatter)
     r.add_argument("--out", required=True, help="output directory")
-    r.add_argument("--gap", type=int, default=31, help="fillers between key and repeat (use T-1)")
-    r.add_argument("--num-keys", type=int, default=8)
-    r.add_argument("--train-docs", type=int, default=4000)
-    r.add_argument("--valid-docs", type=int, default=400)
-    r.add_argument("--test-docs", type=int, default=400)
-    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--gap", type=int, default=31, help="fillers between key and repeat; use T-1")
+    r.add_argument("--num-keys", type=int, default=8, help="distinct keys")
+    r.add_argument("--train-docs", type=int, default=4000, help="training documents")
+    r.add_argument("--valid-docs", type=int, default=400, help="validation documents")
+    r.add_argument("--test-docs", type=int, default=400, help="test documents")
+    r.add_argument("--seed", type=int, default=1, help="random seed")
     algo = {}
     for name, sizes in [("copy", (100000, 5000, 10000)), ("reverse", (100000, 5000, 10000)),
                         ("associative_retrieval", (100000, 5000, 10000)), ("equations", (100000, 10000, 20000))]:
-        q = sub.add_parser(name, help=f"the paper's {name} task")
+        q = sub.add_parser(name, help=f"the paper's {name} task", formatter_class=HelpFormatter)
         q.add_argument("--out", required=True, help="output directory")
         if name in ("copy", "reverse"):
-            q.add_argument("--src-len", type=int, default=24, help="source length (paper: 24, 40, 120, 240, 360)")
+            q.add_argument("--src-len", type=int, default=24,
+                           help="source length; the paper uses 24, 40, 120, 240, 360")
             q.add_argument("--vocab-size", type=int, default=10, help="number of distinct source symbols")
         if name == "associative_retrieval":
-            q.add_argument("--num-pairs", type=int, default=4, help="key-value pairs (paper: 4)")
+            q.add_argument("--num-pairs", type=int, default=4, help="key-value pairs; the paper uses 4")
             q.add_argument("--vocab-size", type=int, default=36, help="symbols for keys and values")
         if name == "equations":
-            q.add_argument("--no-roots-rate", type=float, default=0.2, help="share without real roots")
-        q.add_argument("--train-size", type=int, default=sizes[0])
-        q.add_argument("--valid-size", type=int, default=sizes[1])
-        q.add_argument("--test-size", type=int, default=sizes[2])
-        q.add_argument("--seed", type=int, default=1)
+            q.add_argument("--no-roots-rate", type=float, default=0.2, help="share of equations without real roots")
+        q.add_argument("--train-size", type=int, default=sizes[0], help="training samples")
+        q.add_argument("--valid-size", type=int, default=sizes[1], help="validation samples")
+        q.add_argument("--test-size", type=int, default=sizes[2], help="test samples")
+        q.add_argument("--seed", type=int, default=1, help="random seed")
         algo[name] = q
-    m = sub.add_parser("memorization", help="fact memorization / detection / reasoning in noise (6-way)")
+    m = sub.add_parser("memorization", help="fact memorization / detection / reasoning in noise (6-way)",
+                       formatter_class=HelpFormatter)
     m.add_argument("kind", choices=TASKS, help="which of the three tasks")
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("--noise-file", help="background text (default: generated noise words)")
-    m.add_argument("--train-size", type=int, default=10000)
-    m.add_argument("--valid-size", type=int, default=1000)
-    m.add_argument("--test-size", type=int, default=1000)
-    m.add_argument("--seed", type=int, default=1)
-    c = sub.add_parser("classification-dict", help="dict.txt and labels.txt for a raw-text classification dir")
+    m.add_argument("--train-size", type=int, default=10000, help="training documents")
+    m.add_argument("--valid-size", type=int, default=1000, help="validation documents")
+    m.add_argument("--test-size", type=int, default=1000, help="test documents")
+    m.add_argument("--seed", type=int, default=1, help="random seed of the documents")
+    c = sub.add_parser("classification-dict", help="dict.txt and labels.txt for a raw-text classification dir",
+                       formatter_class=HelpFormatter)
     c.add_argument("dir", help="directory holding train.tsv or train/<label>/*.txt")
     a = p.parse_args(argv)
     if a.task == "memorization":

@@ -41,15 +41,16 @@ def _run(cmd, log_path, show=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="rmt-demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
+    from rmt_fairseq.cli.data import HelpFormatter  # the description as written, every default shown
+
+    ap = argparse.ArgumentParser(prog="rmt-demo", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--out", default="outputs/demo", help="output directory")
     ap.add_argument("--updates", type=int, default=2000, help="training updates per model")
     ap.add_argument("--src-len", type=int, default=10, help="copy source length")
     ap.add_argument("--num-segments", type=int, default=3, help="segments per sample")
     ap.add_argument("--train-size", type=int, default=20000, help="training samples")
     ap.add_argument("--test-size", type=int, default=1000, help="test samples")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="seed of the data and of both trainings")
     a = ap.parse_args(argv)
     for flag, v, low in [("--updates", a.updates, 1), ("--src-len", a.src_len, 1),
                          ("--num-segments", a.num_segments, 1), ("--train-size", a.train_size, 1),

@@ -7,11 +7,13 @@ DATA is the generated data directory the checkpoint was trained on (rmt-data mem
 and dictionary). Documents come from the test split's stream at each length; only the memory state and one
 chunk of --chunk-segments segments are held at a time, so memory does not grow with the length. The default
 lengths are N, 2N, 8N, 32N, ... segments (N: the curriculum stage the checkpoint reached), then the first length
-reaching --max-tokens. Prints a table (accuracy, time per token, resident memory) and writes
-DIR/extrapolation.json and DIR/extrapolation.png.
+reaching --max-tokens. Segments are the --tokens-per-sample the checkpoint was trained with (read from its
+config; there is no flag to change it). Prints a table (accuracy, time per token, resident memory) to stdout,
+progress and fairseq's logs to stderr, and writes DIR/extrapolation.json (rows, the trained segment length and
+number of segments, the chance level 100 / classes) and DIR/extrapolation.png (accuracy with the chance level
+and the trained length marked; time per token and resident memory).
 """
 
-import argparse
 import json
 import logging
 import math
@@ -70,39 +72,45 @@ def evaluate_length(task, model, n_seg: int, num_docs: int, batch_size: int, chu
             "us_per_token": 1e6 * seconds / tokens_seen, "rss_mb": round(peak, 1)}
 
 
-def plot(rows, path, title):
+def plot(rows, title, num_classes, trained_tokens):
+    """Accuracy, time per token and resident memory against input tokens, with the chance level (1 / classes)
+    and the trained length marked; returns the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     x = [r["tokens"] for r in rows]
-    ax[0].plot(x, [r["accuracy"] for r in rows], "o-")
-    ax[0].axhline(100 / 6, ls="--", c="gray", label="chance (6-way)")
+    ax[0].plot(x, [r["accuracy"] for r in rows], "o-", label="accuracy")
+    ax[0].axhline(100 / num_classes, ls="--", c="gray", label=f"chance: 1 / {num_classes} classes "
+                                                              f"({100 / num_classes:.0f}%)")
+    for a in ax:
+        a.axvline(trained_tokens, ls="-.", c="C3", label=f"trained length ({trained_tokens} tokens)")
     ax[0].set(xscale="log", xlabel="input tokens", ylabel="accuracy (%)", ylim=(0, 105), title=title)
-    ax[0].legend()
+    ax[0].legend(fontsize=8)
     ax[1].plot(x, [r["us_per_token"] for r in rows], "o-", label="time per token (us)")
-    ax[1].set(xscale="log", xlabel="input tokens", ylabel="us / token")
+    ax[1].set(xscale="log", xlabel="input tokens", ylabel="us / token", ylim=(0, None))
     ax2 = ax[1].twinx()
     ax2.plot(x, [r["rss_mb"] for r in rows], "s--", c="C1", label="resident memory (MB)")
     ax2.set(ylabel="RSS MB", ylim=(0, max(r["rss_mb"] for r in rows) * 1.3))
+    lines = ax[1].get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax[1].legend(lines, [h.get_label() for h in lines], fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def main(argv=None):
-    from rmt_fairseq.cli.data import _Parser  # one-line `error:` messages, exit 2
+    from rmt_fairseq.cli.data import HelpFormatter, _Parser  # one-line `error:` messages, exit 2
 
-    ap = _Parser(prog="rmt-extrapolate-classify", description=__doc__,
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="rmt-extrapolate-classify", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--path", required=True, help="checkpoint trained with --task rmt_long_classification")
     ap.add_argument("--data", required=True, help="its generated data directory (generator.json, dict.txt)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--segments", help="comma-separated lengths in segments (default: N, 2N, 8N, ... see above)")
     ap.add_argument("--max-tokens", type=int, default=1_000_000, help="the longest default length, in tokens")
     ap.add_argument("--num-docs", type=int, default=64, help="test documents per length")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32, help="documents per batch")
     ap.add_argument("--chunk-segments", type=int, default=64, help="segments tokenized and run per step")
     a = ap.parse_args(argv)
     for flag, v in [("--max-tokens", a.max_tokens), ("--num-docs", a.num_docs), ("--batch-size", a.batch_size),
@@ -122,8 +130,10 @@ def main(argv=None):
     if not os.path.isfile(os.path.join(a.data, "generator.json")):
         ap.error(f"--data {a.data} has no generator.json: extrapolation needs generated data (rmt-data memorization)")
 
+    # progress and fairseq's loading logs on stderr: stdout holds the table alone
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
+                        stream=sys.stderr)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from fairseq import checkpoint_utils
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -153,15 +163,18 @@ def main(argv=None):
                     n, row["tokens"], row["x_trained"], row["accuracy"], row["us_per_token"], row["rss_mb"])
         with open(os.path.join(a.out, "extrapolation.json"), "w") as f:  # rewritten after every length
             json.dump({"checkpoint": os.path.abspath(a.path), "task": task.generator["task"], "segment_len": T,
-                       "trained_segments": trained, "mem_tokens": model.encoder.num_mem_tokens, "rows": rows}, f,
-                      indent=1)
+                       "trained_segment_len": T, "trained_segments": trained, "num_classes": task.num_classes,
+                       "chance": 100.0 / task.num_classes, "mem_tokens": model.encoder.num_mem_tokens, "rows": rows},
+                      f, indent=1)
     print(f"\n{'segments':>9} {'tokens':>10} {'x trained':>9} {'accuracy':>9} {'us/token':>9} {'RSS MB':>7}")
     for r in rows:
         print(f"{r['segments']:>9} {r['tokens']:>10} {r['x_trained']:>9.0f} {r['accuracy']:>8.2f}% "
               f"{r['us_per_token']:>9.2f} {r['rss_mb']:>7.0f}")
-    plot(rows, os.path.join(a.out, "extrapolation.png"),
-         f"{task.generator['task']}, trained on {trained} x {T} tokens")
-    print(f"wrote {a.out}/extrapolation.json and extrapolation.png")
+    png = os.path.join(a.out, "extrapolation.png")
+    plot(rows, f"{task.generator['task']}, trained on {trained} x {T} tokens", task.num_classes,
+         trained * T).savefig(png, dpi=110)
+    print(f"wrote {os.path.normpath(os.path.join(a.out, 'extrapolation.json'))} and {os.path.normpath(png)}",
+          file=sys.stderr)
     return 0
 
 

@@ -59,8 +59,13 @@ class SegmentCurriculum:
         acc = 100.0 * counts["correct"] / counts["total"]
         if acc >= self.cfg.curriculum_threshold and self.num_segments < self.cfg.max_num_segments:
             self.set_num_segments(self.num_segments + 1)
-            logger.info("curriculum: validation accuracy %.2f >= %.2f, now %d segments per sample", acc,
-                        self.cfg.curriculum_threshold, self.num_segments)
+            logger.info("curriculum: validation accuracy %.2f >= %.2f, now %d segments per sample%s", acc,
+                        self.cfg.curriculum_threshold, self.num_segments, self.stage_note())
+
+    def stage_note(self) -> str:
+        """What the new stage means, appended to the curriculum's log line (rmt_algorithmic: the segment
+        length, which shrinks as the same samples are cut into more segments)."""
+        return ""
 
     def set_num_segments(self, n: int) -> None:
         # datasets collate lazily, so the next batch is made the new way (with --num-workers > 0, from the

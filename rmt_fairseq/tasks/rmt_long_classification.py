@@ -7,9 +7,11 @@ Data directory (data/documents.py has the formats):
   {split}.tsv or {split}/<label>/*.txt     raw-text documents, or
   generator.json                memorization documents generated on the fly (rmt-data memorization)
 
---num-segments is the curriculum's stage: the length of generated documents in segments, or the number of
-leading segments kept from raw-text documents (default: all). --segment-curriculum grows it by one each time
-validation accuracy reaches --curriculum-threshold (shared with rmt_algorithmic: tasks/curriculum.py).
+--tokens-per-sample is the segment length T (logged at task setup: "segment length 16 (16-token documents in
+1 segment)"); rmt-extrapolate-classify takes it from the checkpoint's config. --num-segments is the
+curriculum's stage: the length of generated documents in segments, or the number of leading segments kept
+from raw-text documents (default: all). --segment-curriculum grows it by one each time validation accuracy
+reaches --curriculum-threshold (shared with rmt_algorithmic: tasks/curriculum.py).
 """
 
 import logging
@@ -79,6 +81,22 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
                   f"a {generator['task']} document needs at least {need} tokens (its facts and question), but "
                   f"--num-segments {stage} x --tokens-per-sample {cfg.tokens_per_sample} = "
                   f"{stage * cfg.tokens_per_sample}: raise one of them")
+        text = f"segment length {cfg.tokens_per_sample} ({self._documents()})"
+        if cfg.segment_curriculum:
+            text += f"; --segment-curriculum grows them to {cfg.max_num_segments} segments"
+        logger.info(text)
+
+    def _documents(self) -> str:
+        """What a document is at the current stage, in segments and tokens."""
+        T, n = self.cfg.tokens_per_sample, self.num_segments
+        if self.generator is not None:
+            return f"{n * T}-token documents in {n} segment{'s' if n != 1 else ''}"
+        if n is None:
+            return "documents of any length, every segment read"
+        return f"documents cut to at most {n} segment{'s' if n != 1 else ''} = {n * T} tokens"
+
+    def stage_note(self) -> str:
+        return f": {self._documents()}"
 
     @classmethod
     def setup_task(cls, cfg: RMTLongClassificationConfig, **kwargs):

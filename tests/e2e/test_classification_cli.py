@@ -31,6 +31,8 @@ def test_memorization_curriculum_validate_and_extrapolate(tmp_path):
             "--validate-interval-updates", 10, "--save-dir", save)
     log = p.stdout + p.stderr
     assert re.findall(r"now (\d) segments per sample", log) == ["2", "3"], log[-3000:]
+    assert "segment length 16 (16-token documents in 1 segment); --segment-curriculum grows them to 3" in log
+    assert "now 3 segments per sample: 48-token documents in 3 segments" in log
     assert len(_accuracies(log)) >= 3
     state = torch.load(save / "checkpoint_last.pt", weights_only=False)
     assert state["extra_state"]["RMTLongClassificationTask"] == {"num_segments": 3}
@@ -44,12 +46,13 @@ def test_memorization_curriculum_validate_and_extrapolate(tmp_path):
     e = cli("rmt-extrapolate-classify", "--path", save / "checkpoint_last.pt", "--data", data, "--out", out,
             "--segments", "3,12,200", "--num-docs", 8, "--batch-size", 8, "--chunk-segments", 32)
     res = json.loads((out / "extrapolation.json").read_text())
-    assert res["trained_segments"] == 3 and res["segment_len"] == 16 and res["mem_tokens"] == 4
+    assert res["trained_segments"] == 3 and res["segment_len"] == res["trained_segment_len"] == 16
+    assert res["mem_tokens"] == 4 and res["num_classes"] == 6 and res["chance"] == 100 / 6
     assert [r["tokens"] for r in res["rows"]] == [48, 192, 3200]
     assert [r["x_trained"] for r in res["rows"]] == [1, 4, 200 / 3]
     assert all(0 <= r["accuracy"] <= 100 and r["us_per_token"] > 0 and r["rss_mb"] > 0 for r in res["rows"])
     assert (out / "extrapolation.png").stat().st_size > 0
-    assert "200       3200" in e.stdout
+    assert "200       3200" in e.stdout and " | INFO | " not in e.stdout  # the table; progress on stderr
 
 
 def test_raw_text_documents_train_and_validate(tmp_path):

@@ -99,3 +99,17 @@ def test_every_sample_is_batched_whatever_the_batch_size(tmp_path):
         itr = task.get_batch_iterator(task.dataset("valid"), max_sentences=bs, required_batch_size_multiple=8)
         itr = itr.next_epoch_itr(shuffle=False)
         assert sorted(i for batch in itr for i in batch["id"].tolist()) == list(range(40)), bs
+
+
+def test_segment_layout_names_the_segment_length():
+    from rmt_fairseq.tasks.rmt_algorithmic import segment_layout
+
+    # the demo: 10 symbols, <gen>, the source twice in 3 equal segments
+    assert segment_layout((31, 31), 3, None) == (11, "segment length 11 (31-token samples in 3 segments)")
+    assert segment_layout((31, 31), 1, None) == (31, "segment length 31 (31-token samples in 1 segment)")
+    # equations: 180 tokens in segments of --tokens-per-sample 30
+    assert segment_layout((180, 180), 1, 30) == (30, "segment length 30 (180-token samples in 6 segments)")
+    # samples of different lengths: equal segments differ per batch (no single length to record)
+    assert segment_layout((28, 31), 3, None) == (
+        None, "segment length 10 to 11 (28 to 31-token samples in 3 segments)")
+    assert segment_layout((28, 31), 3, 10)[0] == 10
