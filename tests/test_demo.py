@@ -22,16 +22,16 @@ def test_demo_writes_results_and_plot(tmp_path):
     cli("rmt-demo", "--out", out, "--updates", 1, "--train-size", 100, "--test-size", 20)  # a second run in place
 
     line = (out / "data" / "raw" / "test.txt").read_text().splitlines()[0]
-    cli("rmt-plot-attention", "--path", out / "ckpt_rmt" / "checkpoint_last.pt", "--data", out / "data" / "bin",
+    cli("rmt-plot-attention", "--path", out / "ckpt_rmt" / "checkpoint_best.pt", "--data", out / "data" / "bin",
         "--input", line, "--num-segments", 3, "--out", tmp_path / "attn")
     pngs = sorted(p.name for p in (tmp_path / "attn").iterdir())
     assert pngs == [f"segment{s}_layer{layer}.png" for s in range(3) for layer in range(2)]
     assert all((tmp_path / "attn" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    bad = cli("rmt-plot-attention", "--path", out / "ckpt_rmt" / "checkpoint_last.pt", "--data", out / "data" / "bin",
+    bad = cli("rmt-plot-attention", "--path", out / "ckpt_rmt" / "checkpoint_best.pt", "--data", out / "data" / "bin",
               "--input", "zzz <gen>", "--out", tmp_path / "attn2", check=False)
     assert bad.returncode == 2 and "zzz" in bad.stderr.strip().splitlines()[-1]
 
-    ex = cli("rmt-extrapolate", "--path", out / "ckpt_rmt" / "checkpoint_last.pt", "--data", out / "data" / "bin",
+    ex = cli("rmt-extrapolate", "--path", out / "ckpt_rmt" / "checkpoint_best.pt", "--data", out / "data" / "bin",
              "--task", "copy", "--src-lens", "10,20", "--segment-len", 11, "--num-samples", 40, "--out",
              tmp_path / "extra")
     rows = json.loads((tmp_path / "extra" / "extrapolation.json").read_text())["results"]

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from rmt_fairseq.provenance import provenance
+
 RUNS = [("rmt", ["--mem-tokens", "8"]), ("no_memory", ["--mem-tokens", "0"])]
 VALID_RE = re.compile(r"valid on 'valid' subset \| loss ([0-9.]+) \| acc_tf ([0-9.]+) \| em_tf ([0-9.]+) \| "
                       r"acc ([0-9.]+) \| em ([0-9.]+).*num_updates (\d+)")
@@ -58,6 +60,7 @@ def main(argv=None):
         if v < low:
             ap.error(f"{flag} must be >= {low}, got {v}")
     os.makedirs(a.out, exist_ok=True)
+    t_setup = time.time()
     raw, data = os.path.join(a.out, "data", "raw"), os.path.join(a.out, "data", "bin")
     total = 3 * a.src_len + 1
     print(f"[demo] copy task: {a.src_len} source symbols, <gen>, the source twice = {total} tokens in "
@@ -76,6 +79,8 @@ def main(argv=None):
               "--num-workers", "0", "--seed", str(a.seed)]
     results = {"task": "copy", "src_len": a.src_len, "num_segments": a.num_segments, "updates": a.updates,
                "models": {}}
+    started = time.time()
+    setup_seconds = started - t_setup  # data generation and preprocessing
     for name, flags in RUNS:
         save = os.path.join(a.out, f"ckpt_{name}")
         shutil.rmtree(save, ignore_errors=True)  # same budget from scratch: never resume an earlier demo
@@ -83,14 +88,17 @@ def main(argv=None):
               f"with greedy decoding ...", flush=True)
         t0 = time.time()
         log = _run([_bin("fairseq-train"), data, *common, *flags, "--optimizer", "adam", "--lr", "2e-3",
-                    "--max-update", str(a.updates), "--validate-interval-updates", "250", "--save-dir", save,
+                    "--max-update", str(a.updates), "--validate-interval-updates", "250",
+                    "--save-interval-updates", "250", "--keep-interval-updates", "1", "--save-dir", save,
                     "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "250"],
                    os.path.join(a.out, f"train_{name}.log"), show=lambda s: "valid on" in s)
         curve = [{"update": int(m[5]), "acc": float(m[3]), "em": float(m[4]), "acc_tf": float(m[1])}
                  for m in VALID_RE.findall(log)]
         print(f"[demo] evaluating {name} on the test split (greedy) ...", flush=True)
+        # checkpoint_best.pt: the lowest validation loss of the checks every 250 updates (the last update's can be a
+        # dip: 97.94% token accuracy where the best had 99.98%, measured)
         ev = _run([_bin("fairseq-validate"), data, "--user-dir", "user_dir", "--task", "rmt_algorithmic", "--path",
-                   os.path.join(save, "checkpoint_last.pt"), "--valid-subset", "test", "--batch-size", "100",
+                   os.path.join(save, "checkpoint_best.pt"), "--valid-subset", "test", "--batch-size", "100",
                    "--num-segments", str(a.num_segments), "--cpu", "--num-workers", "0"],
                   os.path.join(a.out, f"eval_{name}.log"))
         m = re.search(r"loss ([0-9.]+) \| acc_tf ([0-9.]+) \| em_tf ([0-9.]+) \| acc ([0-9.]+) \| em ([0-9.]+)", ev)
@@ -101,6 +109,8 @@ def main(argv=None):
     print(f"\n{'model':<12}{'memory':<18}{'segments':>9}{'token acc %':>13}{'exact match %':>15}")
     for name, r in results["models"].items():
         print(f"{name:<12}{r['flags']:<18}{a.num_segments:>9}{r['test_acc']:>13.2f}{r['test_em']:>15.2f}")
+    results["wall_seconds"] = round(time.time() - started + setup_seconds, 1)
+    results["provenance"] = provenance()  # the commit and command (the README's table is rendered from this)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     _plot(results, os.path.join(a.out, "accuracy.png"))
