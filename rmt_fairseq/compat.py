@@ -14,6 +14,9 @@ plugin is imported (like checkpoints.install and distributed.install):
   scored row only. Under --task rmt_lm a row is one segment of a stream, so a word split across two segments
   became two "words" (its first pieces scored as a word of their own). For stream batches the pieces are
   merged across the segments of the same stream (`stream_eval_lm`), as fairseq merges them within a row.
+- fairseq 0.12 registers the `characters` and `bytes` BPEs without a config dataclass, so hydra has no
+  `bpe/characters` node and every tool given `--bpe characters` (fairseq-interactive for a character-level model)
+  stopped with "MissingConfigException: Could not find 'bpe/characters'". They get an empty config node.
 """
 
 import itertools
@@ -41,6 +44,7 @@ def install() -> None:
     if not hasattr(np, "compat"):
         np.compat = types.SimpleNamespace(long=np.int64)
     _patch_build_model()
+    _register_config_less_encoders()
     main = sys.modules.get("__main__")
     running = getattr(getattr(main, "__spec__", None), "name", None)  # python -m fairseq_cli.<tool>
     for name, patch in [("fairseq_cli.eval_lm", _patch_eval_lm), ("fairseq_cli.validate", _patch_validate)]:
@@ -82,6 +86,27 @@ def _patch_build_model() -> None:
     models.build_model = build_model
 
 
+def _register_config_less_encoders() -> None:
+    """An empty FairseqDataclass for every registered BPE / tokenizer that has none (`--bpe characters`,
+    `--bpe bytes`), as fairseq's register_x does for those given one: the dataclass registry entry makes
+    convert_namespace_to_omegaconf pass `bpe=characters`, the ConfigStore node lets hydra compose it."""
+    import fairseq.data.encoders  # noqa: F401  (imports every encoder, filling the registries)
+    from fairseq.dataclass import FairseqDataclass
+    from fairseq.registry import REGISTRIES
+    from hydra.core.config_store import ConfigStore
+
+    for group in ("bpe", "tokenizer"):
+        registry = REGISTRIES.get(group)
+        if registry is None:
+            continue
+        for name in registry["registry"]:
+            if name not in registry["dataclass_registry"]:
+                registry["dataclass_registry"][name] = FairseqDataclass
+                node = FairseqDataclass()
+                node._name = name
+                ConfigStore.instance().store(name=name, group=group, node=node, provider="fairseq")
+
+
 def _patch_validate(module) -> None:
     """fairseq-validate batches the split it validates by --batch-size; the stream task reads validation splits
     as --batch-size-valid streams, which the checkpoint saved from training: a --batch-size given to
@@ -94,6 +119,7 @@ def _patch_validate(module) -> None:
             override_args.batch_size_valid = override_args.batch_size
         return original_main(cfg, override_args=override_args, **kwargs)
 
+    main.__module__ = original_main.__module__  # still fairseq_cli.validate's main (distributed.call_main checks)
     module.main = main
 
 

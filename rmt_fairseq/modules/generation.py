@@ -5,9 +5,12 @@ Legend: B batch, T segment length, P prompt length (source + <gen>), L total len
 Decoding follows training exactly: a segment's memory is written once the segment is complete, and carried
 into the next one. Inside the current segment the (partial) segment is re-run for every new token; the causal
 mask makes the prediction at position q independent of the not-yet-generated positions after q.
+
+`unknown_prompt_message` names prompt tokens that a language model's dictionary does not have (fairseq maps them
+to <unk> without a word), with the encoding flag the dictionary's symbols call for.
 """
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,3 +51,36 @@ def greedy_decode(step: Step, tokens: torch.Tensor, prompt_len: int, end: int, s
         seq[:, q + 1] = idx
         scores.append(best.float())
     return seq, torch.stack(scores, dim=1) if scores else seq.new_zeros(seq.size(0), 0, dtype=torch.float)
+
+
+SPACE = "\u2581"  # "▁": sentencepiece's word-start mark, char-level data's space (examples/custom-corpus)
+
+
+def unknown_prompt_message(prompts: Sequence[torch.Tensor], dictionary) -> Optional[str]:
+    """One line saying how many tokens of `prompts` (token id tensors, as fairseq-interactive and the hub's
+    sample()/score() encode them) are <unk>, and how to encode prompts as the training data was; None if none are.
+
+    `dictionary` is a fairseq Dictionary (symbols[i], nspecial, unk(), eos()). Its symbols tell the data's level: all
+    single characters -> character level (`--bpe characters`); pieces marked with a leading "▁" -> sentencepiece
+    (`--bpe sentencepiece --sentencepiece-model`); otherwise words (the tokenizer the data was made with)."""
+    unk, eos = dictionary.unk(), dictionary.eos()
+    prompts = [p[:-1] if len(p) and p[-1] == eos else p for p in prompts]  # the </s> encode_line appends
+    n_unk = sum(int((p == unk).sum()) for p in prompts)
+    if n_unk == 0:
+        return None
+    total = sum(int(p.numel()) for p in prompts)
+    symbols = [dictionary[i] for i in range(dictionary.nspecial, len(dictionary))]
+    symbols = [s for s in symbols if not s.startswith("madeupword")]  # fairseq-preprocess's padding entries
+    if symbols and all(len(s) == 1 for s in symbols):
+        hint = ("this dictionary is character level: pass --bpe characters (the hub: bpe='characters'); with it, "
+                "the <unk>s are characters the training data never has")
+    elif any(len(s) > 1 and s.startswith(SPACE) for s in symbols):
+        hint = ("this dictionary holds sentencepiece pieces: pass --bpe sentencepiece --sentencepiece-model "
+                "<the model that made the data> (examples/custom-corpus/prepare.sh writes OUT/spm.model; the hub: "
+                "bpe='sentencepiece', sentencepiece_model=...)")
+    else:
+        hint = ("pass the tokenizer the data was made with (examples/custom-corpus/prepare.sh LEVEL=word: "
+                "--tokenizer moses --moses-no-escape --moses-no-dash-splits); words the training data never has "
+                "stay <unk>")
+    return (f"{n_unk} of {total} prompt tokens are not in the dictionary and map to <unk>: prompts must be encoded "
+            f"as the training data was; {hint}")

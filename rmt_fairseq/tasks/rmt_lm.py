@@ -31,6 +31,7 @@ from omegaconf import II
 from rmt_fairseq import checkpoints, compat, distributed
 from rmt_fairseq.data.streams import StreamDataset, flatten_indexed_dataset
 from rmt_fairseq.errors import RMTConfigError, check, install_excepthook
+from rmt_fairseq.modules.generation import unknown_prompt_message
 from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, concat_states, num_streams, slice_state
 
 logger = logging.getLogger(__name__)
@@ -550,6 +551,9 @@ class RMTLMTask(FairseqTask):
     def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
         """Prompts (one per line, </s> dropped so generation continues them) for SequenceGenerator; the model
         decodes across segment boundaries with incremental decoding inside a segment (models/rmt_lm.py)."""
+        unknown = unknown_prompt_message(src_tokens, self.source_dictionary)  # fairseq itself says nothing
+        if unknown:
+            logger.warning(unknown)
         return PromptDataset(src_tokens, self.source_dictionary)
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
