@@ -1,0 +1,79 @@
+"""What examples/custom-corpus/README.md quotes, measured by running it: prepare.sh at the three levels on a raw
+text (default: tinyshakespeare) and run.sh (the default rmt_tiny run) on the char-level data. Writes
+benchmarks/results/custom_corpus.json (with the commit and commands); the README's numbers are rendered from it
+by benchmarks/docs_blocks.py.
+
+    python benchmarks/custom_corpus.py [--raw input.txt] [--out benchmarks/results/custom_corpus.json]
+        [--workdir outputs/custom-corpus-bench] [--run-level char] [-- extra run.sh flags]
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+from rmt_fairseq.provenance import provenance
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(REPO, "examples", "custom-corpus")
+DEFAULT_RAW = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
+
+
+def _run(cmd, env, log):
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    with open(log, "w") as f:
+        f.write(p.stdout + p.stderr)
+    if p.returncode != 0:
+        sys.stderr.write((p.stdout + p.stderr)[-3000:])
+        raise SystemExit(f"error: {' '.join(cmd)} failed ({p.returncode}); log: {log}")
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--raw", default=DEFAULT_RAW, help="the raw text (default: tinyshakespeare)")
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "custom_corpus.json"))
+    ap.add_argument("--workdir", default=os.path.join(REPO, "outputs", "custom-corpus-bench"))
+    ap.add_argument("--run-level", default="char", choices=["word", "bpe", "char"])
+    ap.add_argument("--workers", default="2", help="WORKERS for prepare.sh")
+    ap.add_argument("extra", nargs="*", help="flags passed on to run.sh (after --)")
+    a = ap.parse_args(argv)
+    if not os.path.isfile(a.raw):
+        ap.error(f"--raw {a.raw}: no such file")
+    os.makedirs(a.workdir, exist_ok=True)
+    levels = {}
+    for level in ("char", "bpe", "word"):
+        out = os.path.join(a.workdir, level)
+        env = dict(os.environ, LEVEL=level, WORKERS=a.workers)
+        seconds = _run(["bash", os.path.join(EXAMPLE, "prepare.sh"), a.raw, out], env,
+                       os.path.join(a.workdir, f"prepare_{level}.log"))
+        splits = json.load(open(os.path.join(out, "splits.json")))
+        log = open(os.path.join(out, "preprocess.log")).read()
+        counts = {s: dict(zip(("tokens", "unk_percent"), (int(t), float(u)))) for s, t, u in
+                  re.findall(r"(train|valid|test)\.txt: \d+ sents, (\d+) tokens, ([\d.]+)% replaced", log)}
+        levels[level] = {"command": f"LEVEL={level} WORKERS={a.workers} examples/custom-corpus/prepare.sh RAW OUT",
+                         "seconds": round(seconds, 1), "dictionary": sum(1 for _ in open(f"{out}/bin/dict.txt")) + 4,
+                         "splits": {s: {**splits[s], **counts.get(s, {})} for s in ("train", "valid", "test")}}
+        print(json.dumps({level: levels[level]}), flush=True)
+    save = os.path.join(a.workdir, f"ckpt_{a.run_level}")
+    env = dict(os.environ, DATA=os.path.join(a.workdir, a.run_level, "bin"), SAVE=save)
+    run_seconds = _run(["bash", os.path.join(EXAMPLE, "run.sh"), *a.extra], env, os.path.join(a.workdir, "run.log"))
+    run = json.load(open(os.path.join(save, "results.json")))
+    run.pop("provenance", None)
+    run.update(command=f"DATA=OUT/bin examples/custom-corpus/run.sh {' '.join(a.extra)}".strip(),
+               level=a.run_level, script_seconds=round(run_seconds, 1))
+    result = {"raw": os.path.basename(os.path.dirname(os.path.abspath(a.raw))) + "/" + os.path.basename(a.raw),
+              "prepare": levels, "run": run, "provenance": provenance()}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
