@@ -70,6 +70,8 @@ class RMTCrossEntropyCriterion(FairseqCriterion):
             "nsentences": src.size(0),
             "sample_size": ntokens,
             "char_level": int(self.char_level),
+            # the key a skipped batch sets, on every batch: ranks that sum logging outputs send the same keys
+            "nonfinite_skipped": 0,
         }
         return loss, ntokens, logging_output
 

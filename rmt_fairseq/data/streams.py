@@ -5,10 +5,12 @@ per stream, T segment length, S segments per batch.
 
 Every token is scored: the flat stream is shifted by one (source = tokens[:-1], target = tokens[1:]) before it
 is cut, so the target of a segment's last token is the first token of the next segment (fairseq's
-truncated_bptt example pads that target away). Only the < G tokens of the tail that do not fill a stream are
-dropped. Item i of the dataset is the whole batch i: B x (S*T) (the last may be shorter).
+truncated_bptt example pads that target away). Not scored: the split's first token (context only) and the
+(N - 1) mod G tokens of the tail that do not fill a stream (logged when there are any). Item i of the dataset is
+the whole batch i: B x (S*T) (the last may be shorter).
 """
 
+import logging
 import math
 from typing import Dict
 
@@ -17,6 +19,8 @@ import torch
 from fairseq.data import FairseqDataset
 
 from rmt_fairseq.errors import RMTConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def flatten_indexed_dataset(data) -> np.ndarray:
@@ -51,6 +55,11 @@ class StreamDataset(FairseqDataset):
                 f"{streams_per_shard} x {num_shards} ranks) of at least one --tokens-per-sample {seg_len} "
                 f"segment each; lower --batch-size or --tokens-per-sample"
             )
+        left = len(tokens) - 1 - G * n  # (N - 1) mod G
+        if left:
+            logger.info(f"{split}: scoring {G * n} of {len(tokens)} tokens: the first is context only and the last "
+                        f"{left} do not fill the {G} streams; one stream (--batch-size 1, one process) scores all "
+                        f"but the first")
         self.split, self.seg_len, self.segments_per_batch = split, seg_len, segments_per_batch
         self.stream_len = n
         rows = slice(shard_id * streams_per_shard, (shard_id + 1) * streams_per_shard)

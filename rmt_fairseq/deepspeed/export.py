@@ -2,10 +2,10 @@
 
     python -m rmt_fairseq.deepspeed.export --checkpoint-dir checkpoints/rmt [--tag update1000] --out model.pt
 
-ZeRO shards (any stage) are consolidated with DeepSpeed's get_fp32_state_dict_from_zero_checkpoint; the
-training config saved with the checkpoint becomes the fairseq checkpoint's cfg, so
-`fairseq-eval-lm DATA --user-dir user_dir --task rmt_lm --path model.pt` evaluates it. The output is written
-atomically (a temporary file renamed into place).
+ZeRO-1/2/3 shards are consolidated with DeepSpeed's get_fp32_state_dict_from_zero_checkpoint (a ZeRO-0
+checkpoint's model file already holds the whole model); the training config saved with the checkpoint becomes
+the fairseq checkpoint's cfg, so `fairseq-eval-lm DATA --user-dir user_dir --task rmt_lm --path model.pt`
+evaluates it. The output is written atomically (a temporary file renamed into place).
 """
 
 import argparse
@@ -47,7 +47,15 @@ def main(argv=None):
         ap.error(f"{tag_dir}: no mp_rank_00_model_states.pt or zero_pp_rank_*_mp_rank_00_model_states.pt (not a "
                  f"DeepSpeed checkpoint)")
     client = torch.load(states[0], map_location="cpu", weights_only=False)
-    model = get_fp32_state_dict_from_zero_checkpoint(a.checkpoint_dir, tag=a.tag)
+    if client.get("param_shapes") is None:
+        # ZeRO-0 (ds_configs/zero0.json): nothing partitioned, the model file holds the whole model; DeepSpeed's
+        # zero_to_fp32 reads ZeRO-1/2/3 checkpoints only (it fails on this one)
+        model = client["module"]
+        if any(v.is_floating_point() and v.dtype != torch.float32 for v in model.values()):
+            logger.warning("a ZeRO-0 checkpoint trained in fp16/bf16: exporting the model's 16-bit weights (the "
+                           "fp32 master weights in its optimizer state are not read)")
+    else:
+        model = get_fp32_state_dict_from_zero_checkpoint(a.checkpoint_dir, tag=a.tag)
     # every rank's streams (rmt_state_rank{r}.pt), in rank order: the state of all streams, as fairseq-train saves it
     from rmt_fairseq.modules.recurrence import concat_states
 
