@@ -163,7 +163,8 @@ def render_custom_corpus(data: dict) -> str:
     lines = [f"- `{r['command']}` on the {r['level']}-level data: {r['updates']} updates; validation "
              f"{r['valid_loss']:.4f} bits per token at the last check; `fairseq-eval-lm` on test "
              f"{r['test_loss']:.4f} bits per token{bpc} ({r['test_tokens_scored']:,} of {r['test_tokens']:,} test "
-             f"tokens scored: the last {r['test_tokens'] - r['test_tokens_scored']} do not fill the 16 streams);",
+             f"tokens scored: the first is context only, the last {r['test_tokens'] - 1 - r['test_tokens_scored']} "
+             f"do not fill the 16 streams);",
              f"- {int(r['script_seconds'] // 60)} min {int(r['script_seconds'] % 60)} s for the whole script "
              f"(training {r['train_seconds']} s).", "", _source(data, "benchmarks/results/custom_corpus.json")]
     return "\n".join(lines)

@@ -35,11 +35,23 @@ def _add_chosen_components_args(parser: argparse.ArgumentParser, argv: list) -> 
         # e.g. the positional data directory is missing from a `--help` line: fairseq has already added every
         # group to the parser by then (the error comes from its second parse), which is all --help needs
         pass
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # "(default: ...)" after every flag
+    parser.formatter_class = _DefaultsShown  # "(default: ...)" after every flag that has one
     for action in parser._actions:  # a literal "%" in a help string ("reaches P%") would break argparse's format
         if action.help and action.help is not argparse.SUPPRESS:
             action.help = re.sub(r"%([%(])?", lambda m: m.group(0) if m.group(1) else "%%", action.help)
     _show_architecture_values(parser, argv)
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, without "(default: None)" / "(default: False)" and without a second
+    default where the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "%(default)" in help or "default" in help.lower() or action.default in (None, False, argparse.SUPPRESS) \
+                or not action.option_strings:
+            return help
+        return help + " (default: %(default)s)"
 
 
 def _show_architecture_values(parser: argparse.ArgumentParser, argv: list) -> None:

@@ -10,6 +10,11 @@ writes into the environment, which is the only way to reach the two messages pri
 Left alone: the deepspeed launcher's own lines and DeepSpeed's "deepspeed_shm_comm_op built successfully" (a
 print() per CPU rank in deepspeed/comm/torch.py).
 
+`restore_fairseq_logging()` undoes fairseq 0.12's own `logging.basicConfig(level=logging.DEBUG)` in
+fairseq/models/wav2vec/wav2vec2_classification.py: imported before fairseq-eval-lm, -validate and -interactive set
+up their logging, it made their own setup a no-op, so they printed Hydra's DEBUG lines and bare `INFO:name:msg`
+lines where fairseq-train prints `date | INFO | name | msg`.
+
 `RMT_FAIRSEQ_VERBOSE=1` in the environment turns all of this off.
 """
 
@@ -69,3 +74,22 @@ def install() -> None:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     for name, prefix in LOG_MESSAGES:
         logging.getLogger(name).addFilter(_DropMessage(prefix))
+
+
+FAIRSEQ_FORMAT = logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+def restore_fairseq_logging() -> None:
+    """The root logger as fairseq's CLIs mean to set it (level $LOGLEVEL, default INFO; fairseq's line format),
+    when fairseq's wav2vec import left it at DEBUG with Python's default format. Nothing else is touched."""
+    if os.environ.get("RMT_FAIRSEQ_VERBOSE", "") not in ("", "0"):
+        return
+    root = logging.getLogger()
+    level = os.environ.get("LOGLEVEL", "INFO").upper()
+    if root.level != logging.DEBUG or level == "DEBUG":
+        return
+    root.setLevel(level)
+    for handler in root.handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.formatter is not None \
+                and handler.formatter._fmt == logging.BASIC_FORMAT:
+            handler.setFormatter(FAIRSEQ_FORMAT)

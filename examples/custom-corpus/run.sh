@@ -94,9 +94,9 @@ if os.path.exists(splits):
     note = f"; {unk}% of the tokens are <unk>, whose spelling costs nothing here: an underestimate" if float(unk) else ""
     print(f"test: {r['test_bpc_raw']:.4f} bits per character of the raw text ({tokens} tokens, {chars} "
           f"characters){note}")
-print(f"scored {scored:,} of the {int(tokens):,} test tokens (the last {int(tokens) - scored} do not fill the "
-      f"--batch-size {os.environ.get('EVAL_BATCH_SIZE', 16)} streams)" if scored < int(tokens) else
-      f"scored all {scored:,} test tokens")
+# not scored: the first token (context only) and the (N - 1) mod streams tokens of the tail (rmt_fairseq/data/streams.py)
+print(f"scored {scored:,} of the {int(tokens):,} test tokens (the first is context only, the last "
+      f"{int(tokens) - 1 - scored} do not fill the {os.environ.get('EVAL_BATCH_SIZE', 16)} streams)")
 json.dump(r, open(f"{save}/results.json", "w"), indent=2)
 print(f"wrote {save}/results.json")
 PY

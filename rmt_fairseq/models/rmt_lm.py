@@ -496,8 +496,8 @@ class RecurrentLM:
             return T
         if T != trained:
             # a warning, not info: an evaluation line copied from another model's docs is the usual way to get here
-            logger.warning("segment length %d (%s %d given), not the %d the model was trained with: every tool "
-                           "uses %d", T, flag, T, trained, T)
+            logger.warning("segment length %d (%s %d given), not the %d the model was trained with: this run uses "
+                           "%d", T, flag, T, trained, T)
         else:
             logger.info("segment length %d, as the model was trained (from its checkpoint)", T)
         if not self.per_sample and given is None and getattr(task_cfg, "tokens_per_sample", 0) is None:

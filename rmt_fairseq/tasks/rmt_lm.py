@@ -28,7 +28,7 @@ from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
-from rmt_fairseq import checkpoints, compat, distributed
+from rmt_fairseq import checkpoints, compat, distributed, quiet
 from rmt_fairseq.data.streams import StreamDataset, flatten_indexed_dataset
 from rmt_fairseq.errors import RMTConfigError, check, install_excepthook
 from rmt_fairseq.modules.generation import unknown_prompt_message
@@ -39,6 +39,7 @@ install_excepthook()
 checkpoints.install()  # checkpoint files complete or absent; unreadable ones named (rmt_fairseq/checkpoints.py)
 compat.install()  # fairseq-eval-lm / numpy 2 fixes for fairseq's own tools (rmt_fairseq/compat.py)
 distributed.install()  # several ranks on CPU, every rank's streams in the checkpoint (rmt_fairseq/distributed.py)
+quiet.restore_fairseq_logging()  # fairseq's log format in eval-lm, validate, interactive (rmt_fairseq/quiet.py)
 
 
 @dataclass
