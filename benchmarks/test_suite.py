@@ -1,6 +1,7 @@
 """How long the test suites take: runs `make test`, `make test-long` and `make test-docs` one after another (each
 alone on the machine) and writes their test counts and wall times, with the commit, to
-benchmarks/results/test_suite.json (the README's figures come from it: benchmarks/docs_blocks.py).
+benchmarks/results/test_suite.json (each target's output: outputs/test_suite/TARGET.log; the README's figures
+come from the JSON: benchmarks/docs_blocks.py).
 
     python benchmarks/test_suite.py [--targets test,test-long,test-docs] [--out benchmarks/results/test_suite.json]
 """
@@ -26,18 +27,25 @@ def main(argv=None) -> int:
     rows = []
     for target in a.targets.split(","):
         t0 = time.perf_counter()
-        p = subprocess.run(["make", "-C", REPO, target], capture_output=True, text=True)
+        p = subprocess.run(["make", "--no-print-directory", "-C", REPO, target], capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        tail = (p.stdout + p.stderr).strip().splitlines()[-1] if (p.stdout + p.stderr).strip() else ""
+        out = p.stdout + p.stderr
+        os.makedirs(os.path.join(REPO, "outputs", "test_suite"), exist_ok=True)
+        with open(os.path.join(REPO, "outputs", "test_suite", f"{target}.log"), "w") as f:
+            f.write(out)
+        # pytest's last summary line ("490 passed, 3 deselected in 1800.00s"), wherever make's lines put it
+        summaries = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed|errors?)\b.* in \d", line)]
+        tail = summaries[-1].strip("= ") if summaries else (out.strip().splitlines() or [""])[-1]
         counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)}
         row = {"command": f"make {target}", "returncode": p.returncode, "passed": counts.get("passed", 0),
                "tests": sum(v for k, v in counts.items() if k != "deselected"), "summary": tail,
                "wall_seconds": round(wall, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    result = {"rows": rows, "provenance": provenance()}  # before the file is opened: it is tracked (clean tree)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"rows": rows, "provenance": provenance()}, f, indent=2)
+        json.dump(result, f, indent=2)
     print(f"wrote {a.out}")
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
 
