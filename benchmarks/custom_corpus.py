@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from rmt_fairseq.provenance import provenance
+from rmt_fairseq.provenance import write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "custom-corpus")
@@ -67,10 +67,8 @@ def main(argv=None) -> int:
     run.update(command=f"DATA=OUT/bin examples/custom-corpus/run.sh {' '.join(a.extra)}".strip(),
                level=a.run_level, script_seconds=round(run_seconds, 1))
     result = {"raw": os.path.basename(os.path.dirname(os.path.abspath(a.raw))) + "/" + os.path.basename(a.raw),
-              "prepare": levels, "run": run, "provenance": provenance()}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+              "prepare": levels, "run": run}
+    write_results(a.out, result)
     print(f"wrote {a.out}")
     return 0
 

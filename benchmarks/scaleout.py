@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 
-from rmt_fairseq.provenance import provenance  # noqa: E402
+from rmt_fairseq.provenance import write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -126,14 +126,12 @@ def main(argv=None):
         r["ratio_to_one_process"] = round(r["tokens_per_s"] / base, 3) if base else None
     result = {"setting": {"updates": updates, "global_streams": 8, "segment": T, "model": "rmt_tiny" + (
         " 4 x 256, FFN 1024" if size else ""), "threads_per_process": 1, "cpu_cores": os.cpu_count()},
-        "rows": rows, "provenance": provenance()}
+        "rows": rows}
     print(f"\n{'combination':<46} {'tokens/s':>9} {'x 1 proc':>8} {'wall s':>7} {'peak MB':>8}")
     for r in rows:
         print(f"{r['combination']:<46} {r['tokens_per_s']:>9.0f} {r['ratio_to_one_process']:>8.3f} {r['wall_s']:>7.1f} "
               f"{r['peak_rss_mb_largest_process']:>8.0f}")
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_results(a.out, result)
     print(f"wrote {a.out}")
     return 0
 

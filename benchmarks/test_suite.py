@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from rmt_fairseq.provenance import provenance
+from rmt_fairseq.provenance import write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,10 +42,7 @@ def main(argv=None) -> int:
                "wall_seconds": round(wall, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    result = {"rows": rows, "provenance": provenance()}  # before the file is opened: it is tracked (clean tree)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_results(a.out, {"rows": rows})
     print(f"wrote {a.out}")
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
 

@@ -41,3 +41,14 @@ def provenance(argv=None) -> dict:
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}"
                    + (f", {gpu}" if gpu else ", no GPU"),
     }
+
+
+def write_results(path: str, result: dict) -> None:
+    """Write `result` with its provenance to the JSON file `path` (folders made). The provenance is read before
+    the file is opened: a results file kept in git would otherwise count as an uncommitted change of its own."""
+    import json
+
+    result = {**result, "provenance": provenance()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)

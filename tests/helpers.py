@@ -154,3 +154,14 @@ def train_losses(text: str) -> dict:
 
     pattern = r"train_inner .*?loss[=\s]([0-9.]+),.*?num_updates[=\s](\d+)"
     return {int(u): float(v) for v, u in re.findall(pattern, text)}
+
+
+def load_script(relpath: str):
+    """A script of the checkout that is not a package module (examples/*.py, benchmarks/*.py), imported by path."""
+    import importlib.util
+
+    name = os.path.splitext(os.path.basename(relpath))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,20 +3,16 @@
 (which carries the command and commit), and every registered block is shown somewhere."""
 
 import glob
-import importlib.util
 import os
 
-from helpers import REPO
+from helpers import REPO, load_script
 
 DOCS = [os.path.join(REPO, "README.md"), os.path.join(REPO, "benchmarks", "README.md"),
         *sorted(glob.glob(os.path.join(REPO, "examples", "*", "README.md")))]
 
 
 def _docs_blocks():
-    spec = importlib.util.spec_from_file_location("docs_blocks", os.path.join(REPO, "benchmarks", "docs_blocks.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/docs_blocks.py")
 
 
 def test_measured_blocks_are_what_their_json_renders():

@@ -6,7 +6,6 @@ with memory tokens) it comes from. Each preset is built through fairseq's own pa
 commands of examples/*/run.sh (train, eval, eval-xl) are compared through examples/paper_hparams.py, whose table in
 the examples' READMEs must equal what the code gives."""
 
-import importlib.util
 import os
 
 import pytest
@@ -14,7 +13,7 @@ from fairseq import options
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import user_dir  # noqa: F401
-from helpers import REPO
+from helpers import REPO, load_script
 
 # run_wt103_base.sh / run_enwik8_base.sh (train), train.py (defaults, weights_init, cutoffs), mem_transformer.py
 # (PositionwiseFF: Linear, ReLU, Dropout(dropout), Linear, Dropout(dropout); memory dropout; read_mem_from_cache)
@@ -88,10 +87,7 @@ def test_the_presets_build_what_they_say():
 
 
 def _hparams():
-    spec = importlib.util.spec_from_file_location("paper_hparams", os.path.join(REPO, "examples", "paper_hparams.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples/paper_hparams.py")
 
 
 def test_the_readme_tables_hold_the_authors_values_above():
