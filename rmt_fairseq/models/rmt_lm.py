@@ -8,6 +8,10 @@ Memory modes, all from flags on the same backbone:
   --mem-tokens M                  RMT: [read mem | segment | write mem]; write output -> next read memory
   --mem-tokens M --mem-len L      RMT + XL cache
   --memory-layout mt              the paper's MT ablation: memory tokens at the start only, no recurrence
+  --mem-tokens M --associative-memory
+                                  ARMT (Rodkin et al. 2024): [segment | write mem]; per layer an associative
+                                  matrix written by the memory tokens, read by every token of the next segment
+                                  (modules/associative.py); memory tokens are learned, not carried
 """
 
 import logging
@@ -29,6 +33,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from rmt_fairseq.compat import eval_context_window
 from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.adaptive import DenseAdaptiveInput, adaptive_softmax_nll
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
@@ -38,6 +43,8 @@ from rmt_fairseq.modules.transformer_xl import XLAdaptiveEmbedding, XLAdaptiveLo
 logger = logging.getLogger(__name__)
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "mt"])
+STATE_DTYPES = ChoiceEnum(list(associative.STATE_DTYPES))
+SCHEDULES = ChoiceEnum(["sequential", "diagonal"])
 INIT_SCHEMES = ChoiceEnum(["fairseq", "normal", "uniform"])
 EMBEDDING_IMPLS = ChoiceEnum(["fairseq", "transformer_xl"])
 
@@ -67,7 +74,47 @@ class TrainedWithConfig(FairseqDataclass):
 
 
 @dataclass
-class RMTLanguageModelConfig(TrainedWithConfig):
+class AssociativeConfig(FairseqDataclass):
+    """ARMT's flags (Rodkin et al. 2024; modules/associative.py), shared by the decoder families."""
+
+    associative_memory: bool = field(
+        default=False,
+        metadata={"help": "ARMT: per layer an associative matrix written by the --mem-tokens memory tokens at the end "
+                  "of each segment and read by every token of the next (Rodkin et al. 2024); memory tokens are "
+                  "learned, not carried"},
+    )
+    d_mem: int = field(default=64, metadata={"help": "--associative-memory: key dimension D before DPFP (the matrix "
+                                                     "has 2 x --dpfp-nu x D rows per layer)"})
+    dpfp_nu: int = field(default=3, metadata={"help": "--associative-memory: DPFP's nu (the paper's 3)"})
+    associative_state_dtype: STATE_DTYPES = field(
+        default="fp32",
+        metadata={"help": "--associative-memory: dtype the associative state is accumulated in: fp32 (also under "
+                  "--bf16/--fp16) or model (the model's dtype)"},
+    )
+    inference_schedule: SCHEDULES = field(
+        default="sequential",
+        metadata={"help": "without gradients (validation, eval-lm, generation's completed segments, rmt-extrapolate): "
+                  "sequential, or diagonal (Sivtsov et al. 2025: the (segment, layer) grid by anti-diagonals, one "
+                  "batched call per diagonal; exact; applies to --associative-memory, --mem-len and no memory, not "
+                  "to RMT's token memory, which stays sequential)"},
+    )
+
+
+def validate_associative(cfg) -> None:
+    """One error line for an ARMT flag that cannot work."""
+    if not getattr(cfg, "associative_memory", False):
+        return
+    check(cfg.d_mem >= 1, f"--d-mem must be >= 1, got {cfg.d_mem}")
+    check(cfg.dpfp_nu >= 1, f"--dpfp-nu must be >= 1, got {cfg.dpfp_nu}")
+    check(cfg.mem_tokens > 0, f"--associative-memory needs memory tokens to write it: --mem-tokens must be > 0, got "
+                              f"{cfg.mem_tokens}")
+    check(str(getattr(cfg, "memory_layout", "rmt")) == "rmt",
+          f"--associative-memory writes from memory tokens at the end of each segment: --memory-layout "
+          f"{cfg.memory_layout} has none (use --memory-layout rmt)")
+
+
+@dataclass
+class RMTLanguageModelConfig(AssociativeConfig, TrainedWithConfig):
     decoder_layers: int = field(default=16, metadata={"help": "number of decoder layers"})
     decoder_embed_dim: int = field(default=410, metadata={"help": "model dimension C"})
     decoder_ffn_embed_dim: int = field(default=2100, metadata={"help": "feed-forward inner dimension"})
@@ -234,6 +281,29 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
                 nn.init.normal_(self.output_projection.weight, mean=0, std=C**-0.5)
         if str(cfg.init) != "fairseq":  # Transformer-XL's weights_init over the whole decoder (embeddings included)
             init_transformer_xl_(self, str(cfg.init), cfg.init_std, cfg.init_range, cfg.proj_init_std)
+        # ARMT: one associative block per layer (built after the XL init: W_V must start at zero)
+        self.associative = bool(getattr(cfg, "associative_memory", False))
+        self.assoc_layers = (nn.ModuleList(associative.AssociativeMemory(C, cfg.d_mem, cfg.dpfp_nu)
+                                           for _ in range(cfg.decoder_layers)) if self.associative else None)
+        self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
+        self.inference_schedule = str(getattr(cfg, "inference_schedule", "sequential"))
+        self._stacked = None  # diagonal schedule: the layers' weights stacked (built on first use, see _stack)
+
+    @property
+    def read_rows(self) -> int:
+        """Memory rows before the segment: RMT's read memory, MT's tokens; none for ARMT and without memory."""
+        return 0 if self.associative else self.num_mem_tokens
+
+    @property
+    def write_rows(self) -> int:
+        """Memory rows after the segment: RMT's write memory, ARMT's writers; none for MT and without memory."""
+        return self.num_mem_tokens if (self.recurrent or self.associative) else 0
+
+    @property
+    def diagonal_ok(self) -> bool:
+        """The diagonal schedule is exact: layer l of a segment needs only layer l of the one before (no token
+        memory going from the last layer to the first), and nothing records attention."""
+        return not self.recurrent and not any(layer.attn.keep_attention for layer in self.layers)
 
     def layout(self, cache: int, read: int, segment: int, write: int) -> Layout:
         """The attention geometry of a segment with these block sizes under this model's switches."""
@@ -244,11 +314,11 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
 
     @property
     def recurrent(self) -> bool:
-        return self.memory is not None and self.layout_name == "rmt"  # MT: memory tokens, nothing carried
+        """RMT's token memory: the write block's output is the next segment's read block (not MT, not ARMT)."""
+        return self.memory is not None and self.layout_name == "rmt" and not self.associative
 
-    def forward_segment(
-        self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache: Optional[List[torch.Tensor]]
-    ) -> SegmentOutput:
+    def _segment_input(self, tokens: torch.Tensor, memory: Optional[torch.Tensor]):
+        """tokens B x T -> (h B x (R+T+W) x C, the first layer's input; mem_drop: LM-RMT's memory dropout)."""
         B, T = tokens.shape
         M = self.num_mem_tokens
         x = self.embed_scale * self.embed_tokens(tokens)  # B x T x C
@@ -256,39 +326,145 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         if not mem_drop:
             x = self.dropout(x)
         if M == 0:
-            h, W = x, 0
+            h = x
+        elif self.associative:  # ARMT: learned memory tokens after the segment write the associative state
+            h = torch.cat([x, self.memory(B)], dim=1)  # B x (T+M) x C
         elif self.recurrent:
             read = memory if memory is not None else self.memory(B)  # B x M x C
             # paper §3.2: the same memory is placed as the read block and as the write block
-            h, W = torch.cat([read, x, read], dim=1), M  # B x (M+T+M) x C
+            h = torch.cat([read, x, read], dim=1)  # B x (M+T+M) x C
         else:  # MT: learned tokens in front of every segment, nothing carried
-            h, W = torch.cat([self.memory(B), x], dim=1), 0  # B x (M+T) x C
+            h = torch.cat([self.memory(B), x], dim=1)  # B x (M+T) x C
         if mem_drop:  # LM-RMT: memory is concatenated before the embedding dropout
             h = self.dropout(h)
+        return h, mem_drop
+
+    def _segment_output(self, h: torch.Tensor, T: int, mem_drop: bool):
+        """The last layer's output B x N x C -> (hidden B x T x C, written memory B x M x C or None)."""
+        R = self.read_rows
+        if mem_drop:  # LM-RMT: written memory is taken after the output dropout
+            h = self.dropout(h)
+            hidden = h[:, R : R + T]  # B x T x C
+        else:
+            hidden = self.dropout(h[:, R : R + T])  # B x T x C
+        return hidden, (h[:, R + T :] if self.recurrent else None)
+
+    def forward_segment(
+        self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache: Optional[List[torch.Tensor]],
+        assoc: Optional[List[torch.Tensor]] = None,
+    ) -> SegmentOutput:
+        """One segment: tokens B x T, RMT memory B x M x C, XL cache per layer B x L x C, ARMT state [A_0 B x F x C,
+        z_0 B x F, ...] (None at a stream's start) -> SegmentOutput with the state handed to the next segment."""
+        B, T = tokens.shape
+        R, W = self.read_rows, self.write_rows
+        h, mem_drop = self._segment_input(tokens, memory)
         L = cache[0].size(1) if cache is not None else 0
-        pos_emb, rel_index, mask_bias = self.layouts.get(self.layout(L, M, T, W), h.device, h.dtype)
+        pos_emb, rel_index, mask_bias = self.layouts.get(self.layout(L, R, T, W), h.device, h.dtype)
         pos_emb = self.dropout(pos_emb)
         u, v = self.pos_bias()  # H x D each
 
         new_cache = [] if self.mem_len > 0 else None
+        new_assoc = [] if self.associative else None
         for i, layer in enumerate(self.layers):
+            if self.associative:  # ARMT: every row reads layer i's associative memory before the layer
+                A, z = associative.layer_state(assoc, i)
+                h = self.assoc_layers[i].read(h, A, z, self.assoc_dtype)
             if new_cache is not None:
                 # XL caches each layer's input for the segment tokens only; memory travels through RMT
-                seg = h[:, M : M + T]  # B x T x C
+                seg = h[:, R : R + T]  # B x T x C
                 prev = cache[i] if cache is not None else seg[:, :0]
                 new_cache.append(torch.cat([prev, seg], dim=1)[:, -self.mem_len :].detach())  # B x L' x C
             layer_cache = cache[i] if cache is not None else None
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 h = torch_checkpoint(layer, h, layer_cache, pos_emb, rel_index, mask_bias, u, v, use_reentrant=False)
             else:
-                h = layer(h, layer_cache, pos_emb, rel_index, mask_bias, u, v)  # B x (M+T+W) x C
-        if mem_drop:  # LM-RMT: written memory is taken after the output dropout
-            h = self.dropout(h)
-            hidden = h[:, M : M + T]  # B x T x C
-        else:
-            hidden = self.dropout(h[:, M : M + T])  # B x T x C
-        new_memory = h[:, M + T :] if self.recurrent else None  # B x M x C
-        return SegmentOutput(hidden=hidden, memory=new_memory, cache=new_cache)
+                h = layer(h, layer_cache, pos_emb, rel_index, mask_bias, u, v)  # B x (R+T+W) x C
+            if self.associative:  # ... and its memory-token rows write it for the next segment
+                new_assoc += self.assoc_layers[i].write(h[:, R + T :], A, z, self.assoc_dtype)
+        hidden, new_memory = self._segment_output(h, T, mem_drop)
+        return SegmentOutput(hidden=hidden, memory=new_memory, cache=new_cache, assoc=new_assoc)
+
+    # ---- the diagonal schedule (modules/recurrence.py): the same computation, layers batched ------------
+
+    def diagonal_begin(self, tokens: torch.Tensor, cache_len: int):
+        """tokens B x T -> (layer-0 input B x N x C, the segment's geometry)."""
+        T = tokens.size(1)
+        h, mem_drop = self._segment_input(tokens, None)
+        R, W = self.read_rows, self.write_rows
+        pos_emb, rel_index, mask_bias = self.layouts.get(self.layout(cache_len, R, T, W), h.device, h.dtype)
+        return h, (T, mem_drop, self.dropout(pos_emb), rel_index, mask_bias)
+
+    def diagonal_end(self, h: torch.Tensor, tables) -> torch.Tensor:
+        return self._segment_output(h, tables[0], tables[1])[0]
+
+    def _stack(self):
+        """Every layer's weights stacked along a first dim of n_layers (rebuilt when a weight changes)."""
+        params = list(self.layers.parameters()) + (list(self.assoc_layers.parameters()) if self.associative else [])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._stacked is None or self._stacked[0] != key:
+            names = [n for n, _ in self.layers[0].named_parameters()]
+            st = {n: torch.stack([dict(layer.named_parameters())[n].detach() for layer in self.layers]) for n in names}
+            if self.associative:
+                for n, _ in self.assoc_layers[0].named_parameters():
+                    st["assoc." + n] = torch.stack([dict(a.named_parameters())[n].detach() for a in self.assoc_layers])
+            self._stacked = (key, st)
+        return self._stacked[1]
+
+    @torch.no_grad()
+    def diagonal_layers(self, first: int, hs: torch.Tensor, tables, caches: Optional[torch.Tensor],
+                        assoc: Optional[List[torch.Tensor]]):
+        """Layers first .. first+G-1, each on its own segment, as one batched call (eval mode: no dropout).
+        hs G x B x N x C; caches G x B x L x C or None; assoc [A G x B x F x C, z G x B x F] or None (the
+        segments' first) -> (hs out, the segment rows of each layer's input for the XL cache or None, new
+        [A, z] or None). The same operations as forward_segment with RelativeDecoderLayer's, in the same order."""
+        T, _, pos_emb, rel_index, mask_bias = tables
+        G, B, N, C = hs.shape
+        W = self._stack()
+        sl = slice(first, first + G)
+        w = {k: v[sl] for k, v in W.items()}  # G x ...
+        lin = lambda x, name, bias=None: torch.matmul(x, w[name].transpose(-1, -2).unsqueeze(1)) + (  # noqa: E731
+            0 if bias is None else w[bias][:, None, None, :])
+        x = hs
+        R = self.read_rows
+        dt = self.assoc_dtype or x.dtype
+        if self.associative:
+            mq = associative.feature(lin(x, "assoc.q_proj.weight").to(dt), self.assoc_layers[0].nu)  # G x B x N x F
+            x = associative.read(x, mq, *(assoc if assoc is not None else (None, None)))
+        seg_in = x[:, :, R : R + T] if self.mem_len > 0 else None
+        attn = self.layers[first].attn
+        H, D = attn.num_heads, attn.head_dim
+        q, k, val = lin(x, "attn.qkv.weight").chunk(3, dim=-1)  # each G x B x N x H*D
+        if caches is not None and caches.size(2) > 0:
+            _, ck, cv = lin(caches, "attn.qkv.weight").chunk(3, dim=-1)  # G x B x L x H*D
+            k, val = torch.cat([ck, k], dim=2), torch.cat([cv, val], dim=2)
+        heads = lambda t: t.reshape(G * B, t.size(2), H, D).transpose(1, 2)  # noqa: E731  (G*B) x H x n x D
+        q, k, val = heads(q), heads(k), heads(val)
+        Kn = k.size(2)
+        u, v = self.pos_bias()
+        r = torch.matmul(pos_emb, w["attn.r_proj.weight"].transpose(-1, -2)).view(G, -1, H, D)  # G x P x H x D
+        bd = torch.einsum("gbhnd,gphd->gbhnp", (q + v[None, :, None, :]).view(G, B, H, N, D), r)  # G x B x H x N x P
+        bd = bd.gather(-1, rel_index.expand(G, B, H, N, Kn))  # G x B x H x N x K
+        bias = (bd * attn.scale + mask_bias).reshape(G * B, H, N, Kn)
+        out = F.scaled_dot_product_attention(q + u[None, :, None, :], k, val, attn_mask=bias.to(q.dtype),
+                                             scale=attn.scale)  # (G*B) x H x N x D
+        out = lin(out.transpose(1, 2).reshape(G, B, N, H * D), "attn.out_proj.weight")  # G x B x N x C
+
+        def norm(y, name):
+            y = F.layer_norm(y, (C,), eps=self.layers[first].attn_norm.eps)
+            return y * w[name + ".weight"][:, None, None, :] + w[name + ".bias"][:, None, None, :]
+
+        x = norm(x + out, "attn_norm")
+        f = lin(torch.relu(lin(x, "ffn.0.weight", "ffn.0.bias")), "ffn.3.weight", "ffn.3.bias")
+        x = norm(x + f, "ffn_norm")
+        new_assoc = None
+        if self.associative:
+            mem = x[:, :, R + T :]  # G x B x M x C
+            nu = self.assoc_layers[0].nu
+            mk = associative.feature(lin(mem, "assoc.k_proj.weight").to(dt), nu)
+            vv = lin(mem, "assoc.v_proj.weight").to(dt)
+            beta = torch.sigmoid(lin(mem, "assoc.beta_proj.weight", "assoc.beta_proj.bias")).to(dt)
+            new_assoc = list(associative.update(mk, vv, beta, *(assoc if assoc is not None else (None, None))))
+        return x, seg_in, new_assoc
 
     def segment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return segment_nll(self, hidden, target)
@@ -328,10 +504,10 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
 
     def _layout_tables(self, st):
         L = st["state"].cache[0].size(1) if st["state"].cache is not None else 0
-        M = self.num_mem_tokens
-        layout = self.layout(L, M, self.segment_len, M if self.recurrent else 0)
+        R = self.read_rows
+        layout = self.layout(L, R, self.segment_len, self.write_rows)
         w = next(self.parameters())  # the model's device and dtype (a half/bf16 model generates in half/bf16)
-        return L, M, self.layouts.get(layout, w.device, w.dtype)
+        return L, R, self.layouts.get(layout, w.device, w.dtype)
 
     def _start_segment(self, st, B):
         """Keys/values of the XL cache and the read memory, per layer (rows 0..M-1 of the mask)."""
@@ -340,7 +516,7 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         kv = []
         x = None
         u, v = self.pos_bias()
-        if M:
+        if M:  # read rows: RMT's carried memory or MT's tokens (ARMT has none)
             x = state.memory if (self.recurrent and state.memory is not None) else self.memory(B)
         for i, layer in enumerate(self.layers):
             past = layer.attn.project_kv(state.cache[i]) if state.cache is not None else None
@@ -367,6 +543,8 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         x = self.embed_scale * self.embed_tokens(token[:, None])  # B x 1 x C
         u, v = self.pos_bias()
         for i, layer in enumerate(self.layers):
+            if self.associative:  # ARMT: the read of the completed segments' associative state, as in training
+                x = self.assoc_layers[i].read(x, *associative.layer_state(st["state"].assoc, i), self.assoc_dtype)
             k_new, v_new = layer.attn.project_kv(x)
             past = st["kv"][i]
             x_next = layer(x, None, pos_emb, rel_index[row : row + 1, :cols], mask_bias[row : row + 1, :cols],
@@ -389,6 +567,7 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         state = st["state"]
         state.memory = pick(state.memory)
         state.cache = None if state.cache is None else [pick(c) for c in state.cache]
+        state.assoc = None if state.assoc is None else [pick(a) for a in state.assoc]
         st["seg"] = pick(st["seg"])
         st["kv"] = None if st.get("kv") is None else [None if kv is None else (pick(kv[0]), pick(kv[1]))
                                                       for kv in st["kv"]]
@@ -569,19 +748,25 @@ class RecurrentLM:
         else:
             state = rmt_state if rmt_state is not None else RecurrentState()
         param = next(self.parameters())
-        state.to(src_tokens.device, param.dtype)  # a resumed / exported state joins the model's device and dtype
+        # a resumed / exported state joins the model's device and dtype (ARMT's state: its own dtype)
+        state.to(src_tokens.device, param.dtype, getattr(self.decoder, "assoc_dtype", None) or param.dtype)
         seg_len = int(segment_len or self.decoder.segment_len)
+        schedule = getattr(self.decoder, "inference_schedule", "sequential")
         if target is None:
             out = run_segments(self.decoder, src_tokens, None, state, seg_len=seg_len, bptt_unroll=bptt_unroll,
-                               return_hidden=True)
+                               return_hidden=True, schedule=schedule)
             features = torch.cat(out.hidden, dim=1)  # B x S*T x C
             return self.decoder.output_layer(features), {"attn": None, "inner_states": None, "rmt_state": state}
         memory_ok = []  # per segment: is the memory it writes finite (device tensors: no sync here)
+
+        def check_memory(s, o):  # RMT's memory tokens and ARMT's associative state
+            written = ([o.memory] if o.memory is not None else []) + list(o.assoc or [])
+            if written:
+                memory_ok.append(torch.stack([torch.isfinite(t).all() for t in written]).all())
+
         out = run_segments(
             self.decoder, src_tokens, target, state, seg_len=seg_len, bptt_unroll=bptt_unroll, bptt_mode=bptt_mode,
-            checkpoint_segments=checkpoint_segments,
-            on_segment=lambda s, o: memory_ok.append(torch.isfinite(o.memory).all()) if o.memory is not None
-            else None,
+            checkpoint_segments=checkpoint_segments, on_segment=check_memory, schedule=schedule,
         )
         losses = torch.stack(out.losses)  # S
         ok = torch.stack(memory_ok) if memory_ok else torch.ones_like(losses, dtype=torch.bool)
@@ -781,6 +966,7 @@ def validate_config(cfg, vocab_size: int) -> None:
     if cfg.read_mem_from_cache and (cfg.mem_tokens == 0 or cfg.mem_len == 0):
         logger.warning("--read-mem-from-cache has no effect with --mem-tokens %d --mem-len %d: it lets memory tokens "
                        "see the XL cache, so it needs both", cfg.mem_tokens, cfg.mem_len)
+    validate_associative(cfg)
     check(not cfg.same_length or cfg.mem_len > 0,
           f"--same-length needs --mem-len > 0 (every token attends the --mem-len tokens before it and itself, "
           f"Transformer-XL's rule), got --mem-len {cfg.mem_len}")
@@ -851,3 +1037,30 @@ def rmt_tiny(args):
     _defaults(args, decoder_layers=2, decoder_embed_dim=64, decoder_attention_heads=2,
               decoder_ffn_embed_dim=128, dropout=0.0, attention_dropout=0.0, mem_tokens=4, mem_len=0,
               share_decoder_input_output_embed=True, tokens_per_sample=32)
+
+
+# ---- ARMT (Rodkin et al. 2024): the same backbones with per-layer associative memory ---------------------------
+# d_mem and the memory-token counts are this project's defaults (the authors' scripts set D_MEM and MEMORY_SIZE per
+# run); the diagonal schedule (exact) is on for inference.
+ARMT = dict(associative_memory=True, dpfp_nu=3, inference_schedule="diagonal")
+
+
+@register_model_architecture("rmt_lm", "armt_tiny")
+def armt_tiny(args):
+    """rmt_tiny with ARMT: 2 layers, C=64, 4 memory tokens writing a d_mem 16 associative memory per layer."""
+    _defaults(args, **ARMT, d_mem=16)
+    rmt_tiny(args)
+
+
+@register_model_architecture("rmt_lm", "armt_wt103")
+def armt_wt103(args):
+    """rmt_wt103's Transformer-XL base with ARMT: 16 memory tokens, d_mem 64 per layer; segment 150."""
+    _defaults(args, **ARMT, d_mem=64, mem_tokens=16)
+    rmt_wt103(args)
+
+
+@register_model_architecture("rmt_lm", "armt_enwik8")
+def armt_enwik8(args):
+    """rmt_enwik8's 12-layer model with ARMT: 16 memory tokens, d_mem 64 per layer; segment 512."""
+    _defaults(args, **ARMT, d_mem=64, mem_tokens=16)
+    rmt_enwik8(args)

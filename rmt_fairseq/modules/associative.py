@@ -1,0 +1,124 @@
+"""Associative memory of ARMT: one matrix per layer, written by the memory tokens, read by every token of the next
+segment (Rodkin, Kuratov, Bulatov, Burtsev 2024, "Associative Recurrent Memory Transformer", arXiv 2407.04841,
+§3 eqs. 1-5; the authors' AssociativeLayerWrapper in RodkinIvan/associative-recurrent-memory-transformer).
+
+Legend: B batch (streams), N query rows of a segment (T tokens + M memory tokens), M memory tokens, C model dim,
+D --d-mem, F = 2 nu D the DPFP feature dimension (nu = --dpfp-nu).
+
+Per layer l, with A_l (B x F x C) and z_l (B x F) the layer's associative state (zero at a stream's start):
+
+  read (every row x of the layer's input, before the layer):      x <- x + A_l^T phi(q) / (z_l . phi(q) + eps)
+        q = W_Q x                                                   (eq. 5)
+  write (the layer's output at the M memory-token rows m_j):
+        k_j = W_K m_j,  v_j = W_V m_j,  beta_j = sigmoid(w_b . m_j + b_b)
+        vbar_j = A_l^T phi(k_j) / (z_l . phi(k_j) + eps)          the value already stored at k_j (0 at the start)
+        gamma_j = clip(1 - (z_l . phi(k_j) + eps) / |phi(k_j)|^2, 0, 1), not differentiated   (correction term)
+        A_l <- A_l + sum_j beta_j phi(k_j) (v_j - vbar_j)^T        (delta rule, eq. 3)
+        z_l <- z_l + sum_j gamma_j phi(k_j)                        (eq. 4; gamma_j = 1 at the stream's start)
+
+phi is DPFP with nu (Schlag et al. 2021): [relu(x), relu(-x)] (2D) times its 1..nu rolls, F = 2 nu D values, then
+L2-normalised as in the authors' code (|phi|^2 = 1, so the normaliser ratio is unchanged and eps is relative).
+
+W_V starts at zero, so the state stays zero and every read adds exactly 0: a model with the flag on computes what
+it computed without it until W_V learns (a pretrained transformer_lm wrapped with it is unchanged).
+
+The state is accumulated in --associative-state-dtype (fp32 by default, also under --bf16/--fp16): projections
+run in the model's dtype, phi, the update and the read in the state's dtype, the read is cast back.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-5  # the authors' denominator epsilon
+STATE_DTYPES = {"fp32": torch.float32, "model": None}  # None: the model's own dtype
+
+
+def dpfp(x: torch.Tensor, nu: int) -> torch.Tensor:
+    """Deterministic parameter-free projection (Schlag, Irie, Schmidhuber 2021, eq. 11): ... x D -> ... x 2 nu D."""
+    x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # ... x 2D
+    rolled = torch.cat([x.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)  # ... x 2 nu D
+    return x.repeat(*([1] * (x.dim() - 1)), nu) * rolled
+
+
+def feature(x: torch.Tensor, nu: int) -> torch.Tensor:
+    """phi of the module docstring: DPFP then L2 normalisation over the last dim."""
+    return F.normalize(dpfp(x, nu), dim=-1, p=2.0)
+
+
+class AssociativeMemory(nn.Module):
+    """The associative block of one layer (module docstring): projections W_Q, W_K (C -> D), W_V (C -> C, zero at
+    the start) and the write gate w_b (C -> 1). The state (A, z) is data passed in and returned, never kept."""
+
+    def __init__(self, embed_dim: int, d_mem: int, nu: int = 3):
+        super().__init__()
+        self.d_mem, self.nu = d_mem, nu
+        self.q_proj = nn.Linear(embed_dim, d_mem, bias=False)
+        self.k_proj = nn.Linear(embed_dim, d_mem, bias=False)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.beta_proj = nn.Linear(embed_dim, 1)
+        nn.init.zeros_(self.v_proj.weight)
+
+    @property
+    def feature_dim(self) -> int:
+        return 2 * self.nu * self.d_mem
+
+    def read(self, x: torch.Tensor, A: Optional[torch.Tensor], z: Optional[torch.Tensor],
+             state_dtype: Optional[torch.dtype]) -> torch.Tensor:
+        """x B x N x C -> x + A^T phi(q) / (z . phi(q) + eps) (B x N x C, x's dtype). A None (the stream's first
+        segment) reads zeros; W_Q still runs so that every rank uses every parameter in every step."""
+        mq = feature(self.q_proj(x).to(state_dtype or x.dtype), self.nu)  # B x N x F
+        return read(x, mq, A, z)
+
+    def write(self, mem: torch.Tensor, A: Optional[torch.Tensor], z: Optional[torch.Tensor],
+              state_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """mem B x M x C (the layer's output at the memory-token rows) -> the new (A B x F x C, z B x F) in the
+        state dtype. A None: the stream's first segment (nothing stored: vbar 0, gamma 1)."""
+        dt = state_dtype or mem.dtype
+        mk = feature(self.k_proj(mem).to(dt), self.nu)  # B x M x F
+        v = self.v_proj(mem).to(dt)  # B x M x C
+        beta = torch.sigmoid(self.beta_proj(mem)).to(dt)  # B x M x 1
+        return update(mk, v, beta, A, z)
+
+
+def read(x: torch.Tensor, mq: torch.Tensor, A: Optional[torch.Tensor], z: Optional[torch.Tensor]) -> torch.Tensor:
+    """The read of the module docstring for any leading dims (...): x ... x N x C, mq = phi(q) ... x N x F,
+    A ... x F x C, z ... x F -> x + the read, in x's dtype. A None: x plus 0 x mq (exact; keeps W_Q in the graph)."""
+    if A is None:
+        return x + 0.0 * mq.sum(-1, keepdim=True).to(x.dtype)
+    num = torch.matmul(mq, A)  # ... x N x C
+    den = torch.matmul(mq, z.unsqueeze(-1)) + EPS  # ... x N x 1
+    return x + (num / den).to(x.dtype)
+
+
+def update(mk: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: Optional[torch.Tensor],
+           z: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The write of the module docstring for any leading dims (...): mk = phi(k) ... x M x F, v ... x M x C, beta
+    ... x M x 1 (all in the state dtype), A ... x F x C and z ... x F or None (a stream's start) -> new (A, z)."""
+    if A is None:
+        delta, gamma = v, 1.0
+        A = mk.new_zeros(*mk.shape[:-2], mk.size(-1), v.size(-1))
+        z = mk.new_zeros(*mk.shape[:-2], mk.size(-1))
+    else:
+        den = torch.matmul(mk, z.unsqueeze(-1)) + EPS  # ... x M x 1
+        delta = v - torch.matmul(mk, A) / den  # ... x M x C: v_j - vbar_j
+        gamma = (1 - den / mk.pow(2).sum(-1, keepdim=True)).clamp(0, 1).detach()  # ... x M x 1
+    A = A + torch.matmul((beta * mk).transpose(-1, -2), delta)  # ... x F x C
+    z = z + (gamma * mk).sum(-2)  # ... x F
+    return A, z
+
+
+AssocState = Optional[List[torch.Tensor]]  # [A_0, z_0, A_1, z_1, ...] per layer, or None at a stream's start
+
+
+def layer_state(assoc: AssocState, layer: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(A_l, z_l) of the flat per-layer list, (None, None) at a stream's start."""
+    if assoc is None:
+        return None, None
+    return assoc[2 * layer], assoc[2 * layer + 1]
+
+
+def state_dtype(name: str) -> Optional[torch.dtype]:
+    return STATE_DTYPES[str(name)]
