@@ -108,9 +108,13 @@ def validate_associative(cfg) -> None:
     check(cfg.dpfp_nu >= 1, f"--dpfp-nu must be >= 1, got {cfg.dpfp_nu}")
     check(cfg.mem_tokens > 0, f"--associative-memory needs memory tokens to write it: --mem-tokens must be > 0, got "
                               f"{cfg.mem_tokens}")
-    check(str(getattr(cfg, "memory_layout", "rmt")) == "rmt",
+    try:
+        layout = str(cfg.memory_layout)
+    except Exception:  # the transformer_lm wrapper has no --memory-layout (OmegaConf raises its own error)
+        layout = "rmt"
+    check(layout == "rmt",
           f"--associative-memory writes from memory tokens at the end of each segment: --memory-layout "
-          f"{cfg.memory_layout} has none (use --memory-layout rmt)")
+          f"{layout} has none (use --memory-layout rmt)")
 
 
 @dataclass
@@ -422,13 +426,19 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         W = self._stack()
         sl = slice(first, first + G)
         w = {k: v[sl] for k, v in W.items()}  # G x ...
-        lin = lambda x, name, bias=None: torch.matmul(x, w[name].transpose(-1, -2).unsqueeze(1)) + (  # noqa: E731
-            0 if bias is None else w[bias][:, None, None, :])
+
+        def lin(x, name, bias=None):  # nn.Linear per layer: x G x ... x C_in -> G x ... x C_out (bmm / baddbmm, as
+            flat = x.reshape(G, -1, x.size(-1))  # F.linear's mm / addmm on the flattened rows of one layer)
+            wt = w[name].transpose(-1, -2)
+            y = torch.bmm(flat, wt) if bias is None else torch.baddbmm(w[bias].unsqueeze(1), flat, wt)
+            return y.view(*x.shape[:-1], y.size(-1))
+
         x = hs
         R = self.read_rows
         dt = self.assoc_dtype or x.dtype
         if self.associative:
-            mq = associative.feature(lin(x, "assoc.q_proj.weight").to(dt), self.assoc_layers[0].nu)  # G x B x N x F
+            mq = associative.feature(associative.project(x, w["assoc.q_proj.weight"][:, None]).to(dt),
+                                     self.assoc_layers[0].nu)  # G x B x N x F
             x = associative.read(x, mq, *(assoc if assoc is not None else (None, None)))
         seg_in = x[:, :, R : R + T] if self.mem_len > 0 else None
         attn = self.layers[first].attn
@@ -441,7 +451,7 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         q, k, val = heads(q), heads(k), heads(val)
         Kn = k.size(2)
         u, v = self.pos_bias()
-        r = torch.matmul(pos_emb, w["attn.r_proj.weight"].transpose(-1, -2)).view(G, -1, H, D)  # G x P x H x D
+        r = lin(pos_emb.expand(G, *pos_emb.shape), "attn.r_proj.weight").view(G, -1, H, D)  # G x P x H x D
         bd = torch.einsum("gbhnd,gphd->gbhnp", (q + v[None, :, None, :]).view(G, B, H, N, D), r)  # G x B x H x N x P
         bd = bd.gather(-1, rel_index.expand(G, B, H, N, Kn))  # G x B x H x N x K
         bias = (bd * attn.scale + mask_bias).reshape(G * B, H, N, Kn)
@@ -449,9 +459,10 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
                                              scale=attn.scale)  # (G*B) x H x N x D
         out = lin(out.transpose(1, 2).reshape(G, B, N, H * D), "attn.out_proj.weight")  # G x B x N x C
 
-        def norm(y, name):
-            y = F.layer_norm(y, (C,), eps=self.layers[first].attn_norm.eps)
-            return y * w[name + ".weight"][:, None, None, :] + w[name + ".bias"][:, None, None, :]
+        def norm(y, name):  # LayerNorm per layer (one fused call each: the same rounding as the layer's own)
+            eps = self.layers[first].attn_norm.eps
+            return torch.stack([F.layer_norm(y[g], (C,), w[name + ".weight"][g], w[name + ".bias"][g], eps)
+                                for g in range(G)])
 
         x = norm(x + out, "attn_norm")
         f = lin(torch.relu(lin(x, "ffn.0.weight", "ffn.0.bias")), "ffn.3.weight", "ffn.3.bias")
@@ -460,9 +471,10 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         if self.associative:
             mem = x[:, :, R + T :]  # G x B x M x C
             nu = self.assoc_layers[0].nu
-            mk = associative.feature(lin(mem, "assoc.k_proj.weight").to(dt), nu)
-            vv = lin(mem, "assoc.v_proj.weight").to(dt)
-            beta = torch.sigmoid(lin(mem, "assoc.beta_proj.weight", "assoc.beta_proj.bias")).to(dt)
+            mk = associative.feature(associative.project(mem, w["assoc.k_proj.weight"][:, None]).to(dt), nu)
+            vv = associative.project(mem, w["assoc.v_proj.weight"][:, None]).to(dt)
+            beta = associative.gate(mem, w["assoc.beta_proj.weight"][:, None, 0], w["assoc.beta_proj.bias"][:, None]
+                                    ).to(dt)  # G x B x M x 1
             new_assoc = list(associative.update(mk, vv, beta, *(assoc if assoc is not None else (None, None))))
         return x, seg_in, new_assoc
 

@@ -15,6 +15,11 @@ sample of T tokens (1..T after the padding offset), so a pretrained model's posi
 memory tokens get no position embedding (they are told apart by their own vectors and by the mask: read
 memory sees only itself, write memory sees everything). With --mem-tokens 0 and one segment per sample the
 model computes exactly what transformer_lm computes.
+
+ARMT (--associative-memory, presets armt_transformer_lm*): the layout is [segment | write memory] with learned
+memory tokens that are not carried; before every layer each row reads that layer's associative memory, and the
+layer's output at the memory rows writes it (modules/associative.py). Its write projection starts at zero, so a
+pretrained transformer_lm wrapped with it (--lm-path) computes what it computed before, per segment.
 """
 
 import logging
@@ -28,24 +33,27 @@ from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
 from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.adaptive import make_dense
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 
 from .rmt_lm import (
+    AssociativeConfig,
     RecurrentLM,
     TrainedWithConfig,
     check_fingerprint,
     check_vocabulary,
     dictionary_fingerprint,
     segment_nll,
+    validate_associative,
 )
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RMTTransformerLMConfig(TransformerLanguageModelConfig, TrainedWithConfig):
+class RMTTransformerLMConfig(TransformerLanguageModelConfig, AssociativeConfig, TrainedWithConfig):
     mem_tokens: int = field(
         default=10,
         metadata={"help": "RMT memory tokens M (read block before, write block after each segment); 0 = none"},
@@ -71,17 +79,32 @@ class RMTTransformerLMConfig(TransformerLanguageModelConfig, TrainedWithConfig):
 class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
     """fairseq's TransformerDecoder with the segment interface of modules/recurrence.py."""
 
-    def init_memory(self, mem_tokens: int) -> None:
+    def init_memory(self, mem_tokens: int, cfg=None) -> None:
         C = self.embed_dim if self.project_in_dim is None else self.project_in_dim.out_features
         self.memory = MemoryTokens(mem_tokens, C) if mem_tokens > 0 else None
         self.segment_len = 128
         self.layouts = LayoutCache(C)  # the mask of modules/memory.py, built once per segment layout
+        self.associative = bool(getattr(cfg, "associative_memory", False))
+        self.assoc_layers = (torch.nn.ModuleList(associative.AssociativeMemory(C, cfg.d_mem, cfg.dpfp_nu)
+                                                 for _ in range(self.num_layers)) if self.associative else None)
+        self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
+        if str(getattr(cfg, "inference_schedule", "sequential")) == "diagonal":
+            logger.info("--inference-schedule diagonal is implemented for rmt_lm; rmt_transformer_lm runs sequentially")
+
+    @property
+    def recurrent(self) -> bool:
+        """RMT's token memory (ARMT's memory tokens are learned, not carried)."""
+        return self.memory is not None and not self.associative
 
     def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor],
-                        cache: Optional[List[torch.Tensor]] = None) -> SegmentOutput:
-        """TransformerDecoder.extract_features on [read | segment | write] (no encoder, no incremental state)."""
+                        cache: Optional[List[torch.Tensor]] = None,
+                        assoc: Optional[List[torch.Tensor]] = None) -> SegmentOutput:
+        """TransformerDecoder.extract_features on [read | segment | write] (RMT) or [segment | write] (ARMT, whose
+        state [A_0 B x F x C, z_0 B x F, ...] each layer reads before and writes after it); no encoder, no
+        incremental state."""
         B, T = tokens.shape
         M = self.num_mem_tokens
+        R = 0 if self.associative else M  # rows before the segment
         positions = self.embed_positions(tokens) if self.embed_positions is not None else None  # B x T x C
         x = self.embed_scale * self.embed_tokens(tokens.contiguous())
         if self.quant_noise is not None:
@@ -90,7 +113,9 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
             x = self.project_in_dim(x)
         if positions is not None:
             x = x + positions
-        if M:
+        if M and self.associative:
+            x = torch.cat([x, self.memory(B)], dim=1)  # B x (T+M) x C; memory without position embedding
+        elif M:
             read = memory if memory is not None else self.memory(B)  # B x M x C
             x = torch.cat([read, x, read], dim=1)  # B x (M+T+M) x C; memory without position embedding
         if self.layernorm_embedding is not None:
@@ -100,22 +125,27 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         pad = tokens.eq(self.padding_idx)  # B x T
         self_attn_padding_mask = None
         if self.cross_self_attention or pad.any():
-            no_pad = pad.new_zeros(B, M)
-            self_attn_padding_mask = torch.cat([no_pad, pad, no_pad], dim=1)  # B x N
+            self_attn_padding_mask = torch.cat([pad.new_zeros(B, R), pad, pad.new_zeros(B, M)], dim=1)  # B x N
         # [read | segment | write] mask, no cache; with M = 0 the causal mask of buffered_future_mask
-        mask = self.layouts.mask(Layout(0, M, T, M), x.device, x.dtype)
+        mask = self.layouts.mask(Layout(0, R, T, M), x.device, x.dtype)
+        new_assoc = [] if self.associative else None
         for idx, layer in enumerate(self.layers):
             last = idx == self.num_layers - 1  # the stock call asks the last layer for attention weights
+            if self.associative:  # ARMT: read layer idx's associative memory (B x N x C view) before the layer
+                A, z = associative.layer_state(assoc, idx)
+                x = self.assoc_layers[idx].read(x.transpose(0, 1), A, z, self.assoc_dtype).transpose(0, 1)
             x, _, _ = layer(x, None, None, None, self_attn_mask=mask, self_attn_padding_mask=self_attn_padding_mask,
                             need_attn=last, need_head_weights=last)
+            if self.associative:  # ... and write it from the layer's output at the memory rows
+                new_assoc += self.assoc_layers[idx].write(x[R + T :].transpose(0, 1), A, z, self.assoc_dtype)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         x = x.transpose(0, 1)  # N x B x C -> B x N x C
-        new_memory = x[:, M + T :] if M else None  # B x M x C, in the input embedding space
-        hidden = x[:, M : M + T]  # B x T x C
+        new_memory = x[:, M + T :] if self.recurrent else None  # B x M x C, in the input embedding space
+        hidden = x[:, R : R + T]  # B x T x C
         if self.project_out_dim is not None:
             hidden = self.project_out_dim(hidden)
-        return SegmentOutput(hidden=hidden, memory=new_memory, cache=None)
+        return SegmentOutput(hidden=hidden, memory=new_memory, cache=None, assoc=new_assoc)
 
     def segment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return segment_nll(self, hidden, target)
@@ -142,9 +172,13 @@ class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         check(args.mem_tokens >= 0, f"--mem-tokens must be >= 0, got {args.mem_tokens}")
+        for k, v in vars(AssociativeConfig()).items():  # a checkpoint from before ARMT, a preset without its fields
+            if not k.startswith("_") and getattr(args, k, None) is None:
+                setattr(args, k, v)
+        validate_associative(args)
         model = super().build_model(args, task)  # fairseq's own transformer_lm build
         model.decoder.__class__ = RMTTransformerDecoder  # same module and weights, plus the segment interface
-        model.decoder.init_memory(args.mem_tokens)
+        model.decoder.init_memory(args.mem_tokens, args)
         make_dense(model.decoder.embed_tokens)  # adaptive input: every band on every call (modules/adaptive.py)
         model.setup_from_task(args, task)
         if args.lm_path:
@@ -157,7 +191,7 @@ class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
         super().upgrade_state_dict_named(state_dict, name)
         prefix = name + "." if name else ""
         for k, v in self.state_dict().items():
-            if k.startswith("decoder.memory.") and prefix + k not in state_dict:
+            if k.startswith(("decoder.memory.", "decoder.assoc_layers.")) and prefix + k not in state_dict:
                 logger.info("%s is not in the checkpoint (a transformer_lm one?): new memory tokens", prefix + k)
                 state_dict[prefix + k] = v
 
@@ -199,7 +233,7 @@ def load_transformer_lm(model: RMTTransformerLanguageModel, path: str) -> None:
                                  f"in this model: use the checkpoint's architecture (--arch rmt_{arch} and its "
                                  f"--decoder-* flags)")
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("decoder.memory.")]
+    missing = [k for k in missing if not k.startswith(("decoder.memory.", "decoder.assoc_layers."))]
     if missing or unexpected:
         raise RMTConfigError(f"--lm-path {path} does not fit this model: missing {missing[:4]}, unexpected "
                              f"{unexpected[:4]} (use the checkpoint's architecture: --arch rmt_{arch})")
@@ -214,3 +248,25 @@ def load_transformer_lm(model: RMTTransformerLanguageModel, path: str) -> None:
 for _name, _model in list(ARCH_MODEL_REGISTRY.items()):
     if _model is TransformerLanguageModel and _name != "transformer_lm" and f"rmt_{_name}" not in ARCH_MODEL_REGISTRY:
         register_model_architecture("rmt_transformer_lm", f"rmt_{_name}")(ARCH_CONFIG_REGISTRY[_name])
+
+
+# ---- ARMT presets: every transformer_lm preset with per-layer associative memory ---------------------------------
+# 16 memory tokens and d_mem 64 are this project's defaults (the ARMT authors' scripts set them per run).
+
+
+def _armt_preset(name):
+    stock = ARCH_CONFIG_REGISTRY[name]
+
+    def preset(args):
+        for k, v in dict(associative_memory=True, d_mem=64, dpfp_nu=3, mem_tokens=16).items():
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+        stock(args)
+
+    preset.__doc__ = f"fairseq's {name} preset with ARMT: 16 memory tokens, a d_mem 64 associative memory per layer"
+    return preset
+
+
+for _name, _model in list(ARCH_MODEL_REGISTRY.items()):
+    if _model is TransformerLanguageModel and f"armt_{_name}" not in ARCH_MODEL_REGISTRY:
+        register_model_architecture("rmt_transformer_lm", f"armt_{_name}")(_armt_preset(_name))

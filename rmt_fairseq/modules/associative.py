@@ -69,7 +69,7 @@ class AssociativeMemory(nn.Module):
              state_dtype: Optional[torch.dtype]) -> torch.Tensor:
         """x B x N x C -> x + A^T phi(q) / (z . phi(q) + eps) (B x N x C, x's dtype). A None (the stream's first
         segment) reads zeros; W_Q still runs so that every rank uses every parameter in every step."""
-        mq = feature(self.q_proj(x).to(state_dtype or x.dtype), self.nu)  # B x N x F
+        mq = feature(project(x, self.q_proj.weight).to(state_dtype or x.dtype), self.nu)  # B x N x F
         return read(x, mq, A, z)
 
     def write(self, mem: torch.Tensor, A: Optional[torch.Tensor], z: Optional[torch.Tensor],
@@ -77,10 +77,31 @@ class AssociativeMemory(nn.Module):
         """mem B x M x C (the layer's output at the memory-token rows) -> the new (A B x F x C, z B x F) in the
         state dtype. A None: the stream's first segment (nothing stored: vbar 0, gamma 1)."""
         dt = state_dtype or mem.dtype
-        mk = feature(self.k_proj(mem).to(dt), self.nu)  # B x M x F
-        v = self.v_proj(mem).to(dt)  # B x M x C
-        beta = torch.sigmoid(self.beta_proj(mem)).to(dt)  # B x M x 1
+        mk = feature(project(mem, self.k_proj.weight).to(dt), self.nu)  # B x M x F
+        v = project(mem, self.v_proj.weight).to(dt)  # B x M x C
+        beta = gate(mem, self.beta_proj.weight[0], self.beta_proj.bias).to(dt)  # B x M x 1
         return update(mk, v, beta, A, z)
+
+
+def gate(mem: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The write gate sigmoid(w . m + b): mem ... x M x C, w (...) x C, b (...) x 1 -> ... x M x 1. A product and a
+    row sum rather than a 1-column Linear, so that every schedule rounds alike (a 1-column addmm does not)."""
+    return torch.sigmoid((mem * w.unsqueeze(-2)).sum(-1, keepdim=True) + b.unsqueeze(-2))
+
+
+def project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x ... x n x C_in times w^T, w (...) x C_out x C_in broadcast over x's leading dims -> ... x n x C_out: one bmm
+    per stream, so that the diagonal schedule (layers x streams) rounds as the sequential one (streams)."""
+    w = w.expand(*x.shape[:-2], *w.shape[-2:])
+    return _bmm(x, w.transpose(-1, -2))
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a ... x n x k @ b ... x k x m as one bmm over the flattened leading dims: the same kernel call per matrix
+    whatever the leading dims, so the diagonal schedule (layers x streams) rounds as the sequential one (streams)."""
+    lead = a.shape[:-2]
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.view(*lead, *out.shape[-2:])
 
 
 def read(x: torch.Tensor, mq: torch.Tensor, A: Optional[torch.Tensor], z: Optional[torch.Tensor]) -> torch.Tensor:
@@ -88,8 +109,8 @@ def read(x: torch.Tensor, mq: torch.Tensor, A: Optional[torch.Tensor], z: Option
     A ... x F x C, z ... x F -> x + the read, in x's dtype. A None: x plus 0 x mq (exact; keeps W_Q in the graph)."""
     if A is None:
         return x + 0.0 * mq.sum(-1, keepdim=True).to(x.dtype)
-    num = torch.matmul(mq, A)  # ... x N x C
-    den = torch.matmul(mq, z.unsqueeze(-1)) + EPS  # ... x N x 1
+    num = _bmm(mq, A)  # ... x N x C
+    den = _bmm(mq, z.unsqueeze(-1)) + EPS  # ... x N x 1
     return x + (num / den).to(x.dtype)
 
 
@@ -102,10 +123,10 @@ def update(mk: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: Optional[to
         A = mk.new_zeros(*mk.shape[:-2], mk.size(-1), v.size(-1))
         z = mk.new_zeros(*mk.shape[:-2], mk.size(-1))
     else:
-        den = torch.matmul(mk, z.unsqueeze(-1)) + EPS  # ... x M x 1
-        delta = v - torch.matmul(mk, A) / den  # ... x M x C: v_j - vbar_j
+        den = _bmm(mk, z.unsqueeze(-1)) + EPS  # ... x M x 1
+        delta = v - _bmm(mk, A) / den  # ... x M x C: v_j - vbar_j
         gamma = (1 - den / mk.pow(2).sum(-1, keepdim=True)).clamp(0, 1).detach()  # ... x M x 1
-    A = A + torch.matmul((beta * mk).transpose(-1, -2), delta)  # ... x F x C
+    A = A + _bmm((beta * mk).transpose(-1, -2).contiguous(), delta)  # ... x F x C
     z = z + (gamma * mk).sum(-2)  # ... x F
     return A, z
 

@@ -439,8 +439,12 @@ def test_presets_parse_to_the_stock_settings(name):
     assert {k: ours[k] for k in stock} == stock
     assert set(ours) - set(stock) == {"mem_tokens", "segment_len", "segment_bptt_unroll", "lm_path",
                                       "dictionary_fingerprint", "trained_segment_len",
-                                      "trained_tokens_per_sample"}
-    assert ours["mem_tokens"] == 10
+                                      "trained_tokens_per_sample", "associative_memory", "d_mem", "dpfp_nu",
+                                      "associative_state_dtype", "inference_schedule"}
+    assert ours["mem_tokens"] == 10 and ours["associative_memory"] is False
+    armt = parse(f"armt_{name}")
+    assert {k: armt[k] for k in stock if k != "_name"} == stock
+    assert (armt["associative_memory"], armt["d_mem"], armt["mem_tokens"]) == (True, 64, 16)
 
 
 def test_gpt2_tiny_preset_builds_the_stock_decoder_plus_memory(lm_data):
@@ -537,3 +541,61 @@ def test_segment_bptt_unroll_under_language_modeling(lm_data, unroll, reaches_fi
     loss.backward()  # the last segment only
     segs, initial_memory = reached(model)
     assert segs == [reaches_first, reaches_first, True] and initial_memory == reaches_first
+
+
+# ---- 7. ARMT on the wrapper (--associative-memory; modules/associative.py) ---------------------------------------
+
+
+@pytest.mark.parametrize("extra", [NORMS["sinusoidal"], NORMS["pre-norm"]], ids=["post-norm", "pre-norm"])
+def test_armt_with_zero_write_projection_computes_what_transformer_lm_computes_per_segment(lm_data, tmp_path, extra):
+    """A pretrained transformer_lm wrapped with ARMT (--lm-path): W_V starts at zero, so nothing is stored and every
+    segment computes what the stock model computes on that segment alone (memory tokens sit after the segment,
+    which its tokens never see)."""
+    T = 8
+    cfg, _, stock = build(lm_data, "transformer_lm", *extra, tokens_per_sample=T, seed=1)
+    path = save_checkpoint(tmp_path / "lm.pt", stock, cfg, "fairseq-train")
+    model = build_rmt(lm_data, 3, T, "--associative-memory", "--d-mem", 4, "--lm-path", path, *extra,
+                      tokens_per_sample=4 * T, seed=2).eval()
+    assert model.decoder.associative and not model.decoder.recurrent
+    assert {k for k in model.state_dict() if k.startswith("decoder.assoc_layers.")}
+    x = words((2, 4 * T), seed=5)
+    with torch.no_grad():
+        ours = model(x)[0]
+        ref = torch.cat([stock.eval()(seg)[0] for seg in x.split(T, dim=1)], dim=1)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_armt_wrapper_carries_the_associative_state_with_gradient_until_truncated(lm_data):
+    model = build_rmt(lm_data, 3, 8, "--associative-memory", "--d-mem", 4, "--segment-bptt-unroll", 1, seed=4)
+    with torch.no_grad():
+        for block in model.decoder.assoc_layers:
+            block.v_proj.weight.normal_(0, 0.3)
+    x = words((2, 8 * 3), seed=6)
+    leaves = []
+    hook = model.decoder.embed_tokens.register_forward_hook(
+        lambda m, i, o: leaves.append(o.detach().requires_grad_()) or leaves[-1])
+    try:
+        state = RecurrentState()
+        out = run_segments(model.decoder, x, x, state, seg_len=8, bptt_unroll=1)
+    finally:
+        hook.remove()
+    assert len(state.assoc) == 2 * 2 and state.assoc[0].dtype == torch.float32
+    reach = []
+    for loss in out.losses:
+        grads = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+        reach.append([g is not None and bool(g.abs().sum() > 0) for g in grads])
+    # block of K+1 = 2 segments: segment 1 reaches segment 0 through the associative memory; segment 2 starts a block
+    assert reach == [[True, False, False], [True, True, False], [False, False, True]]
+
+
+def test_armt_presets_mirror_every_transformer_lm_preset():
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    stock = [n for n, m in ARCH_MODEL_REGISTRY.items() if m is TransformerLanguageModel]
+    assert stock and all(ARCH_MODEL_REGISTRY[f"armt_{n}"] is RMTTransformerLanguageModel for n in stock)
+
+
+def test_armt_preset_turns_on_associative_memory(lm_data):
+    model = build(lm_data, "armt_transformer_lm_gpt2_tiny", "--segment-len", 8, "--d-mem", 4, "--mem-tokens", 2)[2]
+    assert model.decoder.associative and model.decoder.num_mem_tokens == 2
+    assert model.decoder.assoc_layers[0].d_mem == 4
