@@ -4,7 +4,7 @@ Legend: B streams per rank, T segment length (--tokens-per-sample), K BPTT unrol
 
 - A split is cut into B x (data-parallel size) streams; each rank reads its own B (data/streams.py).
 - Training batches hold S = K+1 consecutive segments per stream in block mode, S = 1 in sliding mode (the
-  loop keeps the window itself); validation and eval-lm batches hold one segment.
+  loop keeps the window itself); validation and eval-lm batches hold --eval-segments-per-batch (default 1).
 - Recurrent state (memory, XL cache, sliding window) is explicit data kept here, one per split, reset by the
   first batch of every pass (epoch start, every validation, every eval-lm run), and the training state is
   saved in checkpoints with the data position (fairseq's iterator state) so a resumed run continues.
@@ -54,6 +54,12 @@ class RMTLMConfig(FairseqDataclass):
         default=1,
         metadata={"help": "K: gradient flows through memory across K segments (0 = every segment detached, "
                   "so write memory gets no gradient)"},
+    )
+    eval_segments_per_batch: int = field(
+        default=1,
+        metadata={"help": "validation and eval-lm batches hold this many consecutive segments of every stream (the "
+                  "same segments and scores as one at a time; several let --inference-schedule diagonal batch the "
+                  "layers of different segments)"},
     )
     bptt_mode: ChoiceEnum(BPTT_MODES) = field(
         default="block",
@@ -160,6 +166,8 @@ class RMTLMTask(FairseqTask):
         check((cfg.bptt_unroll is None and self.allow_full_bptt) or (cfg.bptt_unroll or 0) >= 0,
               f"--bptt-unroll must be >= 0, got {cfg.bptt_unroll}")
         check(str(cfg.bptt_mode) in BPTT_MODES, f"--bptt-mode must be one of {BPTT_MODES}, got {cfg.bptt_mode}")
+        check(getattr(cfg, "eval_segments_per_batch", 1) >= 1,
+              f"--eval-segments-per-batch must be >= 1, got {getattr(cfg, 'eval_segments_per_batch', 1)}")
         if cfg.tokens_per_sample is not None:
             check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
         if cfg.batch_size is not None:
@@ -419,7 +427,9 @@ class RMTLMTask(FairseqTask):
         return self.cfg.data_parallel_rank, self.cfg.data_parallel_size
 
     def segments_per_batch(self, split: str) -> int:
-        return segments_per_batch(self.bptt_mode, self.bptt_unroll) if split == self.cfg.train_subset else 1
+        if split == self.cfg.train_subset:
+            return segments_per_batch(self.bptt_mode, self.bptt_unroll)
+        return int(getattr(self.cfg, "eval_segments_per_batch", 1) or 1)
 
     def load_dataset(self, split, epoch=1, combine=False, streams=None, **kwargs):
         paths = utils.split_paths(self.cfg.data)
