@@ -10,6 +10,10 @@ memory, entered at the embedding layer in place of the memory tokens' embeddings
 positions' embeddings and the embedding layer norm, as the authors' RMT-BERT does). Positions follow
 RoBERTa's: <s> first, memory next, then the segment, </s> after its last real token.
 
+ARMT (--associative-memory): the memory tokens are learned and not carried; before every layer each row reads
+that layer's associative memory, and the layer's output at the memory rows writes it for the next segment
+(modules/associative.py; W_V starts at zero, so until it learns the encoder computes what it computes without).
+
 The encoder's weights and key names are RoBERTa's (`encoder.sentence_encoder.*`): `--roberta-path` starts it
 from a fairseq RoBERTa checkpoint (its LM head is dropped; memory and classification head start fresh).
 """
@@ -33,6 +37,7 @@ from torch import nn
 
 from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.memory import HasMemoryTokens, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 
@@ -60,6 +65,14 @@ class RMTEncoderConfig(FairseqDataclass):
     mem_tokens: int = field(
         default=10, metadata={"help": "RMT memory tokens M at the start of every segment; 0 = no memory"}
     )
+    associative_memory: bool = field(
+        default=False, metadata={"help": "ARMT: per layer an associative memory written by the memory tokens and "
+                                 "read by every row of the next segment (Rodkin et al. 2024); needs --mem-tokens > 0"})
+    d_mem: int = field(default=64, metadata={"help": "--associative-memory: key dimension before DPFP"})
+    dpfp_nu: int = field(default=3, metadata={"help": "--associative-memory: DPFP's nu (the paper's 3)"})
+    associative_state_dtype: str = field(
+        default="fp32", metadata={"help": "--associative-memory: the state's dtype: fp32 (also under --bf16/--fp16) "
+                                  "or model"})
     roberta_path: Optional[str] = field(
         default=None,
         metadata={"help": "initialise the encoder from this fairseq RoBERTa checkpoint (model.pt); memory and "
@@ -88,11 +101,22 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         self.memory = MemoryTokens(cfg.mem_tokens, C, init_std=0.02) if cfg.mem_tokens > 0 else None
         self.classification_head = RobertaClassificationHead(C, C, num_classes, args.pooler_activation_fn,
                                                              args.pooler_dropout)
+        self.associative = bool(getattr(cfg, "associative_memory", False))
+        self.assoc_layers = (nn.ModuleList(associative.AssociativeMemory(C, cfg.d_mem, cfg.dpfp_nu)
+                                           for _ in range(args.encoder_layers)) if self.associative else None)
+        self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
+
+    @property
+    def recurrent(self) -> bool:
+        """RMT's token memory (ARMT's memory tokens are learned, not carried)."""
+        return self.memory is not None and not self.associative
 
     # ---- the segment interface used by modules/recurrence.py -------------------------------------------
 
-    def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache=None) -> SegmentOutput:
-        """tokens B x T (pad after a document's end) -> features B x N x C and the memory it writes."""
+    def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache=None,
+                        assoc=None) -> SegmentOutput:
+        """tokens B x T (pad after a document's end) -> features B x N x C and the memory it writes (RMT), or the
+        associative state [A_0 B x F x C, z_0 B x F, ...] it writes (ARMT, reading `assoc`)."""
         B, T = tokens.shape
         M = self.num_mem_tokens
         bos = tokens.new_full((B, 1), self.bos)
@@ -102,12 +126,32 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
                         dim=1)  # B x N
         emb = self.sentence_encoder.embed_tokens(src)  # B x N x C
         if M:
-            mem = memory if memory is not None else self.memory(B)  # B x M x C
+            mem = memory if (memory is not None and self.recurrent) else self.memory(B)  # B x M x C
             # divided by the embedding scale the encoder multiplies with (1 for RoBERTa)
             emb = torch.cat([emb[:, :1], mem / self.sentence_encoder.embed_scale, emb[:, 1 + M :]], dim=1)
-        out = self.sentence_encoder(src, token_embeddings=emb)
+        new_assoc, hooks = [], []
+        if self.associative:  # per layer, for this call only: read before the layer, write from its memory rows
+            for i, layer in enumerate(self.sentence_encoder.layers):
+                A, z = associative.layer_state(assoc, i)
+
+                def read(module, args, kwargs, block=self.assoc_layers[i], A=A, z=z):  # args[0]: N x B x C
+                    return (block.read(args[0].transpose(0, 1), A, z, self.assoc_dtype).transpose(0, 1),
+                            *args[1:]), kwargs
+
+                def write(module, args, output, block=self.assoc_layers[i], A=A, z=z):
+                    x = output[0] if isinstance(output, tuple) else output  # N x B x C
+                    new_assoc.extend(block.write(x[1 : 1 + M].transpose(0, 1), A, z, self.assoc_dtype))
+
+                hooks += [layer.register_forward_pre_hook(read, with_kwargs=True),
+                          layer.register_forward_hook(write)]
+        try:
+            out = self.sentence_encoder(src, token_embeddings=emb)
+        finally:
+            for h in hooks:
+                h.remove()
         x = out["encoder_out"][0].transpose(0, 1)  # T x B x C -> B x N x C
-        return SegmentOutput(hidden=x, memory=x[:, 1 : 1 + M] if M else None, cache=None)
+        return SegmentOutput(hidden=x, memory=x[:, 1 : 1 + M] if self.recurrent else None, cache=None,
+                             assoc=new_assoc if self.associative else None)
 
     def classify(self, hidden: torch.Tensor) -> torch.Tensor:
         """features B x N x C -> logits B x V (the head reads <s>, as RoBERTa's)."""
@@ -177,6 +221,12 @@ def validate_config(cfg: RMTEncoderConfig, task) -> None:
                              ("--encoder-embed-dim", cfg.encoder_embed_dim, 1),
                              ("--encoder-attention-heads", cfg.encoder_attention_heads, 1)]:
         check(value >= low, f"{flag} must be >= {low}, got {value}")
+    from rmt_fairseq.models.rmt_lm import validate_associative
+
+    validate_associative(cfg)
+    check(str(getattr(cfg, "associative_state_dtype", "fp32")) in associative.STATE_DTYPES,
+          f"--associative-state-dtype must be one of {list(associative.STATE_DTYPES)}, got "
+          f"{getattr(cfg, 'associative_state_dtype', None)}")
     check(cfg.encoder_embed_dim % cfg.encoder_attention_heads == 0,
           f"--encoder-embed-dim {cfg.encoder_embed_dim} is not divisible by --encoder-attention-heads "
           f"{cfg.encoder_attention_heads}")
@@ -278,3 +328,17 @@ def rmt_encoder_tiny(args):
     """2 layers, C=64, 4 memory tokens: for tests and CPU benchmarks."""
     _defaults(args, encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
               encoder_attention_heads=2, max_positions=128, mem_tokens=4, dropout=0.0, attention_dropout=0.0)
+
+
+@register_model_architecture("rmt_encoder", "armt_encoder_base")
+def armt_encoder_base(args):
+    """rmt_encoder_base with ARMT: 16 memory tokens writing a d_mem 64 associative memory per layer."""
+    _defaults(args, associative_memory=True, d_mem=64, dpfp_nu=3, mem_tokens=16)
+    rmt_encoder_base(args)
+
+
+@register_model_architecture("rmt_encoder", "armt_encoder_tiny")
+def armt_encoder_tiny(args):
+    """rmt_encoder_tiny with ARMT: 4 memory tokens, d_mem 16."""
+    _defaults(args, associative_memory=True, d_mem=16, dpfp_nu=3)
+    rmt_encoder_tiny(args)

@@ -367,3 +367,46 @@ def test_segment_must_fit_max_positions():
     with torch.no_grad():
         out = model.encoder.forward_segment(words((1, T), torch.Generator().manual_seed(11)), None)
     assert out.hidden.shape == (1, T + M + 2, C)
+
+
+# ---- ARMT on the encoder (--associative-memory) ------------------------------------------------------------------
+
+
+def test_armt_encoder_with_zero_write_projection_is_the_encoder_with_fresh_memory_every_segment():
+    armt = build(seed=0, associative_memory=True, d_mem=4).eval()
+    plain = build(seed=1).eval()
+    plain.load_state_dict({k: v for k, v in armt.state_dict().items() if "assoc_layers" not in k}, strict=True)
+    gen = torch.Generator().manual_seed(0)
+    x = words((2, 3 * T), gen)
+    state = RecurrentState()
+    with torch.no_grad():
+        ours = run_segments(armt.encoder, x, None, state, seg_len=T, return_hidden=True).hidden
+        ref = [plain.encoder.forward_segment(seg, None).hidden for seg in x.split(T, dim=1)]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert len(state.assoc) == 2 * 2 and all(float(A.abs().max()) == 0 for A in state.assoc[0::2])
+
+
+def test_armt_encoder_carries_the_associative_state_with_gradient():
+    model = build(seed=0, associative_memory=True, d_mem=4)
+    with torch.no_grad():
+        for block in model.encoder.assoc_layers:
+            block.v_proj.weight.normal_(0, 0.3)
+    gen = torch.Generator().manual_seed(1)
+    segs = [words((2, T), gen) for _ in range(2)]
+    first, leaf0 = forward_with_embedding_leaf(model.encoder, segs[0], None)
+    second = model.encoder.forward_segment(segs[1], None, assoc=first.assoc)
+    probe = torch.randn(second.hidden[:, 0].shape, generator=gen)  # not .sum(): a layer norm's rows sum to a constant
+    g = torch.autograd.grad((second.hidden[:, 0] * probe).sum(), leaf0)[0]
+    assert g.abs().sum() > 0  # segment 2's <s> reaches segment 1's tokens through the associative memory only
+    assert second.memory is None and len(second.assoc) == 2 * 2
+
+
+def test_armt_encoder_presets_and_bad_flags():
+    cfg = argparse.Namespace()
+    from rmt_fairseq.models.rmt_encoder import armt_encoder_tiny
+
+    armt_encoder_tiny(cfg)
+    assert (cfg.associative_memory, cfg.d_mem, cfg.mem_tokens, cfg.encoder_layers) == (True, 16, 4, 2)
+    with pytest.raises(RMTConfigError, match="--mem-tokens must be > 0, got 0"):
+        build(associative_memory=True, mem_tokens=0)
