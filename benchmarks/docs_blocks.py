@@ -266,6 +266,25 @@ REGISTRY: Dict[str, Tuple[str, Callable[[dict], str]]] = {
 }
 
 
+def render_diagonal_batching(data: dict) -> str:
+    """benchmarks/diagonal_batching.py: eval tokens/s of both schedules, the speed-up and the NLL agreement."""
+    lines = ["| tokens | sequential tokens/s | diagonal tokens/s | speed-up | NLL relative difference | "
+             "peak RSS seq / diag |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in data["summary"]:
+        rss = r["peak_rss_mb"]
+        lines.append(f"| {r['tokens']:,} | {r['sequential_tokens_per_s']:.0f} | {r['diagonal_tokens_per_s']:.0f} | "
+                     f"x{r['speedup']:.2f} | {r['nll_relative_difference']:.1e} | {rss['sequential']:.0f} / "
+                     f"{rss['diagonal']:.0f} MB |")
+    z = data["size"]
+    lines += ["", f"ARMT, {z['layers']} layers, C {z['dim']}, {z['heads']} heads, {z['mem_tokens']} memory tokens, "
+              f"d_mem {z['d_mem']}, segments of {z['T']}, one stream, {z['per_call']} segments per call, no gradients. "
+              + _source(data, "benchmarks/results/diagonal_batching.json")]
+    return "\n".join(lines)
+
+
+REGISTRY["diagonal_batching"] = ("benchmarks/results/diagonal_batching.json", render_diagonal_batching)
+
+
 def render(name: str) -> str:
     """The block for marker `name`, from its committed JSON."""
     path, renderer = REGISTRY[name]

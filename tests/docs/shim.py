@@ -34,7 +34,8 @@ MODE = os.environ.get("DOCS_MODE", "run")
 MAX_UPDATE = os.environ.get("DOCS_MAX_UPDATE", "2")
 CUDA = os.environ.get("DOCS_CUDA", "0") == "1"
 BIG_ARCHS = re.compile(r"^(rmt_wt103|transformer_xl_wt103|rmt_enwik8|transformer_xl_enwik8|rmt_lm|"
-                       r"rmt_transformer_lm\w*|rmt_encoder_base|rmt_encoder_large)$")
+                       r"rmt_transformer_lm\w*|rmt_encoder_base|rmt_encoder_large|armt_wt103|armt_enwik8|"
+                       r"armt_transformer_lm\w*|armt_encoder_base)$")
 SMALL = ["--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128",
          "--decoder-attention-heads", "2"]
 FAIRSEQ = {"fairseq-train": "get_training_parser", "rmt-deepspeed-train": "get_training_parser",
