@@ -285,6 +285,27 @@ def render_diagonal_batching(data: dict) -> str:
 REGISTRY["diagonal_batching"] = ("benchmarks/results/diagonal_batching.json", render_diagonal_batching)
 
 
+def render_associative_capacity(data: dict) -> str:
+    """benchmarks/associative_capacity.py: test exact match of RMT and ARMT against the number of pairs N."""
+    st = data["setup"]
+    models = list(st["archs"])
+    lines = ["| N pairs | segments | " + " | ".join(f"{m} ({st['archs'][m]}) exact match %" for m in models) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in models) + " |"]
+    by = {(r["num_pairs"], r["model"]): r for r in data["rows"]}
+    for n in sorted({r["num_pairs"] for r in data["rows"]}):
+        seg = next(r["segments"] for r in data["rows"] if r["num_pairs"] == n)
+        lines.append(f"| {n} | {seg} | " + " | ".join(f"{by[(n, m)]['test_exact_match']:.1f}" if (n, m) in by else "-"
+                                                      for m in models) + " |")
+    lines += ["", f"{st['pairs_per_segment']} pair per segment, {st['mem_tokens']} memory tokens for both, "
+              f"{st['max_update']} updates per N (batch {st['batch_size']}, lr {st['lr']}), each N started from the "
+              f"same model at the previous N; {st['checkpoint']}. "
+              + _source(data, "benchmarks/results/associative_capacity.json")]
+    return "\n".join(lines)
+
+
+REGISTRY["associative_capacity"] = ("benchmarks/results/associative_capacity.json", render_associative_capacity)
+
+
 def render(name: str) -> str:
     """The block for marker `name`, from its committed JSON."""
     path, renderer = REGISTRY[name]

@@ -17,7 +17,7 @@ and the value; no Python traceback; every file of the case's --save-dir, data di
   good checkpoint, and one without memory state saved at an epoch boundary (where memory starts fresh anyway)
   resumes with a warning.
 - Generators: `rmt-data copy|reverse|associative_retrieval|equations|recall` with negative, zero and
-  out-of-range values.
+  out-of-range values (associative_retrieval's capacity layout too: --pairs-per-segment, --key-len).
 - fairseq's own language_modeling task and the transformer_lm wrapper (issue 8): --segment-len not dividing
   --tokens-per-sample (given, or the preset's), a negative --segment-bptt-unroll, --lm-path missing, of
   another model family, of other sizes.
@@ -247,6 +247,15 @@ CASES = {
     "retrieval zero pairs": generate("associative_retrieval", "--num-pairs", 0, names=["--num-pairs", "got 0"]),
     "retrieval more pairs than keys": generate("associative_retrieval", "--num-pairs", 12, "--vocab-size", 10,
                                                names=["--num-pairs 12", "--vocab-size (10)"]),
+    "capacity zero pairs": generate("associative_retrieval", "--num-pairs", 0, "--pairs-per-segment", 1,
+                                    names=["--num-pairs", "got 0"]),
+    "capacity zero pairs per segment": generate("associative_retrieval", "--pairs-per-segment", 0,
+                                                names=["--pairs-per-segment", "got 0"]),
+    "capacity more pairs than keys": generate("associative_retrieval", "--num-pairs", 17, "--vocab-size", 4,
+                                              "--key-len", 2, "--pairs-per-segment", 1,
+                                              names=["--num-pairs 17", "--vocab-size (4)", "--key-len (2)", "= 16"]),
+    "capacity zero key length": generate("associative_retrieval", "--key-len", 0, "--pairs-per-segment", 1,
+                                         names=["--key-len", "got 0"]),
     "equations rate out of range": generate("equations", "--no-roots-rate", 1.5, names=["--no-roots-rate",
                                                                                        "got 1.5"]),
     "equations zero test size": generate("equations", "--test-size", 0, names=["--test-size", "got 0"]),

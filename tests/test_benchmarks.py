@@ -92,3 +92,31 @@ def test_scaleout_quick(tmp_path):
                                                        "fairseq-train, 2 ranks, pytorch_ddp"]
     assert res["rows"][0]["ratio_to_one_process"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_mb_largest_process"] > 0 for r in res["rows"])
+
+
+def test_associative_capacity_quick_runs_the_real_clis(tmp_path):
+    """rmt-data (capacity layout), fairseq-preprocess, fairseq-train and fairseq-validate per N and model."""
+    out = tmp_path / "a.json"
+    subprocess.run([sys.executable, "benchmarks/associative_capacity.py", "--quick", "--out", str(out), "--workdir",
+                    str(tmp_path / "w")], cwd=REPO, check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert [(r["num_pairs"], r["model"]) for r in res["rows"]] == [(2, "rmt"), (2, "armt"), (3, "rmt"), (3, "armt")]
+    assert res["setup"]["archs"] == {"rmt": "rmt_tiny", "armt": "armt_tiny"} and res["setup"]["mem_tokens"] == 4
+    # the curriculum: the second N starts from the same model's checkpoint at the first
+    assert [r["started_from"] for r in res["rows"]] == ["scratch", "scratch", "rmt at N=2", "armt at N=2"]
+    for r in res["rows"]:  # N pairs one to a segment of k v |, then the query: N + 1 segments of 3 tokens
+        assert (r["segments"], r["segment_len"]) == (r["num_pairs"] + 1, 3)
+        assert 0 <= r["test_exact_match"] <= 100 and r["valid_curve"][-1]["update"] == res["setup"]["max_update"]
+    assert (tmp_path / "a.png").stat().st_size > 0 and res["provenance"]["command"].startswith("benchmarks/")
+
+
+def test_diagonal_batching_quick(tmp_path):
+    out = tmp_path / "d.json"
+    subprocess.run([sys.executable, "benchmarks/diagonal_batching.py", "--quick", "--out", str(out)], cwd=REPO,
+                   check=True, capture_output=True, text=True, timeout=900)
+    res = json.loads(out.read_text())
+    assert [r["tokens"] for r in res["summary"]] == [4096, 8192]
+    assert {r["schedule"] for r in res["rows"]} == {"sequential", "diagonal"}
+    # the two schedules score the same stream: their summed NLL agrees (rounding only)
+    assert all(r["nll_relative_difference"] < 1e-5 for r in res["summary"])
+    assert (tmp_path / "d.png").stat().st_size > 0 and res["provenance"]["command"].startswith("benchmarks/")

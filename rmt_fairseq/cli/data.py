@@ -3,6 +3,9 @@ r"""`rmt-data`: write generated datasets as plain text splits for fairseq-prepro
     rmt-data copy      --out DIR [--src-len 24] [--vocab-size 10]      (target: the source twice)
     rmt-data reverse   --out DIR [--src-len 24] [--vocab-size 10]      (target: the source reversed)
     rmt-data associative_retrieval --out DIR [--num-pairs 4]           (target: the queried key's value)
+    rmt-data associative_retrieval --out DIR --num-pairs N --pairs-per-segment P [--key-len K]
+                                                                       (ARMT's capacity setting: P pairs a
+                                                                        segment, the query in the last one)
     rmt-data equations --out DIR                                       (Appendix A.3, 180 chars a sample)
     rmt-data recall    --out DIR [--gap 31] [--num-keys 8]             (LM stream: key recalled later)
     rmt-data memorization {fact_memorization,fact_detection,reasoning} --out DIR [--noise-file TEXT]
@@ -17,6 +20,11 @@ Each writes DIR/train.txt, DIR/valid.txt, DIR/test.txt (one sample per line; alg
         --testpref DIR/test.txt --destdir DATA-BIN
 Default sizes are the paper's: 100000/5000/10000 samples (equations 100000/10000/20000).
 
+`associative_retrieval --pairs-per-segment P` writes every sample in segments of T = P * (K + 1) + 1 tokens
+(P pairs of a K-symbol key and a value, then `|`; the last segment: `|` filler, the queried key, <gen>, its
+value) and prints T: train with `--task rmt_algorithmic --tokens-per-sample T`, and each pair stays in its own
+segment (rmt_fairseq/data/algorithmic.py's docstring shows the layout).
+
 `memorization` writes no documents: DIR/generator.json (task, noise file, seed, split sizes), DIR/dict.txt
 (template and noise words) and DIR/labels.txt; --task rmt_long_classification generates the documents on the
 fly at whatever length (--num-segments x --tokens-per-sample) training or evaluation asks for.
@@ -28,7 +36,7 @@ import os
 import sys
 from collections import Counter
 
-from rmt_fairseq.data.algorithmic import SYMBOLS, generate
+from rmt_fairseq.data.algorithmic import SYMBOLS, capacity_segment_len, generate
 from rmt_fairseq.data.memorization import LOCATIONS, TASKS, Noise, vocabulary
 from rmt_fairseq.data.synthetic import recall_bounds, recall_documents
 
@@ -82,6 +90,12 @@ def main(argv=None):
         if name == "associative_retrieval":
             q.add_argument("--num-pairs", type=int, default=4, help="key-value pairs; the paper uses 4")
             q.add_argument("--vocab-size", type=int, default=36, help="symbols for keys and values")
+            q.add_argument("--pairs-per-segment", type=int, default=None,
+                           help="P: the ARMT paper's capacity layout, P pairs in each segment of "
+                                "T = P * (key-len + 1) + 1 tokens and the query in a segment of its own "
+                                "(default: all pairs and the query in one source, the RMT paper's)")
+            q.add_argument("--key-len", type=int, default=1,
+                           help="K: symbols per key (distinct keys: vocab-size ** K)")
         if name == "equations":
             q.add_argument("--no-roots-rate", type=float, default=0.2, help="share of equations without real roots")
         q.add_argument("--train-size", type=int, default=sizes[0], help="training samples")
@@ -187,15 +201,17 @@ def _classification_dict(parser, a):
 def _algorithmic(parser, a):
     kwargs = {}
     for flag, key, low in [("--src-len", "src_len", 1), ("--vocab-size", "vocab_size", 2),
-                           ("--num-pairs", "num_pairs", 1)]:
-        if hasattr(a, key):
+                           ("--num-pairs", "num_pairs", 1), ("--pairs-per-segment", "pairs_per_segment", 1),
+                           ("--key-len", "key_len", 1)]:
+        if getattr(a, key, None) is not None:
             if getattr(a, key) < low:
                 parser.error(f"{flag} must be >= {low}, got {getattr(a, key)}")
             kwargs[key] = getattr(a, key)
     if hasattr(a, "vocab_size") and a.vocab_size > len(SYMBOLS):
         parser.error(f"--vocab-size must be in [2, {len(SYMBOLS)}] (the symbols a-z, 0-9), got {a.vocab_size}")
-    if hasattr(a, "num_pairs") and a.num_pairs > a.vocab_size:
-        parser.error(f"--num-pairs {a.num_pairs} needs distinct keys: at most --vocab-size ({a.vocab_size})")
+    if hasattr(a, "num_pairs") and a.num_pairs > a.vocab_size ** a.key_len:
+        parser.error(f"--num-pairs {a.num_pairs} needs distinct keys: at most --vocab-size ({a.vocab_size}) ** "
+                     f"--key-len ({a.key_len}) = {a.vocab_size ** a.key_len}")
     if hasattr(a, "no_roots_rate"):
         if not 0 <= a.no_roots_rate <= 1:
             parser.error(f"--no-roots-rate must be in [0, 1], got {a.no_roots_rate}")
@@ -212,6 +228,11 @@ def _algorithmic(parser, a):
     except ValueError as e:
         parser.error(str(e))
     print(f"wrote {a.out}/{{train,valid,test}}.txt ({a.task}: {a.train_size}/{a.valid_size}/{a.test_size})")
+    if getattr(a, "pairs_per_segment", None):
+        T = capacity_segment_len(a.pairs_per_segment, a.key_len)
+        S = -(-a.num_pairs // a.pairs_per_segment) + 1
+        print(f"capacity layout: {S} segments of {T} tokens ({a.num_pairs} pairs, {a.pairs_per_segment} a segment, "
+              f"then the query): train with --task rmt_algorithmic --tokens-per-sample {T}")
     return 0
 
 

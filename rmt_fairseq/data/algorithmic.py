@@ -3,11 +3,24 @@
 Every sample is one line of space-separated tokens: the source, the start-to-generate token `<gen>`, then the
 target. fairseq-preprocess turns the lines into ordinary binarized data (it appends </s>); the loss and the
 accuracies of `--task rmt_algorithmic` cover only what follows `<gen>`.
+
+Associative retrieval has two layouts. The RMT paper's (§4.1): every pair and the query in one source, split
+however --num-segments says. The ARMT paper's capacity setting (Rodkin et al. 2024, §4.1; the authors' scripts
+give every pair a segment of its own: segment size key + value + 2, N + 1 segments), with `pairs_per_segment`
+P: the N pairs are written P to a segment, and the query gets the last segment, so every segment has exactly
+T = P * (K + 1) + 1 tokens for keys of K symbols and the sample S * T tokens for S = ceil(N / P) + 1:
+
+    k v k v ... |            P pairs, then `|` (fewer pairs and more `|` in the last pair segment when P does
+                             not divide N)
+    | ... | q <gen> v        the queried key, <gen>, its value, with `|` in front up to T tokens
+
+`--task rmt_algorithmic --tokens-per-sample T` (or `--num-segments S`) then cuts the sample at exactly these
+boundaries, so the value must come through memory from the segment that held its pair.
 """
 
 import random
 import string
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 GEN = "<gen>"
 
@@ -32,17 +45,42 @@ def reverse_sample(rng: random.Random, src_len: int, vocab_size: int = 10) -> Tu
     return src, src[::-1]
 
 
-def associative_retrieval_sample(rng: random.Random, num_pairs: int = 4, vocab_size: int = 36
+SEP = "|"  # ends a pair segment of the capacity layout, and fills its query segment up to T tokens
+
+
+def associative_retrieval_sample(rng: random.Random, num_pairs: int = 4, vocab_size: int = 36,
+                                 pairs_per_segment: Optional[int] = None, key_len: int = 1
                                  ) -> Tuple[List[str], List[str]]:
-    """Associative retrieval: k key-value pairs (distinct keys), then a queried key; the answer is its value."""
+    """Associative retrieval: N key-value pairs (distinct keys of `key_len` symbols, values one symbol), then a
+    queried key; the answer is its value. With `pairs_per_segment` P: the capacity layout of the module
+    docstring (segments of capacity_segment_len(P, key_len) tokens)."""
     alphabet = _alphabet(vocab_size)
-    if num_pairs > len(alphabet):
-        raise ValueError(f"--num-pairs {num_pairs} needs distinct keys: at most --vocab-size ({vocab_size})")
-    keys = rng.sample(alphabet, num_pairs)
+    if num_pairs > len(alphabet) ** key_len:
+        raise ValueError(f"--num-pairs {num_pairs} needs distinct keys: at most --vocab-size ** --key-len "
+                         f"({len(alphabet) ** key_len})")
+    if key_len == 1:
+        keys = [[k] for k in rng.sample(alphabet, num_pairs)]
+    else:  # a key is a number < V**K written in base V: rng.sample draws N distinct ones
+        keys = [[alphabet[i // len(alphabet) ** j % len(alphabet)] for j in reversed(range(key_len))]
+                for i in rng.sample(range(len(alphabet) ** key_len), num_pairs)]
     values = [rng.choice(alphabet) for _ in keys]
     q = rng.randrange(num_pairs)
-    src = [t for kv in zip(keys, values) for t in kv] + [keys[q]]
+    pairs = [k + [v] for k, v in zip(keys, values)]
+    if pairs_per_segment is None:
+        return [t for kv in pairs for t in kv] + keys[q], [values[q]]
+    T = capacity_segment_len(pairs_per_segment, key_len)
+    src = []
+    for i in range(0, num_pairs, pairs_per_segment):
+        seg = [t for kv in pairs[i : i + pairs_per_segment] for t in kv]
+        src += seg + [SEP] * (T - len(seg))  # T tokens: at least one `|`
+    # the query segment: `|` x (T - K - 2), the key, then <gen> and the value (added by line())
+    src += [SEP] * (T - key_len - 2) + keys[q]
     return src, [values[q]]
+
+
+def capacity_segment_len(pairs_per_segment: int, key_len: int = 1) -> int:
+    """T of the capacity layout: P pairs of K + 1 symbols and one `|` (also room for the query: K + 2 tokens)."""
+    return pairs_per_segment * (key_len + 1) + 1
 
 
 def line(src: List[str], tgt: List[str]) -> str:
