@@ -149,8 +149,8 @@ def main(argv=None):
     written = []
 
     def plot(s, out):
-        M = dec.num_mem_tokens
-        W = M if dec.recurrent else 0
+        M = getattr(dec, "read_rows", dec.num_mem_tokens)  # ARMT: no read rows, memory tokens write after
+        W = getattr(dec, "write_rows", M if dec.recurrent else 0)
         seg = tokens[0, s * T : (s + 1) * T]
         for li, attn in enumerate(layers):
             w = attn.last_attention[0]  # H x N x K

@@ -96,7 +96,8 @@ class AssociativeConfig(FairseqDataclass):
         metadata={"help": "without gradients (validation, eval-lm, generation's completed segments, rmt-extrapolate): "
                   "sequential, or diagonal (Sivtsov et al. 2025: the (segment, layer) grid by anti-diagonals, one "
                   "batched call per diagonal; exact; applies to --associative-memory, --mem-len and no memory, not "
-                  "to RMT's token memory, which stays sequential)"},
+                  "to RMT's token memory, which stays sequential, nor under ZeRO-3; it needs several segments "
+                  "per call: --task rmt_lm validation and eval-lm get them with --eval-segments-per-batch)"},
     )
 
 
@@ -307,7 +308,10 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
     def diagonal_ok(self) -> bool:
         """The diagonal schedule is exact: layer l of a segment needs only layer l of the one before (no token
         memory going from the last layer to the first), and nothing records attention."""
-        return not self.recurrent and not any(layer.attn.keep_attention for layer in self.layers)
+        # ZeRO-3 gathers a weight only inside its own module's forward: the batched call reads them outside, so a
+        # partitioned model runs sequentially
+        return (not self.recurrent and not any(layer.attn.keep_attention for layer in self.layers)
+                and not any(hasattr(p, "ds_id") for p in self.layers.parameters()))
 
     def layout(self, cache: int, read: int, segment: int, write: int) -> Layout:
         """The attention geometry of a segment with these block sizes under this model's switches."""

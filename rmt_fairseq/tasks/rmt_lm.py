@@ -137,6 +137,12 @@ def _bad_dictionary_line(path: str) -> Optional[str]:
     return None
 
 
+def carries_memory(decoder) -> bool:
+    """Whether a model hands learned state from segment to segment: RMT's memory tokens or ARMT's associative
+    memory (the XL cache is detached and not counted)."""
+    return bool(getattr(decoder, "recurrent", False) or getattr(decoder, "associative", False))
+
+
 def segments_per_batch(bptt_mode, bptt_unroll) -> int:
     """Segments per training batch: block mode runs the K+1 segments of an unroll together, sliding one."""
     return (bptt_unroll or 0) + 1 if str(bptt_mode) == "block" else 1
@@ -228,10 +234,10 @@ class RMTLMTask(FairseqTask):
               f"--task {self._name()} runs rmt_lm models (--arch rmt_*, transformer_xl_*), got --arch "
               f"{getattr(cfg, '_name', None)} ({type(model).__name__})")
         if self.bptt_mode == "sliding" and (self.bptt_unroll or 0) > 0:
-            check(decoder is not None and getattr(decoder, "recurrent", False),
-                  f"--bptt-mode sliding needs recurrent memory (--mem-tokens > 0 with --memory-layout rmt), got "
-                  f"--mem-tokens {getattr(cfg, 'mem_tokens', 0)}")
-        if getattr(decoder, "recurrent", False) and self.bptt_unroll == 0:
+            check(decoder is not None and carries_memory(decoder),
+                  f"--bptt-mode sliding needs recurrent memory (--mem-tokens > 0 with --memory-layout rmt, or "
+                  f"--associative-memory), got --mem-tokens {getattr(cfg, 'mem_tokens', 0)}")
+        if carries_memory(decoder) and self.bptt_unroll == 0:
             logger.warning("--bptt-unroll 0 with memory tokens: write memory receives no gradient; use >= 1")
         if resume is not None:
             path, source, continues = resume
@@ -368,7 +374,7 @@ class RMTLMTask(FairseqTask):
         itr = extra.get("train_iterator") or {}
         batches = int(itr.get("iterations_in_epoch", 0) or 0)
         decoder = model.decoder
-        stateful = getattr(decoder, "recurrent", False) or getattr(decoder, "mem_len", 0) > 0
+        stateful = carries_memory(decoder) or getattr(decoder, "mem_len", 0) > 0
         train_state = (extra.get(type(self).__name__) or {}).get("train_state")
         if batches == 0:
             if stateful and train_state is None:

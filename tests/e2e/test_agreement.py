@@ -40,6 +40,9 @@ FAMILIES = {
                        16, "--decoder-attention-heads", 2, "--decoder-ffn-embed-dim", 64, "--adaptive-softmax-cutoff",
                        12, "--mem-tokens", 2, "--mem-len", 6, "--same-length", "--clamp-len", 5,
                        "--read-mem-from-cache"] + STREAM,
+    # ARMT: the associative state carried across segment boundaries (generation reads it like training), scored by
+    # the preset's diagonal schedule wherever a call holds several segments
+    "armt": ["--arch", "armt_tiny", "--decoder-embed-dim", 32] + STREAM,
     "wrapper_stream": WRAPPER + STREAM,
     "wrapper_per_sample": WRAPPER + ["--task", "language_modeling", "--tokens-per-sample", SAMPLE_LEN,
                                      "--segment-len", T],

@@ -6,6 +6,7 @@ exactly; the kills are real SIGKILLs of that process):
   kill_in_copy:N   the Nth file copy (fairseq's checkpoint_last.pt copy): half the bytes, then SIGKILL
   nan:N            the Nth segment forward in training mode returns NaN hidden states (so the loss is NaN)
   nan_memory:N     the Nth segment forward in training mode writes a NaN memory
+  nan_assoc:N      the Nth segment forward in training mode writes a NaN associative state (ARMT: layer 0's A)
 """
 
 import io
@@ -51,20 +52,22 @@ def install(fault: str) -> None:
             return copyfileobj(src, dst, length) if length else copyfileobj(src, dst)
 
         shutil.copyfileobj = copy
-    elif kind in ("nan", "nan_memory"):
+    elif kind in ("nan", "nan_memory", "nan_assoc"):
         import dataclasses
 
         from rmt_fairseq.models.rmt_lm import RMTDecoder
 
         forward_segment = RMTDecoder.forward_segment
 
-        def fwd(self, tokens, memory, cache):
-            out = forward_segment(self, tokens, memory, cache)
+        def fwd(self, tokens, memory, cache, *args, **kwargs):  # ARMT's loop also passes assoc=
+            out = forward_segment(self, tokens, memory, cache, *args, **kwargs)
             if self.training:
                 count[0] += 1
                 if count[0] == n:
                     if kind == "nan":
                         return dataclasses.replace(out, hidden=out.hidden * float("nan"))
+                    if kind == "nan_assoc":
+                        return dataclasses.replace(out, assoc=[out.assoc[0] * float("nan"), *out.assoc[1:]])
                     return dataclasses.replace(out, memory=out.memory * float("nan"))
             return out
 
