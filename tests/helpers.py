@@ -37,6 +37,17 @@ def tiny_model(vocab: int = 40, seed: int = 0, **overrides) -> RMTLanguageModel:
     return RMTLanguageModel.build_model(RMTLanguageModelConfig(**cfg), _Task(dictionary(vocab)))
 
 
+def armt_with_values(model, std: float = 0.3, seed: int = 7):
+    """An ARMT model (any family: decoder or encoder `assoc_layers`) whose write projections W_V are drawn
+    N(0, std): at their initial zero nothing is stored, so nothing would cross segments."""
+    module = model.encoder if hasattr(model, "encoder") else model.decoder
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in module.assoc_layers:
+            block.v_proj.weight.copy_(torch.randn(block.v_proj.weight.shape, generator=gen) * std)
+    return model
+
+
 def tiny_wrapper(vocab: int = 40, seed: int = 0, **overrides):
     """An rmt_transformer_lm (fairseq's own TransformerDecoder with memory) of the same size as tiny_model."""
     from omegaconf import OmegaConf

@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from fairseq.dataclass import FairseqDataclass
 from fairseq.models import FairseqEncoder, FairseqEncoderModel, register_model, register_model_architecture
 from fairseq.models.roberta.model import RobertaClassificationHead
 from fairseq.models.roberta.model import base_architecture as roberta_defaults
@@ -41,11 +40,13 @@ from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.memory import HasMemoryTokens, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
 
+from .rmt_lm import AssociativeConfig, validate_associative
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RMTEncoderConfig(FairseqDataclass):
+class RMTEncoderConfig(AssociativeConfig):
     encoder_layers: int = field(default=12, metadata={"help": "number of encoder layers"})
     encoder_embed_dim: int = field(default=768, metadata={"help": "model dimension C"})
     encoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "feed-forward inner dimension"})
@@ -65,14 +66,6 @@ class RMTEncoderConfig(FairseqDataclass):
     mem_tokens: int = field(
         default=10, metadata={"help": "RMT memory tokens M at the start of every segment; 0 = no memory"}
     )
-    associative_memory: bool = field(
-        default=False, metadata={"help": "ARMT: per layer an associative memory written by the memory tokens and "
-                                 "read by every row of the next segment (Rodkin et al. 2024); needs --mem-tokens > 0"})
-    d_mem: int = field(default=64, metadata={"help": "--associative-memory: key dimension before DPFP"})
-    dpfp_nu: int = field(default=3, metadata={"help": "--associative-memory: DPFP's nu (the paper's 3)"})
-    associative_state_dtype: str = field(
-        default="fp32", metadata={"help": "--associative-memory: the state's dtype: fp32 (also under --bf16/--fp16) "
-                                  "or model"})
     roberta_path: Optional[str] = field(
         default=None,
         metadata={"help": "initialise the encoder from this fairseq RoBERTa checkpoint (model.pt); memory and "
@@ -221,12 +214,7 @@ def validate_config(cfg: RMTEncoderConfig, task) -> None:
                              ("--encoder-embed-dim", cfg.encoder_embed_dim, 1),
                              ("--encoder-attention-heads", cfg.encoder_attention_heads, 1)]:
         check(value >= low, f"{flag} must be >= {low}, got {value}")
-    from rmt_fairseq.models.rmt_lm import validate_associative
-
     validate_associative(cfg)
-    check(str(getattr(cfg, "associative_state_dtype", "fp32")) in associative.STATE_DTYPES,
-          f"--associative-state-dtype must be one of {list(associative.STATE_DTYPES)}, got "
-          f"{getattr(cfg, 'associative_state_dtype', None)}")
     check(cfg.encoder_embed_dim % cfg.encoder_attention_heads == 0,
           f"--encoder-embed-dim {cfg.encoder_embed_dim} is not divisible by --encoder-attention-heads "
           f"{cfg.encoder_attention_heads}")

@@ -88,8 +88,6 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         self.assoc_layers = (torch.nn.ModuleList(associative.AssociativeMemory(C, cfg.d_mem, cfg.dpfp_nu)
                                                  for _ in range(self.num_layers)) if self.associative else None)
         self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
-        if str(getattr(cfg, "inference_schedule", "sequential")) == "diagonal":
-            logger.info("--inference-schedule diagonal is implemented for rmt_lm; rmt_transformer_lm runs sequentially")
 
     @property
     def recurrent(self) -> bool:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import armt_with_values, tiny_model
 from rmt_fairseq.errors import RMTConfigError
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
@@ -128,12 +128,8 @@ def test_zero_write_projection_computes_what_the_model_without_armt_computes():
 
 def armt_model(seed=0, v_std=0.3, **kw):
     """An ARMT tiny_model whose W_V is random (N(0, v_std)), so that the associative memory stores something."""
-    model = tiny_model(**{"associative_memory": True, "d_mem": 8, "seed": seed, **kw}).eval()
-    gen = torch.Generator().manual_seed(seed + 11)
-    with torch.no_grad():
-        for block in model.decoder.assoc_layers:
-            block.v_proj.weight.copy_(torch.randn(block.v_proj.weight.shape, generator=gen) * v_std)
-    return model
+    return armt_with_values(tiny_model(**{"associative_memory": True, "d_mem": 8, "seed": seed, **kw}).eval(),
+                            std=v_std, seed=seed + 11)
 
 
 def test_state_saved_and_resumed_continues_bitwise_and_reset_starts_over():

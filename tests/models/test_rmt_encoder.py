@@ -13,6 +13,7 @@ from fairseq.models.roberta import RobertaModel
 from fairseq.models.roberta.model import base_architecture as roberta_base_architecture
 
 import user_dir  # noqa: F401  (registrations)
+from helpers import armt_with_values
 from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError
 from rmt_fairseq.models.rmt_encoder import RMTEncoderConfig, RMTEncoderModel, validate_config
@@ -389,9 +390,7 @@ def test_armt_encoder_with_zero_write_projection_is_the_encoder_with_fresh_memor
 
 def test_armt_encoder_carries_the_associative_state_with_gradient():
     model = build(seed=0, associative_memory=True, d_mem=4)
-    with torch.no_grad():
-        for block in model.encoder.assoc_layers:
-            block.v_proj.weight.normal_(0, 0.3)
+    armt_with_values(model)
     gen = torch.Generator().manual_seed(1)
     segs = [words((2, T), gen) for _ in range(2)]
     first, leaf0 = forward_with_embedding_leaf(model.encoder, segs[0], None)

@@ -13,7 +13,7 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.models.transformer_lm import TransformerLanguageModel
 from omegaconf import OmegaConf
 
-from helpers import build_from_cli_args, cli, tiny_model
+from helpers import armt_with_values, build_from_cli_args, cli, tiny_model
 from rmt_fairseq.errors import RMTConfigError
 from rmt_fairseq.models.rmt_transformer_lm import RMTTransformerDecoder, RMTTransformerLanguageModel
 from rmt_fairseq.modules.memory import Layout, visibility
@@ -440,7 +440,7 @@ def test_presets_parse_to_the_stock_settings(name):
     assert set(ours) - set(stock) == {"mem_tokens", "segment_len", "segment_bptt_unroll", "lm_path",
                                       "dictionary_fingerprint", "trained_segment_len",
                                       "trained_tokens_per_sample", "associative_memory", "d_mem", "dpfp_nu",
-                                      "associative_state_dtype", "inference_schedule"}
+                                      "associative_state_dtype"}
     assert ours["mem_tokens"] == 10 and ours["associative_memory"] is False
     armt = parse(f"armt_{name}")
     assert {k: armt[k] for k in stock if k != "_name"} == stock
@@ -567,9 +567,7 @@ def test_armt_with_zero_write_projection_computes_what_transformer_lm_computes_p
 
 def test_armt_wrapper_carries_the_associative_state_with_gradient_until_truncated(lm_data):
     model = build_rmt(lm_data, 3, 8, "--associative-memory", "--d-mem", 4, "--segment-bptt-unroll", 1, seed=4)
-    with torch.no_grad():
-        for block in model.decoder.assoc_layers:
-            block.v_proj.weight.normal_(0, 0.3)
+    armt_with_values(model)
     x = words((2, 8 * 3), seed=6)
     leaves = []
     hook = model.decoder.embed_tokens.register_forward_hook(

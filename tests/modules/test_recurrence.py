@@ -8,7 +8,7 @@ rmt_transformer_lm (fairseq's own TransformerDecoder with memory, issue 8)."""
 import pytest
 import torch
 
-from helpers import tiny_model, tiny_wrapper
+from helpers import armt_with_values, tiny_model, tiny_wrapper
 from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
 T, R, B = 8, 6, 2  # segment length, token ids per segment, streams
@@ -30,16 +30,6 @@ def reached(model, loss, num_segments):
 
 
 FAMILIES = ["rmt_lm", "rmt_transformer_lm", "armt"]
-
-
-def armt_with_values(model):
-    """An ARMT model whose write projections W_V are not zero (at zero nothing is stored, so no gradient could
-    reach an earlier segment through the associative memory)."""
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for block in model.decoder.assoc_layers:
-            block.v_proj.weight.copy_(torch.randn(block.v_proj.weight.shape, generator=gen) * 0.3)
-    return model
 
 
 def _model(family="rmt_lm", **kw):
