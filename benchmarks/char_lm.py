@@ -1,7 +1,7 @@
-"""Char-level LM quality on tinyshakespeare (issue 5, figure 4): no memory, Transformer-XL, RMT.
+"""Char-level LM quality on tinyshakespeare (issue 5, figure 4): no memory, Transformer-XL, RMT, ARMT.
 
     python benchmarks/char_lm.py --data ../shared/data/tinyshakespeare/input.txt \\
-        [--quick] [--out results.json] [--png curves.png] [--workdir DIR] [--configs none,xl40,...]
+        [--quick] [--out results.json] [--png curves.png] [--workdir DIR] [--configs none,xl40,...] [--merge]
 
 The corpus is split by characters, in order: train = first 90%, valid = next 5%, test = last 5%. One token per
 character (space written as "▁" so fairseq's whitespace tokenizer keeps it; a newline is the line's end of
@@ -13,8 +13,11 @@ configuration; RMT with K >= 1 uses --bptt-mode sliding (the paper's / LM-RMT's 
 the K segments before it), so all configurations see the same characters in the same order.
 
 Configurations (names for --configs): none (no memory), xl40 (Transformer-XL cache 40), rmt{M}_k{K} for M in
-5, 10 and K in 0, 1, 2 (M memory tokens, gradient through memory across K segments).
-Prints a table, writes JSON; --png draws validation bpc against updates.
+5, 10 and K in 0, 1, 2 (M memory tokens, gradient through memory across K segments), armt{M}_k{K} (the same M
+memory tokens writing ARMT's per-layer associative memory, d_mem 64: issue 17; armt5_k0 and armt5_k1 by default).
+Prints a table, writes JSON; --png draws validation bpc against updates. --merge adds the rows run now to the
+--out JSON of an earlier run with the same setup (replacing rows of the same configuration; each row keeps the
+provenance of the run that measured it), so one configuration can be added without retraining the others.
 """
 
 import argparse
@@ -30,7 +33,8 @@ from common import run  # a CLI run with its log kept; exits naming the log on f
 from rmt_fairseq.provenance import provenance  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_CONFIGS = ["none", "xl40", "rmt5_k0", "rmt5_k1", "rmt5_k2", "rmt10_k0", "rmt10_k1", "rmt10_k2"]
+ALL_CONFIGS = ["none", "xl40", "rmt5_k0", "rmt5_k1", "rmt5_k2", "rmt10_k0", "rmt10_k1", "rmt10_k2", "armt5_k0",
+               "armt5_k1"]
 QUICK_CONFIGS = ["none", "xl40", "rmt5_k1"]
 
 
@@ -40,12 +44,12 @@ def config_flags(name: str):
         return ["--mem-tokens", "0", "--mem-len", "0", "--bptt-unroll", "0"]
     if name.startswith("xl"):
         return ["--mem-tokens", "0", "--mem-len", name[2:], "--bptt-unroll", "0"]
-    m = re.fullmatch(r"rmt(\d+)_k(\d+)", name)
+    m = re.fullmatch(r"(a?)rmt(\d+)_k(\d+)", name)
     if not m:
         raise SystemExit(f"error: --configs: unknown configuration {name!r} (known: {', '.join(ALL_CONFIGS)})")
-    mem, k = m.groups()
-    return ["--mem-tokens", mem, "--mem-len", "0", "--bptt-unroll", k] + (["--bptt-mode", "sliding"] if k != "0"
-                                                                          else [])
+    armt, mem, k = m.groups()
+    return ["--mem-tokens", mem] + (["--associative-memory"] if armt else []) + \
+        ["--mem-len", "0", "--bptt-unroll", k] + (["--bptt-mode", "sliding"] if k != "0" else [])
 
 
 def split_bounds(n: int):
@@ -75,6 +79,30 @@ def parse_curves(log: str):
     return train, valid
 
 
+SAME_SETUP = ["characters", "layers", "dim", "heads", "ffn", "segment", "streams", "max_update", "validate_every",
+              "seed", "quick", "dropout", "lr"]
+
+
+def merge(path: str, new_rows: list, setup: dict):
+    """The rows of the earlier results at path with new_rows added (a configuration run again replaces its old
+    row, in place); -> (rows, the earlier setup with a note of the merge, the earlier provenance).
+    Exits with one error line if there is no such file or its setup differs in a field of SAME_SETUP."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --merge: no earlier results at --out {path}")
+    with open(path) as f:
+        old = json.load(f)
+    diff = [k for k in SAME_SETUP if old["setup"].get(k) != setup.get(k)]
+    if diff:
+        raise SystemExit(f"error: --merge: --out {path} was measured with another setup ({', '.join(diff)}: "
+                         + ", ".join(f"{old['setup'].get(k)} vs {setup.get(k)}" for k in diff) + ")")
+    by_name = {r["config"]: r for r in new_rows}
+    rows = [by_name.pop(r["config"], r) for r in old["rows"]] + list(by_name.values())
+    merged = dict(old["setup"])
+    merged["note"] = (merged.get("note", "") + f" Merged later (--merge, same flags, data and seed): "
+                      f"{', '.join(r['config'] for r in new_rows)}, each with its own provenance.").strip()
+    return rows, merged, old.get("provenance")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt"),
@@ -88,6 +116,8 @@ def main(argv=None):
     ap.add_argument("--max-update", type=int, default=None, help="updates per configuration (default 1500)")
     ap.add_argument("--validate-every", type=int, default=None, help="updates between validations (default 250)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--merge", action="store_true", help="add the rows run now to the existing --out JSON (same "
+                    "setup required), replacing rows of the same configuration")
     ap.add_argument("--report-only", action="store_true", help="train nothing: rebuild the table, JSON and plot "
                     "from the logs a previous run left in --workdir (configurations without both logs are left out)")
     a = ap.parse_args(argv)
@@ -126,6 +156,11 @@ def main(argv=None):
               "--validate-interval-updates", str(every), "--save-interval-updates", "0", "--no-epoch-checkpoints",
               "--log-format", "json", "--log-interval", str(every), "--seed", str(a.seed), "--cpu",
               "--num-workers", "0"]
+    setup = {"corpus": a.data, "characters": chars, "layers": L, "dim": C, "heads": H, "ffn": F, "segment": T,
+             "streams": B, "max_update": max_update, "validate_every": every, "seed": a.seed, "quick": a.quick,
+             "dropout": 0.1, "lr": 2e-3, "wall_seconds": None}
+    if a.merge:
+        merge(a.out, [], setup)  # the same setup as the earlier results, checked before anything is trained
     rows, t_all = [], time.perf_counter()
     for name in configs:
         save = os.path.join(a.workdir, "checkpoints", name)
@@ -150,19 +185,22 @@ def main(argv=None):
         row = {"config": name, "flags": config_flags(name), "test_bpc": float(m.group(1)),
                "final_valid_bpc": valid_curve[-1][1] if valid_curve else None, "train_seconds": train_s,
                "eval_seconds": eval_s, "valid_curve": valid_curve, "train_curve": train_curve}
+        if a.merge:
+            row["provenance"] = provenance()  # rows of the earlier run keep theirs (the file's)
         rows.append(row)
         print(f"{name:<9} test bpc {row['test_bpc']:.4f}  valid bpc {row['final_valid_bpc']}  "
               f"train {train_s or 0:7.1f} s  eval {eval_s or 0:5.1f} s", flush=True)
 
-    setup = {"corpus": a.data, "characters": chars, "layers": L, "dim": C, "heads": H, "ffn": F, "segment": T,
-             "streams": B, "max_update": max_update, "validate_every": every, "seed": a.seed, "quick": a.quick,
-             "dropout": 0.1, "lr": 2e-3, "wall_seconds": time.perf_counter() - t_all}
+    setup["wall_seconds"] = time.perf_counter() - t_all
+    prov = provenance()
+    if a.merge:
+        rows, setup, prov = merge(a.out, rows, setup)
     print("\n| config | test bpc | valid bpc | train s |\n| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['config']} | {r['test_bpc']:.4f} | {r['final_valid_bpc']} | {r['train_seconds'] or 0:.0f} |")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"setup": setup, "rows": rows, "provenance": provenance()}, f, indent=2)
+        json.dump({"setup": setup, "rows": rows, "provenance": prov}, f, indent=2)
     if a.png:
         import matplotlib
 

@@ -172,28 +172,53 @@ def render_custom_corpus(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _memorization_row(data: dict, label: str) -> list:
-    ex = data["extrapolation"]
-    tr = data["training"]["rmt"]
-    nm = data["no_memory_baseline"][0] if data.get("no_memory_baseline") else None
+MEMORIZATION_MODELS = [("rmt", "extrapolation", "RMT"), ("armt", "armt_extrapolation", "ARMT")]
+
+
+def _memorization_row(data: dict, name: str, label: str, ex: list) -> list:
+    tr = data["training"][name]
     return [label, f"{tr['curriculum_stage_reached']} of {data['setup']['max_segments']} "
             f"({tr['final_valid_accuracy']:.1f}% valid, {tr['train_seconds']:.0f} s)"] + \
         [f"{r['accuracy']:.1f}" for r in ex] + \
-        ([f"{nm['accuracy']:.1f} at {nm['segments']} segments" if nm else ""])
+        [f"{r['us_per_token']:.1f} / {r['rss_mb']:.0f} -> {ex[-1]['us_per_token']:.1f} / {ex[-1]['rss_mb']:.0f}"
+         for r in ex[:1]]
 
 
 def render_memorization(data: dict) -> str:
-    """benchmarks/memorization.py: accuracy per length (64 documents each), streaming cost, no-memory baseline."""
+    """benchmarks/memorization.py: accuracy per length (64 documents each) of RMT (and ARMT where the run has it:
+    diagonal schedule, and the same checkpoint sequential on the shorter lengths), their streaming cost, runs that
+    stopped, and the no-memory baseline."""
     ex = data["extrapolation"]
+    st = data["setup"]
     head = ["model", "curriculum reached"] + [f"{r['segments']:,} seg ({r['tokens']:,} tok)" for r in ex] + \
-        ["no memory"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
-             "| " + " | ".join(_memorization_row(data, f"RMT, {data['setup']['mem_tokens']} memory tokens")) + " |",
-             "", f"{data['setup']['task']}, `{data['setup']['model']}`, T = {data['setup']['segment_len']}, "
-             f"{data['setup']['max_update']} updates, seed {data['setup']['seed']}. Streaming cost: "
-             f"{ex[0]['us_per_token']:.1f} us per token and {ex[0]['rss_mb']:.0f} MB resident at {ex[0]['tokens']:,} "
-             f"tokens, {ex[-1]['us_per_token']:.1f} us and {ex[-1]['rss_mb']:.0f} MB at {ex[-1]['tokens']:,}.",
-             "", _source(data, data["_path"])]
+        ["us/token / RSS MB (shortest -> longest)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, key, label in MEMORIZATION_MODELS:
+        if key in data:
+            flags = data["training"][name].get("flags")
+            lines.append("| " + " | ".join(_memorization_row(
+                data, name, f"{label}, {st['mem_tokens']} memory tokens" + (f" (`{' '.join(flags)}`)" if flags
+                                                                              else ""), data[key])) + " |")
+    seq = data.get("armt_sequential_extrapolation")
+    if seq:
+        acc = {r["segments"]: f"{r['accuracy']:.1f}" for r in seq}
+        cost = (f" {seq[0]['us_per_token']:.1f} / {seq[0]['rss_mb']:.0f} -> {seq[-1]['us_per_token']:.1f} / "
+                f"{seq[-1]['rss_mb']:.0f} (to {seq[-1]['tokens']:,} tok) |")
+        lines.append("| ARMT, the same checkpoint, `--inference-schedule sequential` | |"
+                     + "".join(f" {acc.get(r['segments'], '')} |" for r in ex) + cost)
+    for name, f in data.get("training_stopped", {}).items():
+        lines.append(f"| {name} (`{' '.join(f['flags'])}`): training stopped | {f['curriculum_stage_reached']} of "
+                     f"{st['max_segments']} (last validation: update {f['last_valid_update']}, "
+                     f"{f['last_valid_accuracy']}%) | `{f['last_error_line']}` |" + " |" * (len(head) - 3))
+    nm = data.get("no_memory_baseline")
+    if nm:
+        tr = data["training"]["no_memory"]
+        lines.append(f"| no memory | {tr['curriculum_stage_reached']} of {st['max_segments']} "
+                     f"({tr['final_valid_accuracy']:.1f}% valid, {tr['train_seconds']:.0f} s) | "
+                     f"{nm[0]['accuracy']:.1f} at {nm[0]['segments']} segments |" + " |" * (len(head) - 3))
+    lines += ["", f"{st['task']}, `{st['model']}`, T = {st['segment_len']}, {st['max_update']} updates, seed "
+              f"{st['seed']}, {st['num_docs']} test documents per length; every model the same data and budget.",
+              "", _source(data, data["_path"])]
     return "\n".join(lines)
 
 def _load(path: str) -> dict:
@@ -227,9 +252,11 @@ def render_benchmark_figures(_: dict) -> str:
                  "long_stream.json"))
     d = _load("benchmarks/results/memorization.json")
     ex = d["extrapolation"]
-    rows.append(("memorization.py", f"{d['setup']['task']}: RMT {ex[0]['accuracy']:.1f}% at its trained "
-                 f"{ex[0]['segments']} segments, {ex[-1]['accuracy']:.1f}% at {ex[-1]['tokens']:,} tokens; RSS "
-                 f"{ex[0]['rss_mb']:.0f} -> {ex[-1]['rss_mb']:.0f} MB ([examples/memorization]"
+    armt = d.get("armt_extrapolation")
+    rows.append(("memorization.py", f"{d['setup']['task']}: RMT {ex[0]['accuracy']:.1f}% at "
+                 f"{ex[0]['segments']} segments, {ex[-1]['accuracy']:.1f}% at {ex[-1]['tokens']:,} tokens"
+                 + (f"; ARMT {armt[0]['accuracy']:.1f}% and {armt[-1]['accuracy']:.1f}%" if armt else "")
+                 + f"; RSS {ex[0]['rss_mb']:.0f} -> {ex[-1]['rss_mb']:.0f} MB ([examples/memorization]"
                  f"(../examples/memorization/README.md))", d, "memorization.json"))
     lines = ["| script | figures (full run) | measured at |", "| --- | --- | --- |"]
     for script, text, data, path in rows:
@@ -247,6 +274,11 @@ def render_char_lm(data: dict) -> str:
         lines.append(f"| {r['config']} | `{' '.join(r['flags'])}` | {r['test_bpc']:.4f} | {r['final_valid_bpc']:.4f} | "
                      f"{r['train_seconds']:.0f} |")
     lines += ["", _source(data, "benchmarks/results/char_lm.json")]
+    merged = [r for r in data["rows"] if r.get("provenance")]  # rows a later --merge run added
+    if merged:
+        lines += ["", "Rows added later by `--merge` (same flags, data and seed): " + "; ".join(
+            f"{r['config']} " + _source({"provenance": r["provenance"]}, "benchmarks/results/char_lm.json")
+            .replace("Measured by", "measured by").split("; results:")[0] for r in merged) + "."]
     return "\n".join(lines)
 
 # marker name -> (results JSON relative to the repository root, renderer)

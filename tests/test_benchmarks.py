@@ -68,18 +68,38 @@ def test_char_lm_quick_runs_the_real_clis(tmp_path):
         assert 0 < r["test_bpc"] < 10 and r["valid_curve"] and r["valid_curve"][-1][0] == res["setup"]["max_update"]
     assert (tmp_path / "c.png").stat().st_size > 0
 
+    # --merge: another setup is refused before anything trains, the results untouched; the same setup adds a row
+    base = [sys.executable, "benchmarks/char_lm.py", "--quick", "--data", str(tmp_path / "input.txt"), "--out",
+            str(out), "--workdir", str(tmp_path / "w2"), "--configs", "armt5_k0", "--merge"]
+    before = out.read_text()
+    p = subprocess.run(base + ["--max-update", "8"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "error: --merge:" in p.stderr and "max_update: 6 vs 8" in p.stderr
+    assert out.read_text() == before and not (tmp_path / "w2" / "train_armt5_k0.log").exists()
+    subprocess.run(base, cwd=REPO, check=True, capture_output=True, timeout=300)
+    merged = json.loads(out.read_text())
+    assert [r["config"] for r in merged["rows"]] == ["none", "xl40", "rmt5_k1", "armt5_k0"]
+    assert merged["rows"][:3] == res["rows"] and "--associative-memory" in merged["rows"][3]["flags"]
+    assert merged["rows"][3]["provenance"]["command"] and merged["provenance"] == res["provenance"]
+
 
 def test_memorization_quick_runs_the_real_clis(tmp_path):
-    """rmt-data memorization, fairseq-train (curriculum; RMT and no memory), rmt-extrapolate-classify."""
+    """rmt-data memorization, fairseq-train (curriculum; RMT, ARMT and no memory), rmt-extrapolate-classify of
+    both memory models at the same lengths."""
     out = tmp_path / "m.json"
     subprocess.run([sys.executable, "benchmarks/memorization.py", "--quick", "--out", str(out), "--workdir",
                     str(tmp_path / "w"), "--png", str(tmp_path / "m.png")], cwd=REPO, check=True, capture_output=True,
                    timeout=600)
     res = json.loads(out.read_text())
-    assert set(res["training"]) == {"rmt", "no_memory"}
-    trained = res["training"]["rmt"]["curriculum_stage_reached"]
-    assert res["extrapolation"][0]["segments"] == trained and res["extrapolation"][-1]["tokens"] >= 2000
-    assert all(0 <= r["accuracy"] <= 100 and r["rss_mb"] > 0 for r in res["extrapolation"])
+    assert set(res["training"]) == {"rmt", "armt", "no_memory"}
+    assert "--associative-memory" in res["training"]["armt"]["flags"]
+    n = res["setup"]["max_segments"]
+    assert res["extrapolation"][0]["segments"] == n and res["extrapolation"][-1]["tokens"] >= 2000
+    assert [r["segments"] for r in res["armt_extrapolation"]] == [r["segments"] for r in res["extrapolation"]]
+    assert all(0 <= r["accuracy"] <= 100 and r["rss_mb"] > 0 for r in res["extrapolation"] + res["armt_extrapolation"])
+    assert len(res["no_memory_baseline"]) == 1
+    # the same ARMT checkpoint in both schedules: the same predictions, so the same accuracy at every length run
+    seq = {r["segments"]: r["accuracy"] for r in res["armt_sequential_extrapolation"]}
+    assert seq and all(r["accuracy"] == seq[r["segments"]] for r in res["armt_extrapolation"] if r["segments"] in seq)
     assert (tmp_path / "m.png").stat().st_size > 0
 
 

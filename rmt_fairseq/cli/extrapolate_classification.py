@@ -43,7 +43,8 @@ def rss_mb() -> float:
 
 
 def evaluate_length(task, model, n_seg: int, num_docs: int, batch_size: int, chunk: int) -> dict:
-    """Accuracy over the first num_docs test documents of n_seg segments, streamed chunk by chunk."""
+    """Accuracy over the first num_docs test documents of n_seg segments, streamed chunk by chunk (in the
+    encoder's --inference-schedule)."""
     import torch
 
     from rmt_fairseq.data.documents import encode
@@ -61,7 +62,7 @@ def evaluate_length(task, model, n_seg: int, num_docs: int, batch_size: int, chu
             src = torch.stack([encode(task.dictionary, d.tokens(s0 * T, s1 * T)) for d in docs])  # B x c*T
             t0 = time.perf_counter()
             with torch.no_grad():
-                run_segments(enc, src, None, state, seg_len=T,
+                run_segments(enc, src, None, state, seg_len=T, schedule=enc.inference_schedule,
                              on_segment=lambda s, out: last.update(hidden=out.hidden))
             seconds += time.perf_counter() - t0
             tokens_seen += src.numel()
@@ -112,6 +113,9 @@ def main(argv=None):
     ap.add_argument("--num-docs", type=int, default=64, help="test documents per length")
     ap.add_argument("--batch-size", type=int, default=32, help="documents per batch")
     ap.add_argument("--chunk-segments", type=int, default=64, help="segments tokenized and run per step")
+    ap.add_argument("--inference-schedule", choices=["sequential", "diagonal"], default=None,
+                    help="the checkpoint's by default; diagonal batches the layers of an ARMT (or memoryless) "
+                    "encoder's segments by anti-diagonals (the same results), RMT's token memory stays sequential")
     a = ap.parse_args(argv)
     for flag, v in [("--max-tokens", a.max_tokens), ("--num-docs", a.num_docs), ("--batch-size", a.batch_size),
                     ("--chunk-segments", a.chunk_segments)]:
@@ -143,6 +147,8 @@ def main(argv=None):
     state = checkpoint_utils.load_checkpoint_to_cpu(a.path, overrides)
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([a.path], overrides, state=state)
     model = models[0].eval()
+    if a.inference_schedule:
+        model.encoder.inference_schedule = a.inference_schedule
     if getattr(task, "generator", None) is None:
         ap.error(f"--path {a.path} was not trained with --task rmt_long_classification on generated data")
     # the curriculum stage the run reached (fairseq keeps the task's checkpoint dict in extra_state)
@@ -151,8 +157,10 @@ def main(argv=None):
     T = task.cfg.tokens_per_sample
     trained = task.num_segments or 1
     lengths = lengths or default_lengths(trained, T, a.max_tokens)
-    logger.info("task %s, segment %d tokens, trained up to %d segments; lengths (segments): %s",
-                task.generator["task"], T, trained, lengths)
+    logger.info("task %s, segment %d tokens, trained up to %d segments; lengths (segments): %s; %s schedule%s",
+                task.generator["task"], T, trained, lengths, model.encoder.inference_schedule,
+                "" if model.encoder.inference_schedule == "sequential" or model.encoder.diagonal_ok
+                else " requested, sequential used (RMT's token memory cannot be diagonalised)")
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for n in lengths:
@@ -164,7 +172,10 @@ def main(argv=None):
         with open(os.path.join(a.out, "extrapolation.json"), "w") as f:  # rewritten after every length
             json.dump({"checkpoint": os.path.abspath(a.path), "task": task.generator["task"], "segment_len": T,
                        "trained_segment_len": T, "trained_segments": trained, "num_classes": task.num_classes,
-                       "chance": 100.0 / task.num_classes, "mem_tokens": model.encoder.num_mem_tokens, "rows": rows},
+                       "chance": 100.0 / task.num_classes, "mem_tokens": model.encoder.num_mem_tokens,
+                       "associative_memory": model.encoder.associative,
+                       "schedule": model.encoder.inference_schedule if model.encoder.diagonal_ok else "sequential",
+                       "rows": rows},
                       f, indent=1)
     print(f"\n{'segments':>9} {'tokens':>10} {'x trained':>9} {'accuracy':>9} {'us/token':>9} {'RSS MB':>7}")
     for r in rows:

@@ -13,6 +13,8 @@ RoBERTa's: <s> first, memory next, then the segment, </s> after its last real to
 ARMT (--associative-memory): the memory tokens are learned and not carried; before every layer each row reads
 that layer's associative memory, and the layer's output at the memory rows writes it for the next segment
 (modules/associative.py; W_V starts at zero, so until it learns the encoder computes what it computes without).
+Without gradients, --inference-schedule diagonal runs an ARMT (or memoryless) encoder's (segment, layer) grid by
+anti-diagonals (modules/recurrence.py), fairseq's encoder layers batched as stacked weights (diagonal_layers).
 
 The encoder's weights and key names are RoBERTa's (`encoder.sentence_encoder.*`): `--roberta-path` starts it
 from a fairseq RoBERTa checkpoint (its LM head is dropped; memory and classification head start fresh).
@@ -38,9 +40,9 @@ from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.memory import HasMemoryTokens, MemoryTokens
-from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, StackedWeights, run_segments
 
-from .rmt_lm import AssociativeConfig, validate_associative
+from .rmt_lm import SCHEDULES, AssociativeConfig, validate_associative
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,13 @@ class RMTEncoderConfig(AssociativeConfig):
         metadata={"help": "initialise the encoder from this fairseq RoBERTa checkpoint (model.pt); memory and "
                   "classification head start fresh. Needs the checkpoint's dict.txt as the data's dict.txt"},
     )
+    inference_schedule: SCHEDULES = field(
+        default="sequential",
+        metadata={"help": "without gradients (validation, inference, rmt-extrapolate-classify): sequential, or "
+                  "diagonal (Sivtsov et al. 2025: the (segment, layer) grid by anti-diagonals, one batched call per "
+                  "diagonal; exact; applies to --associative-memory and no memory, not to RMT's token memory, "
+                  "which stays sequential, nor under ZeRO-3)"},
+    )
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
 
@@ -98,6 +107,8 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         self.assoc_layers = (nn.ModuleList(associative.AssociativeMemory(C, cfg.d_mem, cfg.dpfp_nu)
                                            for _ in range(args.encoder_layers)) if self.associative else None)
         self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
+        self.inference_schedule = str(getattr(cfg, "inference_schedule", "sequential"))
+        self._stacked = StackedWeights()  # diagonal schedule: the layers' weights stacked (built on first use)
 
     @property
     def recurrent(self) -> bool:
@@ -106,10 +117,9 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
 
     # ---- the segment interface used by modules/recurrence.py -------------------------------------------
 
-    def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache=None,
-                        assoc=None) -> SegmentOutput:
-        """tokens B x T (pad after a document's end) -> features B x N x C and the memory it writes (RMT), or the
-        associative state [A_0 B x F x C, z_0 B x F, ...] it writes (ARMT, reading `assoc`)."""
+    def _segment_input(self, tokens: torch.Tensor, memory: Optional[torch.Tensor]):
+        """tokens B x T -> (src B x N: [<s> | M slots | tokens | </s>] ids, their embeddings B x N x C with the memory
+        in the slots, before the encoder's embed scale)."""
         B, T = tokens.shape
         M = self.num_mem_tokens
         bos = tokens.new_full((B, 1), self.bos)
@@ -122,6 +132,14 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
             mem = memory if (memory is not None and self.recurrent) else self.memory(B)  # B x M x C
             # divided by the embedding scale the encoder multiplies with (1 for RoBERTa)
             emb = torch.cat([emb[:, :1], mem / self.sentence_encoder.embed_scale, emb[:, 1 + M :]], dim=1)
+        return src, emb
+
+    def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache=None,
+                        assoc=None) -> SegmentOutput:
+        """tokens B x T (pad after a document's end) -> features B x N x C and the memory it writes (RMT), or the
+        associative state [A_0 B x F x C, z_0 B x F, ...] it writes (ARMT, reading `assoc`)."""
+        M = self.num_mem_tokens
+        src, emb = self._segment_input(tokens, memory)
         new_assoc, hooks = [], []
         if self.associative:  # per layer, for this call only: read before the layer, write from its memory rows
             for i, layer in enumerate(self.sentence_encoder.layers):
@@ -138,13 +156,104 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
                 hooks += [layer.register_forward_pre_hook(read, with_kwargs=True),
                           layer.register_forward_hook(write)]
         try:
-            out = self.sentence_encoder(src, token_embeddings=emb)
+            # what TransformerEncoder.forward calls, without its module call: hooks on a module whose output is a
+            # dict of lists (fairseq's NanDetector, run when gradients are non-finite) make torch raise
+            # StopIteration, which hid fairseq's "gradients are Nan/Inf" and the detector's report
+            out = self.sentence_encoder.forward_scriptable(src, token_embeddings=emb)
         finally:
             for h in hooks:
                 h.remove()
         x = out["encoder_out"][0].transpose(0, 1)  # T x B x C -> B x N x C
         return SegmentOutput(hidden=x, memory=x[:, 1 : 1 + M] if self.recurrent else None, cache=None,
                              assoc=new_assoc if self.associative else None)
+
+    # ---- the diagonal schedule (modules/recurrence.py): the same computation, layers batched ------------
+
+    mem_len = 0  # no XL cache
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sentence_encoder.layers)
+
+    @property
+    def diagonal_ok(self) -> bool:
+        """Exact for ARMT and without memory: layer l of a segment needs only layer l of the one before. Not for
+        RMT's token memory (the last layer's output is the next segment's input), nor under ZeRO-3, whose
+        partitioned weights are there only inside their module's forward."""
+        return not self.recurrent and not any(hasattr(p, "ds_id") for p in self.sentence_encoder.layers.parameters())
+
+    def diagonal_begin(self, tokens: torch.Tensor, cache_len: int):
+        """tokens B x T -> (the first layer's input B x N x C, the segment's key padding B x N bool or None), as
+        fairseq's TransformerEncoder.forward computes them."""
+        se = self.sentence_encoder
+        src, emb = self._segment_input(tokens, None)
+        pad = src.eq(se.padding_idx)  # B x N
+        x, _ = se.forward_embedding(src, emb)
+        x = x * (1 - pad.unsqueeze(-1).type_as(x))
+        return x, (pad if bool(pad.any()) else None)
+
+    def diagonal_end(self, h: torch.Tensor, tables) -> torch.Tensor:
+        """The encoder's final layer norm (pre-norm encoders), as forward_segment: B x N x C."""
+        ln = self.sentence_encoder.layer_norm
+        return ln(h) if ln is not None else h
+
+    @torch.no_grad()
+    def diagonal_layers(self, first: int, hs: torch.Tensor, tables, caches, assoc):
+        """Encoder layers first .. first+G-1, each on its own segment, as one batched call (eval mode: no dropout).
+        hs G x B x N x C; tables: each segment's key padding (diagonal_begin); caches None (no XL cache); assoc
+        [A G x B x F x C, z G x B x F] or None (the segments' first) -> (hs out, None, new [A, z] or None). The
+        operations of fairseq's TransformerEncoderLayerBase.forward (post- or pre-norm) batched over the G layers,
+        its MultiheadAttention as scaled_dot_product_attention with the padded keys masked; ARMT's read and write
+        are forward_segment's calls, one per layer (in fp32 a bmm over G x B matrices rounds differently from one
+        over B, and the associative read amplifies such differences from segment to segment)."""
+        G, B, N, C = hs.shape
+        layers = self.sentence_encoder.layers
+        w = {k: v[first : first + G] for k, v in self._stacked.get({"": layers}).items()}  # G x ...
+
+        def lin(x, name):  # fairseq's Linear (with bias) per layer: x G x B x n x C_in -> G x B x n x C_out
+            flat = x.reshape(G, -1, x.size(-1))
+            y = torch.baddbmm(w[name + ".bias"].unsqueeze(1), flat, w[name + ".weight"].transpose(-1, -2))
+            return y.view(*x.shape[:-1], y.size(-1))
+
+        layer = layers[first]
+
+        def norm(y, name):  # LayerNorm per layer: one fused call each, as the layer's own
+            eps = getattr(layer, name).eps
+            return torch.stack([F.layer_norm(y[g], (C,), w[name + ".weight"][g], w[name + ".bias"][g], eps)
+                                for g in range(G)])
+
+        x = hs
+        blocks = [self.assoc_layers[first + g] for g in range(G)] if self.associative else []
+        states = [(assoc[0][g], assoc[1][g]) if assoc is not None else (None, None) for g in range(G)]
+        if self.associative:  # per layer, the calls of forward_segment: their small bmms round as the sequential
+            x = torch.stack([b.read(x[g], *states[g], self.assoc_dtype) for g, b in enumerate(blocks)])
+        pre = layer.normalize_before
+        H = layer.self_attn.num_heads
+        D = C // H
+        residual = x
+        y = norm(x, "self_attn_layer_norm") if pre else x
+        heads = lambda t: t.reshape(G * B, N, H, D).transpose(1, 2)  # noqa: E731  (G*B) x H x N x D
+        q, k, v = (heads(lin(y, f"self_attn.{n}_proj")) for n in "qkv")
+        mask = None
+        if any(t is not None for t in tables):
+            keep = torch.stack([~t if t is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
+                                for t in tables])  # G x B x N: True = a key to attend to
+            mask = keep.reshape(G * B, 1, 1, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (G*B) x H x N x D
+        x = residual + lin(out.transpose(1, 2).reshape(G, B, N, C), "self_attn.out_proj")
+        if not pre:
+            x = norm(x, "self_attn_layer_norm")
+        residual = x
+        y = norm(x, "final_layer_norm") if pre else x
+        x = residual + lin(layer.activation_fn(lin(y, "fc1")), "fc2")
+        if not pre:
+            x = norm(x, "final_layer_norm")
+        new_assoc = None
+        if self.associative:  # the memory rows write each layer's state: G x B x F x C, G x B x F
+            M = self.num_mem_tokens
+            pairs = [b.write(x[g][:, 1 : 1 + M], *states[g], self.assoc_dtype) for g, b in enumerate(blocks)]
+            new_assoc = [torch.stack([A for A, _ in pairs]), torch.stack([z for _, z in pairs])]
+        return x, None, new_assoc
 
     def classify(self, hidden: torch.Tensor) -> torch.Tensor:
         """features B x N x C -> logits B x V (the head reads <s>, as RoBERTa's)."""
@@ -167,7 +276,7 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         T = segment_len
         if target is None:
             logits = []
-            run_segments(self, src_tokens, None, RecurrentState(), seg_len=T,
+            run_segments(self, src_tokens, None, RecurrentState(), seg_len=T, schedule=self.inference_schedule,
                          on_segment=lambda s, out: logits.append(self.classify(out.hidden)))
             n_seg = ((src_tokens.ne(self.pad).sum(1) + T - 1) // T).clamp(min=1)  # B
             logits = torch.stack(logits, dim=1)  # B x S x V
@@ -182,7 +291,7 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
                 preds[rows] = self.classify(out.hidden[rows].detach()).argmax(-1)
 
         out = run_segments(self, src_tokens, target, RecurrentState(), seg_len=T, bptt_unroll=bptt_unroll,
-                           checkpoint_segments=checkpoint_segments, on_segment=keep)
+                           checkpoint_segments=checkpoint_segments, on_segment=keep, schedule=self.inference_schedule)
         return torch.stack(out.losses), {"ndocs": out.ntokens, "preds": preds}
 
     def max_positions(self):
@@ -320,13 +429,14 @@ def rmt_encoder_tiny(args):
 
 @register_model_architecture("rmt_encoder", "armt_encoder_base")
 def armt_encoder_base(args):
-    """rmt_encoder_base with ARMT: 16 memory tokens writing a d_mem 64 associative memory per layer."""
-    _defaults(args, associative_memory=True, d_mem=64, dpfp_nu=3, mem_tokens=16)
+    """rmt_encoder_base with ARMT: 16 memory tokens writing a d_mem 64 associative memory per layer; the diagonal
+    schedule for inference."""
+    _defaults(args, associative_memory=True, d_mem=64, dpfp_nu=3, mem_tokens=16, inference_schedule="diagonal")
     rmt_encoder_base(args)
 
 
 @register_model_architecture("rmt_encoder", "armt_encoder_tiny")
 def armt_encoder_tiny(args):
-    """rmt_encoder_tiny with ARMT: 4 memory tokens, d_mem 16."""
-    _defaults(args, associative_memory=True, d_mem=16, dpfp_nu=3)
+    """rmt_encoder_tiny with ARMT: 4 memory tokens, d_mem 16; the diagonal schedule for inference."""
+    _defaults(args, associative_memory=True, d_mem=16, dpfp_nu=3, inference_schedule="diagonal")
     rmt_encoder_tiny(args)

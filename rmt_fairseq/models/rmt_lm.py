@@ -36,7 +36,7 @@ from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.adaptive import DenseAdaptiveInput, adaptive_softmax_nll
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
-from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, StackedWeights, run_segments
 from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
 from rmt_fairseq.modules.transformer_xl import XLAdaptiveEmbedding, XLAdaptiveLogSoftmax, init_transformer_xl_
 
@@ -292,7 +292,7 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
                                            for _ in range(cfg.decoder_layers)) if self.associative else None)
         self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
         self.inference_schedule = str(getattr(cfg, "inference_schedule", "sequential"))
-        self._stacked = None  # diagonal schedule: the layers' weights stacked (built on first use, see _stack)
+        self._stacked = StackedWeights()  # diagonal schedule: the layers' weights stacked (built on first use)
 
     @property
     def read_rows(self) -> int:
@@ -406,26 +406,18 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         return self._segment_output(h, tables[0], tables[1])[0]
 
     def _stack(self):
-        """Every layer's weights stacked along a first dim of n_layers (rebuilt when a weight changes)."""
-        params = list(self.layers.parameters()) + (list(self.assoc_layers.parameters()) if self.associative else [])
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._stacked is None or self._stacked[0] != key:
-            names = [n for n, _ in self.layers[0].named_parameters()]
-            st = {n: torch.stack([dict(layer.named_parameters())[n].detach() for layer in self.layers]) for n in names}
-            if self.associative:
-                for n, _ in self.assoc_layers[0].named_parameters():
-                    st["assoc." + n] = torch.stack([dict(a.named_parameters())[n].detach() for a in self.assoc_layers])
-            self._stacked = (key, st)
-        return self._stacked[1]
+        """Every layer's weights (and ARMT's blocks', as "assoc.*") stacked along a first dim of n_layers."""
+        return self._stacked.get({"": self.layers, **({"assoc.": self.assoc_layers} if self.associative else {})})
 
     @torch.no_grad()
     def diagonal_layers(self, first: int, hs: torch.Tensor, tables, caches: Optional[torch.Tensor],
                         assoc: Optional[List[torch.Tensor]]):
         """Layers first .. first+G-1, each on its own segment, as one batched call (eval mode: no dropout).
-        hs G x B x N x C; caches G x B x L x C or None; assoc [A G x B x F x C, z G x B x F] or None (the
-        segments' first) -> (hs out, the segment rows of each layer's input for the XL cache or None, new
-        [A, z] or None). The same operations as forward_segment with RelativeDecoderLayer's, in the same order."""
-        T, _, pos_emb, rel_index, mask_bias = tables
+        hs G x B x N x C; tables: each segment's (diagonal_begin); caches G x B x L x C or None; assoc
+        [A G x B x F x C, z G x B x F] or None (the segments' first) -> (hs out, the segment rows of each layer's
+        input for the XL cache or None, new [A, z] or None). The same operations as forward_segment with
+        RelativeDecoderLayer's, in the same order."""
+        T, _, pos_emb, rel_index, mask_bias = tables[0]  # the same for the group (same shape and cache length)
         G, B, N, C = hs.shape
         W = self._stack()
         sl = slice(first, first + G)

@@ -29,9 +29,10 @@ sequentially (`diagonal_ok` False).
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Protocol
+from typing import Callable, Dict, List, Optional, Protocol
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 BPTT_MODES = ("block", "sliding")
@@ -321,13 +322,14 @@ def run_segments(
 
 
 class DiagonalModel(Protocol):
-    """What the diagonal schedule needs from a model, besides SegmentModel (rmt_lm's decoder implements it).
+    """What the diagonal schedule needs from a model, besides SegmentModel (rmt_lm's decoder and the rmt_encoder
+    implement it).
 
     `diagonal_begin(tokens, cache_len)` -> (h B x N x C, the layer-0 input of the segment; tables, the segment's
-    attention geometry); `diagonal_layers(first, hs G x B x N x C, tables, caches G x B x L x C or None, assoc
-    [A G x B x F x C, z G x B x F] or None)` runs layers first .. first+G-1 on one segment each, as one batched
-    call, and returns (hs out, the inputs to cache G x B x T x C or None, new [A, z] or None);
-    `diagonal_end(h, tables)` -> the segment's hidden states B x T x C."""
+    attention geometry and padding); `diagonal_layers(first, hs G x B x N x C, tables (a list of G: each
+    segment's), caches G x B x L x C or None, assoc [A G x B x F x C, z G x B x F] or None)` runs layers first ..
+    first+G-1 on one segment each, as one batched call, and returns (hs out, the inputs to cache G x B x T x C or
+    None, new [A, z] or None); `diagonal_end(h, tables)` -> the segment's hidden states."""
 
     num_layers: int
     mem_len: int
@@ -337,6 +339,29 @@ class DiagonalModel(Protocol):
     def diagonal_layers(self, first: int, hs, tables, caches, assoc): ...
 
     def diagonal_end(self, h: torch.Tensor, tables) -> torch.Tensor: ...
+
+
+class StackedWeights:
+    """The weights of equal modules (a ModuleList's layers) stacked along a new first dim of len(layers), what the
+    diagonal schedule's batched call multiplies with; rebuilt when any weight changes (an optimizer step, .to()).
+    Detached: the diagonal schedule runs without gradients."""
+
+    def __init__(self):
+        self._key, self._stacked = None, None
+
+    @property
+    def built(self) -> bool:
+        return self._stacked is not None
+
+    def get(self, lists: Dict[str, nn.ModuleList]) -> Dict[str, torch.Tensor]:
+        """{prefix: ModuleList} -> {prefix + parameter name: n x (the parameter's shape)}."""
+        params = [p for ml in lists.values() for p in ml.parameters()]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._key != key:
+            self._stacked = {prefix + n: torch.stack([dict(m.named_parameters())[n].detach() for m in ml])
+                             for prefix, ml in lists.items() for n, _ in ml[0].named_parameters()}
+            self._key = key
+        return self._stacked
 
 
 def _run_diagonal(model, seg_tokens, seg_targets, state, return_hidden, on_segment) -> LoopOutput:
@@ -376,7 +401,7 @@ def _run_diagonal(model, seg_tokens, seg_targets, state, return_hidden, on_segme
             if assoc[first] is not None:
                 a = [torch.stack([assoc[layer][0] for _, layer in group]),
                      torch.stack([assoc[layer][1] for _, layer in group])]
-            out, seg_in, new_a = model.diagonal_layers(first, hs, tables[group[0][0]], caches, a)
+            out, seg_in, new_a = model.diagonal_layers(first, hs, [tables[s] for s, _ in group], caches, a)
             for g, (s, layer) in enumerate(group):
                 h[s] = out[g]
                 if seg_in is not None:

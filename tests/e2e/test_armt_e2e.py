@@ -170,7 +170,7 @@ def test_hub_score_of_a_long_text_agrees_under_both_schedules(recall_data, refer
         decoder = lm.models[0].decoder
         assert decoder.inference_schedule == schedule and decoder.diagonal_ok
         scores[schedule] = lm.score(text)["positional_scores"]
-        assert (decoder._stacked is not None) == (schedule == "diagonal")  # built by the diagonal path only
+        assert decoder._stacked.built == (schedule == "diagonal")  # built by the diagonal path only
     assert scores["sequential"].numel() == 200
     assert torch.allclose(scores["diagonal"], scores["sequential"], rtol=1e-5, atol=1e-5)
 

@@ -17,7 +17,7 @@ from helpers import armt_with_values
 from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError
 from rmt_fairseq.models.rmt_encoder import RMTEncoderConfig, RMTEncoderModel, validate_config
-from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, StackedWeights, run_segments
 
 WORDS = 30  # ordinary symbols w0..w29
 T, M, C = 8, 3, 32  # segment length, memory tokens, model dim
@@ -407,5 +407,106 @@ def test_armt_encoder_presets_and_bad_flags():
 
     armt_encoder_tiny(cfg)
     assert (cfg.associative_memory, cfg.d_mem, cfg.mem_tokens, cfg.encoder_layers) == (True, 16, 4, 2)
+    assert cfg.inference_schedule == "diagonal"
     with pytest.raises(RMTConfigError, match="--mem-tokens must be > 0, got 0"):
         build(associative_memory=True, mem_tokens=0)
+
+
+# ---- the diagonal schedule on the encoder (--inference-schedule diagonal) ----------------------------------------
+
+
+def _documents_with_padding(gen, B=3, S=5):
+    """B documents of S segments; the second ends inside segment 3 (pad after it, as the task pads), the third
+    inside the last: both the key padding mask and segments without any real token are exercised."""
+    x = words((B, S * T), gen)
+    x[1, 2 * T + 3 :] = PAD
+    x[2, S * T - 5 :] = PAD
+    return x
+
+
+@pytest.mark.parametrize("kind,prenorm", [("armt", False), ("armt", True), ("none", False)])
+def test_encoder_diagonal_schedule_equals_sequential(kind, prenorm):
+    """Hidden states of every segment, the final associative state and the classifier's logits: diagonal ==
+    sequential to 1e-10 in float64 (post-norm RoBERTa layers and pre-norm ones, ARMT and no memory)."""
+    over = dict(associative_memory=True, d_mem=4) if kind == "armt" else dict(mem_tokens=0)
+    model = build(seed=0, encoder_normalize_before=prenorm, **over).double().eval()
+    if kind == "armt":
+        armt_with_values(model)
+    enc = model.encoder
+    assert enc.diagonal_ok
+    x = _documents_with_padding(torch.Generator().manual_seed(3))
+    runs = {}
+    with torch.no_grad():
+        for schedule in ("sequential", "diagonal"):
+            state = RecurrentState()
+            hidden = run_segments(enc, x, None, state, seg_len=T, return_hidden=True, schedule=schedule).hidden
+            runs[schedule] = (hidden, state)
+    (h_seq, st_seq), (h_diag, st_diag) = runs["sequential"], runs["diagonal"]
+    assert len(h_seq) == len(h_diag) == 5
+    for a, b in zip(h_seq, h_diag):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+    assert st_diag.segments_seen == st_seq.segments_seen == 5
+    if kind == "armt":
+        assert len(st_diag.assoc) == len(st_seq.assoc) == 4 and float(st_seq.assoc[0].abs().max()) > 0
+        for a, b in zip(st_seq.assoc, st_diag.assoc):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+    enc.inference_schedule, enc._stacked = "sequential", StackedWeights()
+    with torch.no_grad():  # inference (fairseq validates under no_grad)
+        want = model(x, segment_len=T)
+        assert not enc._stacked.built
+        enc.inference_schedule = "diagonal"
+        got = model(x, segment_len=T)  # the model's forward, with the configured schedule
+    assert enc._stacked.built  # the diagonal path ran (it builds the stacked weights)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_encoder_diagonal_schedule_in_fp32_and_continuing_a_state():
+    """fp32 within 1e-5 (bitwise on this machine: the layer reads and writes are the sequential calls), including
+    calls that continue the state of an earlier call (chunked streaming, as rmt-extrapolate-classify does)."""
+    model = armt_with_values(build(seed=0, associative_memory=True, d_mem=4)).eval()
+    enc = model.encoder
+    x = _documents_with_padding(torch.Generator().manual_seed(4), S=6)
+    outs = {}
+    with torch.no_grad():
+        for schedule in ("sequential", "diagonal"):
+            state, hidden = RecurrentState(), []
+            for chunk in x.split(3 * T, dim=1):
+                hidden += run_segments(enc, chunk, None, state, seg_len=T, return_hidden=True,
+                                       schedule=schedule).hidden
+            outs[schedule] = torch.stack(hidden)
+    torch.testing.assert_close(outs["diagonal"], outs["sequential"], rtol=0, atol=1e-5)
+
+
+def test_rmt_encoder_token_memory_stays_sequential():
+    model = build(seed=0).eval()  # RMT: the last layer's memory output is the next segment's input
+    enc = model.encoder
+    assert not enc.diagonal_ok
+    x = _documents_with_padding(torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        seq = run_segments(enc, x, None, RecurrentState(), seg_len=T, return_hidden=True).hidden
+        diag = run_segments(enc, x, None, RecurrentState(), seg_len=T, return_hidden=True, schedule="diagonal").hidden
+    assert all(torch.equal(a, b) for a, b in zip(seq, diag)) and not enc._stacked.built
+
+
+@pytest.mark.parametrize("over", [dict(), dict(associative_memory=True, d_mem=4)])
+def test_fairseqs_nan_detector_runs_on_the_encoder_and_names_the_module(over, caplog):
+    """fairseq-train reruns a step whose gradients are non-finite under fairseq's NanDetector (hooks on every
+    module) to name where the NaN starts. The encoder's forward and backward run under it (calling fairseq's
+    TransformerEncoder as a module, whose output is a dict of lists, made torch raise StopIteration there, which
+    replaced fairseq's "gradients are Nan/Inf"), and a NaN entering a layer is named."""
+    import logging
+
+    from fairseq.nan_detector import NanDetector
+
+    model = build(seed=0, **over)
+    x = words((2, 2 * T), torch.Generator().manual_seed(0))
+    target = torch.full_like(x, IGNORE)
+    target[:, T] = 1
+    layer = model.encoder.sentence_encoder.layers[1]
+    hook = layer.register_forward_pre_hook(lambda m, args: (args[0] * float("nan"), *args[1:]))
+    with caplog.at_level(logging.WARNING), NanDetector(model):
+        losses, _ = model(x, segment_len=T, target=target)
+        losses.sum().backward()
+    hook.remove()
+    assert not torch.isfinite(losses).all()
+    assert any("NaN detected in output of encoder.sentence_encoder.layers.1" in r.getMessage() for r in caplog.records)
