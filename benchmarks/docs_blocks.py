@@ -274,11 +274,15 @@ def render_char_lm(data: dict) -> str:
         lines.append(f"| {r['config']} | `{' '.join(r['flags'])}` | {r['test_bpc']:.4f} | {r['final_valid_bpc']:.4f} | "
                      f"{r['train_seconds']:.0f} |")
     lines += ["", _source(data, "benchmarks/results/char_lm.json")]
-    merged = [r for r in data["rows"] if r.get("provenance")]  # rows a later --merge run added
-    if merged:
-        lines += ["", "Rows added later by `--merge` (same flags, data and seed): " + "; ".join(
-            f"{r['config']} " + _source({"provenance": r["provenance"]}, "benchmarks/results/char_lm.json")
-            .replace("Measured by", "measured by").split("; results:")[0] for r in merged) + "."]
+    merged = {}  # rows a later --merge run added, grouped by the run (command, commit) that measured them
+    for r in data["rows"]:
+        if r.get("provenance"):
+            key = (r["provenance"]["command"], r["provenance"].get("commit"))
+            merged.setdefault(key, (r["provenance"], []))[1].append(r["config"])
+    for prov, names in merged.values():
+        src = _source({"provenance": prov}, "benchmarks/results/char_lm.json").split("; results:")[0]
+        lines += ["", f"Rows {', '.join(names)}: added later by `--merge` (same flags, data and seed), "
+                  + src[0].lower() + src[1:] + "."]
     return "\n".join(lines)
 
 # marker name -> (results JSON relative to the repository root, renderer)

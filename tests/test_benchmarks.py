@@ -1,4 +1,5 @@
-"""Benchmark scripts run in --quick mode and write well-formed JSON (figures are never asserted here).
+"""Benchmark scripts run in --quick mode and write well-formed JSON (figures are never asserted here; agreements
+between two runs of the same script are, e.g. one ARMT checkpoint streamed in both schedules).
 
 Marked `long` (about 2.2 minutes): not in `make test`; `make test-long` runs them, and CI runs it after `make test`."""
 

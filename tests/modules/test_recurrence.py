@@ -158,3 +158,29 @@ def test_checkpoint_activations_per_layer_gives_the_same_gradients():
         grads.append(_grads(model))
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode,K", [("sliding", 1), ("sliding", 3), ("block", 2)])
+def test_training_forward_scores_what_one_pass_without_gradients_scores(family, mode, K):
+    """The values truncation computes: every segment scored in training (sliding: after recomputing its window
+    from the states saved when those segments were first seen; block: blocks of K+1) has the loss of the same
+    segment in one pass over the stream without gradients. A window entry holding the state after its segment
+    instead of before would write that segment twice (the associative memory) and fail here."""
+    model, S = _model(family)
+    model.eval()  # no dropout: the two passes must compute the same numbers
+    gen = torch.Generator().manual_seed(2)
+    segs = [segment_tokens(s % S, gen) for s in range(7)]
+    target = torch.full((B, T), 3)
+    with torch.no_grad():
+        whole = run_segments(model.decoder, torch.cat(segs, 1), target.repeat(1, 7), RecurrentState(), seg_len=T)
+    state, got = RecurrentState(), []
+    per_call = 1 if mode == "sliding" else K + 1
+    for s in range(0, 7, per_call):
+        call = segs[s : s + per_call]
+        out = run_segments(model.decoder, torch.cat(call, 1), target.repeat(1, len(call)), state, seg_len=T,
+                           bptt_unroll=K, bptt_mode=mode)
+        got += [float(x) for x in out.losses]
+    assert len(got) == 7
+    for a, b in zip(got, whole.losses):
+        assert abs(a - float(b)) <= 1e-5 * max(1.0, abs(float(b))), (got, [float(x) for x in whole.losses])
