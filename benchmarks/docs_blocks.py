@@ -202,8 +202,13 @@ def render_memorization(data: dict) -> str:
     seq = data.get("armt_sequential_extrapolation")
     if seq:
         acc = {r["segments"]: f"{r['accuracy']:.1f}" for r in seq}
+        diag = {r["segments"]: r["us_per_token"] for r in data.get("armt_extrapolation", [])}
+        ratios = [r["us_per_token"] / diag[r["segments"]] for r in seq if r["segments"] in diag]
         cost = (f" {seq[0]['us_per_token']:.1f} / {seq[0]['rss_mb']:.0f} -> {seq[-1]['us_per_token']:.1f} / "
-                f"{seq[-1]['rss_mb']:.0f} (to {seq[-1]['tokens']:,} tok) |")
+                f"{seq[-1]['rss_mb']:.0f} (to {seq[-1]['tokens']:,} tok)"
+                + ("; sequential / diagonal time per token at each length: " + " / ".join(f"{r:.2f}" for r in ratios)
+                   if ratios else "")
+                + " |")
         lines.append("| ARMT, the same checkpoint, `--inference-schedule sequential` | |"
                      + "".join(f" {acc.get(r['segments'], '')} |" for r in ex) + cost)
     for name, f in data.get("training_stopped", {}).items():
@@ -217,8 +222,8 @@ def render_memorization(data: dict) -> str:
                      f"({tr['final_valid_accuracy']:.1f}% valid, {tr['train_seconds']:.0f} s) | "
                      f"{nm[0]['accuracy']:.1f} at {nm[0]['segments']} segments |" + " |" * (len(head) - 3))
     lines += ["", f"{st['task']}, `{st['model']}`, T = {st['segment_len']}, {st['max_update']} updates, seed "
-              f"{st['seed']}, {st['num_docs']} test documents per length; every model the same data and budget.",
-              "", _source(data, data["_path"])]
+              f"{st['seed']}, {st['num_docs']} test documents per length; every model the same data and budget."
+              + (f" Note: {st['note']}." if st.get("note") else ""), "", _source(data, data["_path"])]
     return "\n".join(lines)
 
 def _load(path: str) -> dict:

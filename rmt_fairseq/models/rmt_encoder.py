@@ -38,11 +38,11 @@ from torch import nn
 
 from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError, check
-from rmt_fairseq.modules import associative
+from rmt_fairseq.modules import associative, fairseq_layers
 from rmt_fairseq.modules.memory import HasMemoryTokens, MemoryTokens
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, StackedWeights, run_segments
 
-from .rmt_lm import SCHEDULES, AssociativeConfig, validate_associative
+from .rmt_lm import AssociativeConfig, validate_associative
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +72,6 @@ class RMTEncoderConfig(AssociativeConfig):
         default=None,
         metadata={"help": "initialise the encoder from this fairseq RoBERTa checkpoint (model.pt); memory and "
                   "classification head start fresh. Needs the checkpoint's dict.txt as the data's dict.txt"},
-    )
-    inference_schedule: SCHEDULES = field(
-        default="sequential",
-        metadata={"help": "without gradients (validation, inference, rmt-extrapolate-classify): sequential, or "
-                  "diagonal (Sivtsov et al. 2025: the (segment, layer) grid by anti-diagonals, one batched call per "
-                  "diagonal; exact; applies to --associative-memory and no memory, not to RMT's token memory, "
-                  "which stays sequential, nor under ZeRO-3)"},
     )
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
@@ -180,7 +173,9 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         """Exact for ARMT and without memory: layer l of a segment needs only layer l of the one before. Not for
         RMT's token memory (the last layer's output is the next segment's input), nor under ZeRO-3, whose
         partitioned weights are there only inside their module's forward."""
-        return not self.recurrent and not any(hasattr(p, "ds_id") for p in self.sentence_encoder.layers.parameters())
+        layers = self.sentence_encoder.layers
+        return (not self.recurrent and all(fairseq_layers.plain(layer) for layer in layers)
+                and not any(hasattr(p, "ds_id") for p in layers.parameters()))
 
     def diagonal_begin(self, tokens: torch.Tensor, cache_len: int):
         """tokens B x T -> (the first layer's input B x N x C, the segment's key padding B x N bool or None), as
@@ -201,53 +196,23 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
     def diagonal_layers(self, first: int, hs: torch.Tensor, tables, caches, assoc):
         """Encoder layers first .. first+G-1, each on its own segment, as one batched call (eval mode: no dropout).
         hs G x B x N x C; tables: each segment's key padding (diagonal_begin); caches None (no XL cache); assoc
-        [A G x B x F x C, z G x B x F] or None (the segments' first) -> (hs out, None, new [A, z] or None). The
-        operations of fairseq's TransformerEncoderLayerBase.forward (post- or pre-norm) batched over the G layers,
-        its MultiheadAttention as scaled_dot_product_attention with the padded keys masked; ARMT's read and write
-        are forward_segment's calls, one per layer (in fp32 a bmm over G x B matrices rounds differently from one
-        over B, and the associative read amplifies such differences from segment to segment)."""
+        [A G x B x F x C, z G x B x F] or None (the segments' first) -> (hs out, None, new [A, z] or None):
+        fairseq_layers.batched with the padded keys masked; ARMT's read and write are forward_segment's calls,
+        one per layer."""
         G, B, N, C = hs.shape
         layers = self.sentence_encoder.layers
         w = {k: v[first : first + G] for k, v in self._stacked.get({"": layers}).items()}  # G x ...
-
-        def lin(x, name):  # fairseq's Linear (with bias) per layer: x G x B x n x C_in -> G x B x n x C_out
-            flat = x.reshape(G, -1, x.size(-1))
-            y = torch.baddbmm(w[name + ".bias"].unsqueeze(1), flat, w[name + ".weight"].transpose(-1, -2))
-            return y.view(*x.shape[:-1], y.size(-1))
-
-        layer = layers[first]
-
-        def norm(y, name):  # LayerNorm per layer: one fused call each, as the layer's own
-            eps = getattr(layer, name).eps
-            return torch.stack([F.layer_norm(y[g], (C,), w[name + ".weight"][g], w[name + ".bias"][g], eps)
-                                for g in range(G)])
-
         x = hs
         blocks = [self.assoc_layers[first + g] for g in range(G)] if self.associative else []
         states = [(assoc[0][g], assoc[1][g]) if assoc is not None else (None, None) for g in range(G)]
-        if self.associative:  # per layer, the calls of forward_segment: their small bmms round as the sequential
+        if self.associative:  # per layer, forward_segment's calls (modules/fairseq_layers.py says why)
             x = torch.stack([b.read(x[g], *states[g], self.assoc_dtype) for g, b in enumerate(blocks)])
-        pre = layer.normalize_before
-        H = layer.self_attn.num_heads
-        D = C // H
-        residual = x
-        y = norm(x, "self_attn_layer_norm") if pre else x
-        heads = lambda t: t.reshape(G * B, N, H, D).transpose(1, 2)  # noqa: E731  (G*B) x H x N x D
-        q, k, v = (heads(lin(y, f"self_attn.{n}_proj")) for n in "qkv")
         mask = None
         if any(t is not None for t in tables):
             keep = torch.stack([~t if t is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
                                 for t in tables])  # G x B x N: True = a key to attend to
             mask = keep.reshape(G * B, 1, 1, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (G*B) x H x N x D
-        x = residual + lin(out.transpose(1, 2).reshape(G, B, N, C), "self_attn.out_proj")
-        if not pre:
-            x = norm(x, "self_attn_layer_norm")
-        residual = x
-        y = norm(x, "final_layer_norm") if pre else x
-        x = residual + lin(layer.activation_fn(lin(y, "fc1")), "fc2")
-        if not pre:
-            x = norm(x, "final_layer_norm")
+        x = fairseq_layers.batched(layers[first], w, x, mask)
         new_assoc = None
         if self.associative:  # the memory rows write each layer's state: G x B x F x C, G x B x F
             M = self.num_mem_tokens

@@ -75,7 +75,8 @@ class TrainedWithConfig(FairseqDataclass):
 
 @dataclass
 class AssociativeConfig(FairseqDataclass):
-    """ARMT's flags (Rodkin et al. 2024; modules/associative.py), shared by the three model families."""
+    """ARMT's flags (Rodkin et al. 2024; modules/associative.py) and the inference schedule (modules/recurrence.py),
+    shared by the three model families."""
 
     associative_memory: bool = field(
         default=False,
@@ -90,6 +91,15 @@ class AssociativeConfig(FairseqDataclass):
         default="fp32",
         metadata={"help": "--associative-memory: dtype the associative state is accumulated in: fp32 (also under "
                   "--bf16/--fp16) or model (the model's dtype)"},
+    )
+    inference_schedule: SCHEDULES = field(
+        default="sequential",
+        metadata={"help": "without gradients (validation, eval-lm, generation's completed segments, "
+                  "rmt-extrapolate*): sequential, or diagonal (Sivtsov et al. 2025: the (segment, layer) grid by "
+                  "anti-diagonals, one batched call per diagonal; exact; applies to --associative-memory and no "
+                  "memory, and rmt_lm's --mem-len; not to RMT's token memory, which stays sequential, nor under "
+                  "ZeRO-3; rmt_lm needs several segments per call: --task rmt_lm validation and eval-lm get them "
+                  "with --eval-segments-per-batch)"},
     )
 
 
@@ -112,14 +122,6 @@ def validate_associative(cfg) -> None:
 
 @dataclass
 class RMTLanguageModelConfig(AssociativeConfig, TrainedWithConfig):
-    inference_schedule: SCHEDULES = field(
-        default="sequential",
-        metadata={"help": "without gradients (validation, eval-lm, generation's completed segments, rmt-extrapolate): "
-                  "sequential, or diagonal (Sivtsov et al. 2025: the (segment, layer) grid by anti-diagonals, one "
-                  "batched call per diagonal; exact; applies to --associative-memory, --mem-len and no memory, not "
-                  "to RMT's token memory, which stays sequential, nor under ZeRO-3; it needs several segments "
-                  "per call: --task rmt_lm validation and eval-lm get them with --eval-segments-per-batch)"},
-    )
     decoder_layers: int = field(default=16, metadata={"help": "number of decoder layers"})
     decoder_embed_dim: int = field(default=410, metadata={"help": "model dimension C"})
     decoder_ffn_embed_dim: int = field(default=2100, metadata={"help": "feed-forward inner dimension"})

@@ -19,7 +19,9 @@ model computes exactly what transformer_lm computes.
 ARMT (--associative-memory, presets armt_transformer_lm*): the layout is [segment | write memory] with learned
 memory tokens that are not carried; before every layer each row reads that layer's associative memory, and the
 layer's output at the memory rows writes it (modules/associative.py). Its write projection starts at zero, so a
-pretrained transformer_lm wrapped with it (--lm-path) computes what it computed before, per segment.
+pretrained transformer_lm wrapped with it (--lm-path) computes what it computed before, per segment. Without
+gradients, --inference-schedule diagonal runs an ARMT (or memoryless) wrapper's (segment, layer) grid by
+anti-diagonals (modules/recurrence.py), fairseq's decoder layers batched (modules/fairseq_layers.py).
 """
 
 import logging
@@ -33,10 +35,10 @@ from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
 from rmt_fairseq.errors import RMTConfigError, check
-from rmt_fairseq.modules import associative
+from rmt_fairseq.modules import associative, fairseq_layers
 from rmt_fairseq.modules.adaptive import make_dense
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
-from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, StackedWeights, run_segments
 
 from .rmt_lm import (
     AssociativeConfig,
@@ -88,18 +90,17 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         self.assoc_layers = (torch.nn.ModuleList(associative.AssociativeMemory(C, cfg.d_mem, cfg.dpfp_nu)
                                                  for _ in range(self.num_layers)) if self.associative else None)
         self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
+        self.inference_schedule = str(getattr(cfg, "inference_schedule", "sequential"))
+        self._stacked = StackedWeights()  # diagonal schedule: the layers' weights stacked (built on first use)
 
     @property
     def recurrent(self) -> bool:
         """RMT's token memory (ARMT's memory tokens are learned, not carried)."""
         return self.memory is not None and not self.associative
 
-    def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor],
-                        cache: Optional[List[torch.Tensor]] = None,
-                        assoc: Optional[List[torch.Tensor]] = None) -> SegmentOutput:
-        """TransformerDecoder.extract_features on [read | segment | write] (RMT) or [segment | write] (ARMT, whose
-        state [A_0 B x F x C, z_0 B x F, ...] each layer reads before and writes after it); no encoder, no
-        incremental state."""
+    def _segment_input(self, tokens: torch.Tensor, memory: Optional[torch.Tensor]):
+        """tokens B x T -> (the first layer's input B x N x C, the key padding B x N bool or None, the layout's
+        additive mask N x N), as TransformerDecoder.extract_features builds them."""
         B, T = tokens.shape
         M = self.num_mem_tokens
         R = 0 if self.associative else M  # rows before the segment
@@ -119,13 +120,24 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x = self.dropout_module(x)
-        x = x.transpose(0, 1)  # B x N x C -> N x B x C (fairseq layers)
         pad = tokens.eq(self.padding_idx)  # B x T
         self_attn_padding_mask = None
         if self.cross_self_attention or pad.any():
             self_attn_padding_mask = torch.cat([pad.new_zeros(B, R), pad, pad.new_zeros(B, M)], dim=1)  # B x N
         # [read | segment | write] mask, no cache; with M = 0 the causal mask of buffered_future_mask
         mask = self.layouts.mask(Layout(0, R, T, M), x.device, x.dtype)
+        return x, self_attn_padding_mask, mask
+
+    def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor],
+                        cache: Optional[List[torch.Tensor]] = None,
+                        assoc: Optional[List[torch.Tensor]] = None) -> SegmentOutput:
+        """TransformerDecoder.extract_features on [read | segment | write] (RMT) or [segment | write] (ARMT, whose
+        state [A_0 B x F x C, z_0 B x F, ...] each layer reads before and writes after it); no encoder, no
+        incremental state."""
+        M = self.num_mem_tokens
+        x, self_attn_padding_mask, mask = self._segment_input(tokens, memory)
+        R, T = (0 if self.associative else M), tokens.size(1)
+        x = x.transpose(0, 1)  # B x N x C -> N x B x C (fairseq layers)
         new_assoc = [] if self.associative else None
         for idx, layer in enumerate(self.layers):
             last = idx == self.num_layers - 1  # the stock call asks the last layer for attention weights
@@ -148,6 +160,60 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
     def segment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return segment_nll(self, hidden, target)
 
+    # ---- the diagonal schedule (modules/recurrence.py): the same computation, layers batched ------------
+
+    mem_len = 0  # no XL cache
+
+    @property
+    def diagonal_ok(self) -> bool:
+        """Exact for ARMT and without memory: layer l of a segment needs only layer l of the one before. Not for
+        RMT's token memory (the last layer's output is the next segment's input), nor for layers
+        modules/fairseq_layers.py does not write (NormFormer's, cross self-attention), nor under ZeRO-3, whose
+        partitioned weights are there only inside their module's forward."""
+        return (not self.recurrent and all(fairseq_layers.plain(layer) for layer in self.layers)
+                and not any(hasattr(p, "ds_id") for p in self.layers.parameters()))
+
+    def diagonal_begin(self, tokens: torch.Tensor, cache_len: int):
+        """tokens B x T -> (the first layer's input B x N x C, (T, the segment's additive mask with its padded keys
+        at -inf: B x 1 x N x N, or N x N without padding))."""
+        x, pad, mask = self._segment_input(tokens, None)
+        if pad is not None:  # as F.multi_head_attention_forward merges key padding into the additive mask
+            mask = mask + torch.zeros_like(pad, dtype=mask.dtype).masked_fill(pad, float("-inf"))[:, None, None, :]
+        return x, (tokens.size(1), mask)
+
+    def diagonal_end(self, h: torch.Tensor, tables) -> torch.Tensor:
+        """The decoder's final layer norm, the segment rows, project_out_dim, as forward_segment: B x T x C."""
+        if self.layer_norm is not None:
+            h = self.layer_norm(h)
+        R, T = (0 if self.associative else self.num_mem_tokens), tables[0]
+        hidden = h[:, R : R + T]
+        return self.project_out_dim(hidden) if self.project_out_dim is not None else hidden
+
+    @torch.no_grad()
+    def diagonal_layers(self, first: int, hs: torch.Tensor, tables, caches, assoc):
+        """Decoder layers first .. first+G-1, each on its own segment, as one batched call (eval mode: no
+        dropout). hs G x B x N x C; tables: each segment's (diagonal_begin); caches None (no XL cache); assoc
+        [A G x B x F x C, z G x B x F] or None (the segments' first) -> (hs out, None, new [A, z] or None):
+        fairseq_layers.batched with each segment's mask; ARMT's read and write are forward_segment's calls, one
+        per layer."""
+        G, B, N, C = hs.shape
+        w = {k: v[first : first + G] for k, v in self._stacked.get({"": self.layers}).items()}  # G x ...
+        x = hs
+        blocks = [self.assoc_layers[first + g] for g in range(G)] if self.associative else []
+        states = [(assoc[0][g], assoc[1][g]) if assoc is not None else (None, None) for g in range(G)]
+        if self.associative:  # per layer, forward_segment's calls (modules/fairseq_layers.py says why)
+            x = torch.stack([b.read(x[g], *states[g], self.assoc_dtype) for g, b in enumerate(blocks)])
+        masks = [t[1] for t in tables]
+        mask = (masks[0] if all(m.dim() == 2 for m in masks) and all(m is masks[0] for m in masks)
+                else torch.cat([m.expand(B, 1, N, N) for m in masks]))  # (G*B) x 1 x N x N
+        x = fairseq_layers.batched(self.layers[first], w, x, mask)
+        new_assoc = None
+        if self.associative:  # the memory rows write each layer's state: G x B x F x C, G x B x F
+            T = tables[0][0]
+            pairs = [b.write(x[g][:, T:], *states[g], self.assoc_dtype) for g, b in enumerate(blocks)]
+            new_assoc = [torch.stack([A for A, _ in pairs]), torch.stack([z for _, z in pairs])]
+        return x, None, new_assoc
+
     def token_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """B x T x C -> B x T x V log-probabilities."""
         return self.get_normalized_probs((self.output_layer(hidden), None), log_probs=True).float()
@@ -160,7 +226,7 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False, **kwargs):
         """The whole prefix through the segment loop, fresh memory (generation recomputes it every step)."""
         out = run_segments(self, prev_output_tokens, None, RecurrentState(), seg_len=self.segment_len,
-                           return_hidden=True)
+                           return_hidden=True, schedule=self.inference_schedule)
         x = torch.cat(out.hidden, dim=1)  # B x t x C
         return (x if features_only else self.output_layer(x)), {"attn": [None], "inner_states": None}
 
@@ -256,12 +322,14 @@ def _armt_preset(name):
     stock = ARCH_CONFIG_REGISTRY[name]
 
     def preset(args):
-        for k, v in dict(associative_memory=True, d_mem=64, dpfp_nu=3, mem_tokens=16).items():
+        for k, v in dict(associative_memory=True, d_mem=64, dpfp_nu=3, mem_tokens=16,
+                         inference_schedule="diagonal").items():
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
         stock(args)
 
-    preset.__doc__ = f"fairseq's {name} preset with ARMT: 16 memory tokens, a d_mem 64 associative memory per layer"
+    preset.__doc__ = (f"fairseq's {name} preset with ARMT: 16 memory tokens, a d_mem 64 associative memory per layer, "
+                      "the diagonal schedule for inference")
     return preset
 
 

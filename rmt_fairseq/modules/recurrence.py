@@ -322,8 +322,8 @@ def run_segments(
 
 
 class DiagonalModel(Protocol):
-    """What the diagonal schedule needs from a model, besides SegmentModel (rmt_lm's decoder and the rmt_encoder
-    implement it).
+    """What the diagonal schedule needs from a model, besides SegmentModel (rmt_lm's decoder, the
+    rmt_transformer_lm wrapper's and the rmt_encoder implement it).
 
     `diagonal_begin(tokens, cache_len)` -> (h B x N x C, the layer-0 input of the segment; tables, the segment's
     attention geometry and padding); `diagonal_layers(first, hs G x B x N x C, tables (a list of G: each

@@ -17,7 +17,7 @@ from helpers import armt_with_values, build_from_cli_args, cli, tiny_model
 from rmt_fairseq.errors import RMTConfigError
 from rmt_fairseq.models.rmt_transformer_lm import RMTTransformerDecoder, RMTTransformerLanguageModel
 from rmt_fairseq.modules.memory import Layout, visibility
-from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, StackedWeights, run_segments
 
 SIZES = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64,
          "--decoder-attention-heads", 2, "--dropout", 0]
@@ -440,11 +440,13 @@ def test_presets_parse_to_the_stock_settings(name):
     assert set(ours) - set(stock) == {"mem_tokens", "segment_len", "segment_bptt_unroll", "lm_path",
                                       "dictionary_fingerprint", "trained_segment_len",
                                       "trained_tokens_per_sample", "associative_memory", "d_mem", "dpfp_nu",
-                                      "associative_state_dtype"}
+                                      "associative_state_dtype", "inference_schedule"}
     assert ours["mem_tokens"] == 10 and ours["associative_memory"] is False
+    assert ours["inference_schedule"] == "sequential"
     armt = parse(f"armt_{name}")
     assert {k: armt[k] for k in stock if k != "_name"} == stock
     assert (armt["associative_memory"], armt["d_mem"], armt["mem_tokens"]) == (True, 64, 16)
+    assert armt["inference_schedule"] == "diagonal"
 
 
 def test_gpt2_tiny_preset_builds_the_stock_decoder_plus_memory(lm_data):
@@ -597,3 +599,82 @@ def test_armt_preset_turns_on_associative_memory(lm_data):
     model = build(lm_data, "armt_transformer_lm_gpt2_tiny", "--segment-len", 8, "--d-mem", 4, "--mem-tokens", 2)[2]
     assert model.decoder.associative and model.decoder.num_mem_tokens == 2
     assert model.decoder.assoc_layers[0].d_mem == 4
+
+
+# ---- 8. the diagonal schedule on the wrapper (--inference-schedule diagonal) ----------------------------------------
+
+
+def _padded(seed, B=3, S=5, T=8):
+    """B streams of S segments; the second ends inside segment 3 (pad after it), the third inside the last."""
+    x = words((B, S * T), seed=seed)
+    x[1, 2 * T + 3 :] = 1  # fairseq's pad
+    x[2, S * T - 5 :] = 1
+    return x
+
+
+@pytest.mark.parametrize("kind,extra", [("armt", []), ("armt", NORMS["pre-norm"]), ("armt", NORMS["learned-pos"]),
+                                        ("none", [])], ids=["armt-post-norm", "armt-pre-norm", "armt-learned-pos",
+                                                            "no-memory"])
+def test_wrapper_diagonal_schedule_equals_sequential(lm_data, kind, extra):
+    """Hidden states of every segment and the final associative state: diagonal == sequential to 1e-10 in float64
+    (streams with and without padding); the model's forward uses the configured schedule."""
+    flags = ["--associative-memory", "--d-mem", 4] if kind == "armt" else []
+    model = build_rmt(lm_data, 3 if kind == "armt" else 0, 8, *flags, *extra, tokens_per_sample=40, seed=3)
+    if kind == "armt":
+        armt_with_values(model)
+    model = model.double().eval()
+    dec = model.decoder
+    assert dec.diagonal_ok
+    x = _padded(7)
+    runs = {}
+    with torch.no_grad():
+        for schedule in ("sequential", "diagonal"):
+            state = RecurrentState()
+            hidden = run_segments(dec, x, None, state, seg_len=8, return_hidden=True, schedule=schedule).hidden
+            runs[schedule] = (hidden, state)
+    (h_seq, st_seq), (h_diag, st_diag) = runs["sequential"], runs["diagonal"]
+    assert len(h_seq) == len(h_diag) == 5
+    for a, b in zip(h_seq, h_diag):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+    if kind == "armt":
+        assert float(st_seq.assoc[0].abs().max()) > 0
+        for a, b in zip(st_seq.assoc, st_diag.assoc):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+    dec.inference_schedule, dec._stacked = "sequential", StackedWeights()
+    with torch.no_grad():
+        want = model(x)[0]
+        assert not dec._stacked.built
+        dec.inference_schedule = "diagonal"
+        got = model(x)[0]
+    assert dec._stacked.built
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_wrapper_diagonal_schedule_in_fp32(lm_data):
+    """fp32 within 1e-5, with the state continued across calls (chunked streaming)."""
+    model = armt_with_values(build_rmt(lm_data, 3, 8, "--associative-memory", "--d-mem", 4, tokens_per_sample=48,
+                                       seed=3)).eval()
+    x = _padded(8, S=6)
+    outs = {}
+    with torch.no_grad():
+        for schedule in ("sequential", "diagonal"):
+            state, hidden = RecurrentState(), []
+            for chunk in x.split(3 * 8, dim=1):
+                hidden += run_segments(model.decoder, chunk, None, state, seg_len=8, return_hidden=True,
+                                       schedule=schedule).hidden
+            outs[schedule] = torch.stack(hidden)
+    torch.testing.assert_close(outs["diagonal"], outs["sequential"], rtol=0, atol=1e-5)
+
+
+def test_wrapper_rmt_memory_and_normformer_layers_stay_sequential(lm_data):
+    assert not build_rmt(lm_data, 3, 8).decoder.diagonal_ok  # RMT: last layer -> first layer of the next segment
+    model = build_rmt(lm_data, 3, 8, "--associative-memory", "--d-mem", 4)
+    assert model.decoder.diagonal_ok
+    model.decoder.layers[1].attn_ln = torch.nn.LayerNorm(C)  # NormFormer's attention norm (--scale-attn's layer)
+    assert not model.decoder.diagonal_ok  # a layer modules/fairseq_layers.py does not write
+
+
+def test_armt_wrapper_presets_use_the_diagonal_schedule():
+    args = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY["armt_transformer_lm_gpt2_small"](args)
+    assert args.inference_schedule == "diagonal" and args.associative_memory
