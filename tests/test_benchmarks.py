@@ -1,7 +1,8 @@
 """Benchmark scripts run in --quick mode and write well-formed JSON (figures are never asserted here; agreements
 between two runs of the same script are, e.g. one ARMT checkpoint streamed in both schedules).
 
-Marked `long` (about 2.2 minutes): not in `make test`; `make test-long` runs them, and CI runs it after `make test`."""
+Marked `long` (about 4.5 minutes on this 2-core machine): not in `make test`; `make test-long` runs them, and CI
+runs it after `make test`."""
 
 import json
 import subprocess
