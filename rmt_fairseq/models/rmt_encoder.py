@@ -203,10 +203,9 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         layers = self.sentence_encoder.layers
         w = {k: v[first : first + G] for k, v in self._stacked.get({"": layers}).items()}  # G x ...
         x = hs
-        blocks = [self.assoc_layers[first + g] for g in range(G)] if self.associative else []
-        states = [(assoc[0][g], assoc[1][g]) if assoc is not None else (None, None) for g in range(G)]
-        if self.associative:  # per layer, forward_segment's calls (modules/fairseq_layers.py says why)
-            x = torch.stack([b.read(x[g], *states[g], self.assoc_dtype) for g, b in enumerate(blocks)])
+        blocks = self.assoc_layers[first : first + G] if self.associative else None
+        if self.associative:  # per layer, forward_segment's calls (associative.read_layers says why)
+            x, states = associative.read_layers(blocks, x, assoc, self.assoc_dtype)
         mask = None
         if any(t is not None for t in tables):
             keep = torch.stack([~t if t is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
@@ -214,10 +213,9 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
             mask = keep.reshape(G * B, 1, 1, N)
         x = fairseq_layers.batched(layers[first], w, x, mask)
         new_assoc = None
-        if self.associative:  # the memory rows write each layer's state: G x B x F x C, G x B x F
+        if self.associative:  # the memory rows write each layer's state
             M = self.num_mem_tokens
-            pairs = [b.write(x[g][:, 1 : 1 + M], *states[g], self.assoc_dtype) for g, b in enumerate(blocks)]
-            new_assoc = [torch.stack([A for A, _ in pairs]), torch.stack([z for _, z in pairs])]
+            new_assoc = associative.write_layers(blocks, x[:, :, 1 : 1 + M], states, self.assoc_dtype)
         return x, None, new_assoc
 
     def classify(self, hidden: torch.Tensor) -> torch.Tensor:

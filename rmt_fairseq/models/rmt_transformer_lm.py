@@ -199,19 +199,16 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         G, B, N, C = hs.shape
         w = {k: v[first : first + G] for k, v in self._stacked.get({"": self.layers}).items()}  # G x ...
         x = hs
-        blocks = [self.assoc_layers[first + g] for g in range(G)] if self.associative else []
-        states = [(assoc[0][g], assoc[1][g]) if assoc is not None else (None, None) for g in range(G)]
-        if self.associative:  # per layer, forward_segment's calls (modules/fairseq_layers.py says why)
-            x = torch.stack([b.read(x[g], *states[g], self.assoc_dtype) for g, b in enumerate(blocks)])
+        blocks = self.assoc_layers[first : first + G] if self.associative else None
+        if self.associative:  # per layer, forward_segment's calls (associative.read_layers says why)
+            x, states = associative.read_layers(blocks, x, assoc, self.assoc_dtype)
         masks = [t[1] for t in tables]
         mask = (masks[0] if all(m.dim() == 2 for m in masks) and all(m is masks[0] for m in masks)
                 else torch.cat([m.expand(B, 1, N, N) for m in masks]))  # (G*B) x 1 x N x N
         x = fairseq_layers.batched(self.layers[first], w, x, mask)
         new_assoc = None
-        if self.associative:  # the memory rows write each layer's state: G x B x F x C, G x B x F
-            T = tables[0][0]
-            pairs = [b.write(x[g][:, T:], *states[g], self.assoc_dtype) for g, b in enumerate(blocks)]
-            new_assoc = [torch.stack([A for A, _ in pairs]), torch.stack([z for _, z in pairs])]
+        if self.associative:  # the memory rows write each layer's state
+            new_assoc = associative.write_layers(blocks, x[:, :, tables[0][0] :], states, self.assoc_dtype)
         return x, None, new_assoc
 
     def token_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -141,5 +141,21 @@ def layer_state(assoc: AssocState, layer: int) -> Tuple[Optional[torch.Tensor], 
     return assoc[2 * layer], assoc[2 * layer + 1]
 
 
+def read_layers(blocks, x: torch.Tensor, assoc: AssocState, state_dtype: Optional[torch.dtype]):
+    """The diagonal schedule's read for G layers, one block call each as in the sequential forward (in fp32 a bmm
+    over G x B matrices rounds differently from one over B, and the read amplifies that from segment to segment):
+    blocks G AssociativeMemory, x G x B x N x C, assoc [A G x B x F x C, z G x B x F] or None -> (x after the read,
+    the G per-layer (A, z) for write_layers)."""
+    states = [(assoc[0][g], assoc[1][g]) if assoc is not None else (None, None) for g in range(len(blocks))]
+    return torch.stack([b.read(x[g], *states[g], state_dtype) for g, b in enumerate(blocks)]), states
+
+
+def write_layers(blocks, mem: torch.Tensor, states, state_dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
+    """The diagonal schedule's write for G layers (read_layers' calls' counterpart): mem G x B x M x C, the layers'
+    memory-token rows -> [A G x B x F x C, z G x B x F]."""
+    pairs = [b.write(mem[g], *states[g], state_dtype) for g, b in enumerate(blocks)]
+    return [torch.stack([A for A, _ in pairs]), torch.stack([z for _, z in pairs])]
+
+
 def state_dtype(name: str) -> Optional[torch.dtype]:
     return STATE_DTYPES[str(name)]

@@ -8,7 +8,8 @@ The operations are TransformerEncoderLayerBase.forward's and TransformerDecoderL
 pre-norm), fairseq's MultiheadAttention as torch's scaled_dot_product_attention with the same additive mask
 (F.multi_head_attention_forward's). NormFormer's extra norms and head scales, residual weights and cross
 self-attention are not written here: `plain` is False for such layers and the model stays sequential.
-ARMT's associative reads and writes are not here either: the models call their blocks per layer, as their
+ARMT's associative reads and writes are not here either: the models call their blocks per layer
+(associative.read_layers / write_layers), as their
 sequential forward does (in fp32 a bmm over G x B matrices rounds differently from one over B, and the
 associative read amplifies such differences from segment to segment).
 """
