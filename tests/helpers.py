@@ -12,6 +12,10 @@ from rmt_fairseq.models.rmt_lm import RMTLanguageModel, RMTLanguageModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+# torch threads per process of the tests (OMP_NUM_THREADS of every command they start, and the pytest process's
+# own): 2 on this 2-core machine, 1 under pytest-xdist (`make test` runs 2 workers: OpenMP threads that
+# outnumber the cores spin against each other), RMT_TEST_THREADS to choose
+THREADS = os.environ.get("RMT_TEST_THREADS") or ("1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
 class _Task:
@@ -73,15 +77,98 @@ MODULES = {"fairseq-train": "fairseq_cli.train", "fairseq-eval-lm": "fairseq_cli
            "deepspeed": "deepspeed.launcher.runner", "torchrun": "torch.distributed.run"}
 
 
-def command(name: str) -> list:
-    """The command line that runs console script `name`: the installed script, else `python -m` its module."""
+def fresh_command(name: str) -> list:
+    """The command line that starts console script `name` as a user does, in a fresh process: the installed
+    script, else `python -m` its module."""
     path = os.path.join(BIN, name)
     return [path] if os.path.exists(path) or name not in MODULES else [sys.executable, "-m", MODULES[name]]
 
 
+def command(name: str) -> list:
+    """The command line that runs console script `name`: the same script file run as `__main__` with the same
+    argv, cwd, environment, stdin/stdout/stderr and exit status, in a child forked from the tests' pre-imported
+    fork server (tests/forkserver.py) so that it skips torch's and fairseq's imports; a fresh process
+    (`fresh_command`) where the server cannot serve it or RMT_TEST_FORKSERVER=0."""
+    real = fresh_command(name)
+    if os.environ.get("RMT_TEST_FORKSERVER", "") in ("0", "") or not _is_python_script(real):
+        return real
+    target = f"script:{real[0]}" if len(real) == 1 else f"module:{real[-1]}"
+    return [sys.executable, "-S", os.path.join(REPO, "tests", "forkclient.py"), target]
+
+
+# the console scripts the tests and the documented commands start (bin_path() holds one wrapper of each)
+CONSOLE_SCRIPTS = [*MODULES, "fairseq-generate", "fairseq-hydra-train", "rmt-demo", "rmt-plot-attention",
+                   "rmt-extrapolate", "rmt-extrapolate-classify"]
+
+
+def bin_path() -> str:
+    """For PATH: the folder of the console scripts that shell scripts (examples/*/run.sh, the docs' blocks) find
+    by name: wrappers that run them through the fork server (as command() does), else the environment's bin."""
+    folder = os.environ.get("RMT_TEST_FORKSERVER", "")
+    wrappers = os.path.join(folder, "bin")
+    return wrappers + os.pathsep + BIN if folder not in ("", "0") and os.path.isdir(wrappers) else BIN
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for --master_port: tests run side by side under pytest-xdist)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _is_python_script(argv: list) -> bool:
+    if len(argv) > 1:
+        return True
+    try:
+        with open(argv[0], "rb") as f:
+            return b"python" in f.readline()
+    except OSError:
+        return False
+
+
+def start_fork_server() -> None:
+    """Start this process's fork server (once) and point RMT_TEST_FORKSERVER at it; every command() from then on,
+    and every subprocess that inherits the variable, goes through it. RMT_TEST_FORKSERVER=0 turns it off."""
+    import atexit
+    import json
+    import shutil
+    import tempfile
+
+    from forkserver import sensitive
+
+    if os.environ.get("RMT_TEST_FORKSERVER") is not None:  # off (0), or this process's already runs
+        return
+    folder = tempfile.mkdtemp(prefix="rmt-forkserver-")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS=THREADS)
+    log = open(os.path.join(folder, "server.log"), "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "forkserver.py"), folder, str(os.getpid())],
+                            env=env, cwd=folder,
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(folder, "server.json"), "w") as f:
+        json.dump({"pid": proc.pid, "env": sensitive(env)}, f)
+    os.makedirs(os.path.join(folder, "bin"))
+    for name in CONSOLE_SCRIPTS:
+        real = fresh_command(name)
+        if len(real) == 1 and os.path.exists(real[0]) and _is_python_script(real):
+            wrapper = os.path.join(folder, "bin", name)
+            with open(wrapper, "w") as f:
+                f.write(f'#!/bin/sh\nexec "{sys.executable}" -S "{REPO}/tests/forkclient.py" "script:{real[0]}" "$@"\n')
+            os.chmod(wrapper, 0o755)
+    os.environ["RMT_TEST_FORKSERVER"] = folder
+
+    def stop():
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
+
+
 def cli(name: str, *args, check=True, timeout=600, cwd=REPO, env=None) -> subprocess.CompletedProcess:
     """Run one of the installed console scripts (fairseq-train, fairseq-eval-lm, rmt-data ...)."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="2",
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS=THREADS,
                **(env or {}))
     p = subprocess.run([*command(name), *map(str, args)], cwd=cwd, env=env, capture_output=True,
                        text=True, timeout=timeout)

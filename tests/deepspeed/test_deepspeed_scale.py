@@ -65,7 +65,7 @@ def test_wt103_shaped_band_on_one_rank_logs_fairseq_train_losses_and_exports(ban
                                                                              stage, shape, tmp_path):
     save = tmp_path / "ds"
     out = deepspeed(band_data, *COMMON, *SHAPES[shape], "--batch-size", 4, "--max-update", 8, "--save-dir", save,
-                    "--deepspeed-config", ds_config(stage), port=(29640 if shape == "fairseq" else 29680) + stage)
+                    "--deepspeed-config", ds_config(stage))
     got = train_losses(out)
     assert sorted(got) == list(range(1, 9)), out[-3000:]
     assert all(abs(got[u] - wt103_reference[shape][u]) <= TOL for u in got), (got, wt103_reference[shape])
@@ -103,7 +103,7 @@ def odd_epoch_reference(recall_data):
 @pytest.mark.parametrize("stage", STAGES)
 def test_update_freq_over_an_odd_epoch_groups_as_fairseq_train(recall_data, odd_epoch_reference, ds_config, stage):
     out = deepspeed(recall_data, *COMMON, "--batch-size", 4, "--update-freq", 2, "--max-update", 26, "--no-save",
-                    "--disable-validation", "--deepspeed-config", ds_config(stage), port=29650 + stage)
+                    "--disable-validation", "--deepspeed-config", ds_config(stage))
     got = train_losses(out)
     assert sorted(got) == list(range(1, 27)), out[-3000:]
     assert all(abs(got[u] - odd_epoch_reference[u]) <= TOL for u in got), (got, odd_epoch_reference)
@@ -116,9 +116,9 @@ RESUME = ["--optimizer", "adam", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_with_dropout_adam_and_warmup_reproduces_the_run(recall_data, ds_config, stage, tmp_path):
     args = [recall_data, *COMMON, *RESUME, "--batch-size", 4, "--deepspeed-config", ds_config(stage)]  # adam wins
-    full = train_losses(deepspeed(*args, "--max-update", 10, "--save-dir", tmp_path / "a", port=29660 + stage))
-    deepspeed(*args, "--max-update", 4, "--save-dir", tmp_path / "b", port=29662 + stage)
-    resumed = train_losses(deepspeed(*args, "--max-update", 10, "--save-dir", tmp_path / "b", port=29664 + stage))
+    full = train_losses(deepspeed(*args, "--max-update", 10, "--save-dir", tmp_path / "a"))
+    deepspeed(*args, "--max-update", 4, "--save-dir", tmp_path / "b")
+    resumed = train_losses(deepspeed(*args, "--max-update", 10, "--save-dir", tmp_path / "b"))
     assert sorted(resumed) == list(range(5, 11)), resumed
     assert all(resumed[u] == full[u] for u in resumed), (full, resumed)
 
@@ -135,7 +135,7 @@ def test_reduce_lr_on_plateau_decays_as_under_fairseq_train_and_epochs_leave_che
     ref = cli("fairseq-train", recall_data, *COMMON, *flags, "--batch-size", 8, "--log-format", "simple",
               "--num-workers", 0, "--save-dir", tmp_path / "fs")
     out = deepspeed(recall_data, *COMMON, *flags, "--batch-size", 4, "--save-dir", tmp_path / "ds",
-                    "--deepspeed-config", "ds_configs/zero2.json", port=29670)
+                    "--deepspeed-config", "ds_configs/zero2.json")
     fs_lr, ds_lr = _lrs(ref.stdout + ref.stderr), _lrs(out)
     assert len(fs_lr) == 3 and fs_lr[2] < fs_lr[0] and ds_lr == fs_lr, (fs_lr, ds_lr)
     tags = sorted(p.name for p in (tmp_path / "ds").iterdir() if p.is_dir())
@@ -144,16 +144,15 @@ def test_reduce_lr_on_plateau_decays_as_under_fairseq_train_and_epochs_leave_che
 
 def test_one_epoch_without_epoch_checkpoints_still_writes_one(recall_data, tmp_path):
     deepspeed(recall_data, *COMMON, "--batch-size", 4, "--max-epoch", 1, "--no-epoch-checkpoints",
-              "--disable-validation", "--save-dir", tmp_path, "--deepspeed-config", "ds_configs/zero1.json",
-              port=29671)
+              "--disable-validation", "--save-dir", tmp_path, "--deepspeed-config", "ds_configs/zero1.json")
     assert (tmp_path / "latest").read_text().strip() == "epoch1"
 
 
 def test_validating_on_the_training_split_leaves_training_unchanged(recall_data):
     args = [recall_data, *COMMON, "--batch-size", 4, "--max-update", 16, "--no-save", "--deepspeed-config",
             "ds_configs/zero2.json"]
-    plain = train_losses(deepspeed(*args, "--disable-validation", port=29672))
-    out = deepspeed(*args, "--valid-subset", "train", "--validate-interval-updates", 4, port=29673)
+    plain = train_losses(deepspeed(*args, "--disable-validation"))
+    out = deepspeed(*args, "--valid-subset", "train", "--validate-interval-updates", 4)
     assert len(re.findall(r"valid on 'train' subset", out)) >= 3, out[-3000:]
     assert train_losses(out) == plain
 
@@ -163,9 +162,9 @@ def test_a_bad_json_under_the_launcher_is_one_line(recall_data, tmp_path):
     bad.write_text('{"train_batch_size": 64}')
     import subprocess
 
-    from helpers import BIN, REPO
+    from helpers import BIN, REPO, command, free_port
 
-    p = subprocess.run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29674",
+    p = subprocess.run([*command("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                         os.path.join(BIN, "rmt-deepspeed-train"), *map(str, [recall_data, *COMMON, "--batch-size", 4,
                                                                              "--deepspeed-config", bad])],
                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), capture_output=True,

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from helpers import BIN, REPO, cli
+from helpers import BIN, REPO, cli, command, free_port
 
 pytestmark = pytest.mark.deepspeed
 
@@ -28,9 +28,9 @@ def _valid(text):
     return [float(x) for x in re.findall(r"valid on 'valid' subset \| loss ([0-9.]+)", text)]
 
 
-def deepspeed(*args, port, launcher=("--num_gpus", "2"), timeout=300):
+def deepspeed(*args, launcher=("--num_gpus", "2"), timeout=300):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    p = subprocess.run([os.path.join(BIN, "deepspeed"), *launcher, "--master_port", str(port),
+    p = subprocess.run([*command("deepspeed"), *launcher, "--master_port", str(free_port()),
                         os.path.join(BIN, "rmt-deepspeed-train"), *map(str, args)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
@@ -49,7 +49,7 @@ def reference(recall_data, tmp_path_factory):
                          ids=["zero1", "zero2+checkpointing", "zero3+checkpointing"])
 def test_zero_stages_match_single_process_fairseq_train(recall_data, reference, stage, extra):
     out = deepspeed(recall_data, *COMMON, *extra, "--batch-size", 4, "--max-update", 8, "--no-save",
-                    "--deepspeed-config", f"ds_configs/zero{stage}.json", port=29500 + stage)
+                    "--deepspeed-config", f"ds_configs/zero{stage}.json")
     got = _losses(out)
     assert sorted(got) == list(range(1, 9)), out[-2000:]
     assert all(abs(got[u] - reference[u]) <= TOL for u in got), (got, reference)
@@ -58,9 +58,9 @@ def test_zero_stages_match_single_process_fairseq_train(recall_data, reference, 
 def test_two_nodes_on_loopback_train_together(recall_data, reference, tmp_path):
     hosts = tmp_path / "hostfile"
     hosts.write_text("node0 slots=1\nnode1 slots=1\n")
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([os.path.join(BIN, "deepspeed"), "--hostfile", str(hosts), "--no_ssh", "--node_rank",
-                               str(r), "--master_addr", "127.0.0.1", "--master_port", "29611",
+    env, port = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), free_port()
+    procs = [subprocess.Popen([*command("deepspeed"), "--hostfile", str(hosts), "--no_ssh", "--node_rank",
+                               str(r), "--master_addr", "127.0.0.1", "--master_port", str(port),
                                os.path.join(BIN, "rmt-deepspeed-train"), recall_data, *map(str, COMMON),
                                "--batch-size", "4", "--max-update", "4", "--no-save", "--deepspeed-config",
                                "ds_configs/zero2.json"], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -75,9 +75,9 @@ def test_resume_and_export(recall_data, tmp_path):
     """Save at update 4, stop, resume: updates 5..8 log the uninterrupted run's losses. The exported fairseq
     checkpoint evaluates with fairseq-eval-lm to DeepSpeed's own validation loss."""
     args = [recall_data, *COMMON, "--batch-size", 4, "--deepspeed-config", "ds_configs/zero2.json"]
-    full = deepspeed(*args, "--max-update", 8, "--save-dir", tmp_path / "a", port=29521)
-    deepspeed(*args, "--max-update", 4, "--save-dir", tmp_path / "b", "--disable-validation", port=29522)
-    resumed = deepspeed(*args, "--max-update", 8, "--save-dir", tmp_path / "b", port=29523)
+    full = deepspeed(*args, "--max-update", 8, "--save-dir", tmp_path / "a")
+    deepspeed(*args, "--max-update", 4, "--save-dir", tmp_path / "b", "--disable-validation")
+    resumed = deepspeed(*args, "--max-update", 8, "--save-dir", tmp_path / "b")
     f, r = _losses(full), _losses(resumed)
     assert sorted(r) == [5, 6, 7, 8] and all(abs(f[u] - r[u]) <= TOL for u in r), (f, r)
 

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import BIN, REPO, cli, command, make_band_data, train_losses
+from helpers import BIN, REPO, cli, free_port, fresh_command, make_band_data, train_losses
 
 TOL = 2e-4
 UPDATES = 8
@@ -90,8 +90,8 @@ def test_two_ranks_log_the_losses_of_one_process(recall_data, band_data, one_pro
 def test_torchrun_without_a_world_size_flag_trains_one_job(recall_data, one_process):
     """The README's torchrun line on CPU: fairseq reads WORLD_SIZE only when --distributed-world-size (default:
     the GPU count, 1 here) is above 1, so each rank would train alone; the launcher's count is used."""
-    p = cli("torchrun", "--nproc_per_node", 2, "--master_port", 29931, command("fairseq-train")[-1], recall_data,
-            *STREAM, *CONFIGS["rmt-block"], "--batch-size", 4)
+    p = cli("torchrun", "--nproc_per_node", 2, "--master_port", free_port(), fresh_command("fairseq-train")[-1],
+            recall_data, *STREAM, *CONFIGS["rmt-block"], "--batch-size", 4)
     log = p.stdout + p.stderr
     assert "from the launcher (WORLD_SIZE)" in log and "as rank 1" in log, log[-3000:]
     got, ref = train_losses(log), one_process["rmt-block"]

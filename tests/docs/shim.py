@@ -132,6 +132,17 @@ def split_launcher(args, script_names):
     raise SystemExit(f"docs shim: no training script among {args}")
 
 
+def exec_real(real, args):
+    """Run the real command in this process's place: through the tests' fork server when one runs
+    (tests/forkserver.py: the same script as `__main__`, without paying its imports again), else as a fresh
+    `python -u`. A launcher's rank (LOCAL_RANK set) always starts fresh, as the launcher started it."""
+    folder = os.environ.get("RMT_TEST_FORKSERVER", "")
+    if folder not in ("", "0") and "LOCAL_RANK" not in os.environ:
+        client = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "forkclient.py")
+        os.execv(sys.executable, [sys.executable, "-S", client, "script:" + real, *args])
+    os.execv(sys.executable, [sys.executable, "-u", real, *args])
+
+
 def main():
     name = os.path.basename(sys.argv[0])
     args = sys.argv[1:]
@@ -161,7 +172,7 @@ def main():
             launcher = ["--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
         script_path = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), script)
         record(name=name, mode="run", args=args)
-        os.execv(real, [real, *launcher, script_path, *rest])
+        exec_real(real, [*launcher, script_path, *rest])
     if MODE == "parse":
         if name in FAIRSEQ:
             return parse_fairseq(name, args)
@@ -173,7 +184,7 @@ def main():
                                                    "memorization"):
         args += ["--train-size", "2000", "--valid-size", "200", "--test-size", "200"]
     record(name=name, mode="run", args=args)
-    os.execv(sys.executable, [sys.executable, "-u", real, *args])
+    exec_real(real, args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from helpers import REPO, cli
+from helpers import REPO, THREADS, cli
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "examples", "*",
                                                                                       "README.md")))]
@@ -161,7 +161,7 @@ def test_documented_commands_run(doc, word_data, tmp_path):
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, HOME=str(tmp_path / "ws" / "home"), DOCS_LOG=str(log), DOCS_REAL_BIN=bindir,
                PATH=os.pathsep.join([str(tmp_path / "ws" / "shimbin"), bindir, os.environ["PATH"]]),
-               OMP_NUM_THREADS="2", DOCS_MIRROR_input_txt=_corpus(), WORKERS="1",
+               OMP_NUM_THREADS=THREADS, DOCS_MIRROR_input_txt=_corpus(), WORKERS="1",
                DOCS_MIRROR_wikitext_103_v1_zip=str(word_data / "wikitext-103-v1.zip"),
                DOCS_CUDA="1" if _cuda() else "0")
     env.pop("VIRTUAL_ENV", None)

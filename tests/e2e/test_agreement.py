@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import REPO, cli, command
+from helpers import REPO, THREADS, cli, command
 
 T = 8
 OTHER = 16  # an explicit other segment length, given to every door
@@ -109,7 +109,7 @@ def teacher_forced(model, tokens):
 
 def run(name, *args, input=None):
     p = subprocess.run([*command(name), *map(str, args)], input=input, capture_output=True, text=True, cwd=REPO,
-                       timeout=600, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="2"))
+                       timeout=600, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=THREADS))
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     return out

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import BIN, REPO, cli, train_losses
+from helpers import BIN, REPO, THREADS, cli, train_losses
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TESTS, "deepspeed"))
@@ -103,7 +103,7 @@ def _tool(name, *args, counted=False):
     if not counted:
         return _log(cli(name, *args)), None
     p = subprocess.run([sys.executable, "-c", COUNTED, name, *map(str, args)], cwd=REPO, capture_output=True,
-                       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="2"))
+                       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=THREADS))
     assert p.returncode == 0, _log(p)[-3000:]
     return _log(p), int(re.search(r"diagonal_layers calls: (\d+)", _log(p)).group(1))
 
@@ -256,7 +256,7 @@ def test_sigkill_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run
     assert sorted(ref) == list(range(1, 21))
 
     cmd = [os.path.join(BIN, "fairseq-train"), *map(str, [*args, "--save-dir", tmp_path / "b"])]
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=THREADS, PYTHONUNBUFFERED="1")
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in p.stdout:
@@ -350,7 +350,7 @@ NONFINITE = [*ARMT, "--batch-size", 4, "--optimizer", "adam", "--lr", "2e-3", "-
 
 
 def _train_with_fault(data, save, fault, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="2", RMT_FAULT=fault,
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, RMT_FAULT=fault,
                PYTHONPATH=os.pathsep.join([REPO, os.path.join(TESTS, "faults"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-c", "import rmt_faults; rmt_faults.main('fairseq-train')",
            *map(str, [data, *NONFINITE, "--save-dir", save, *extra])]

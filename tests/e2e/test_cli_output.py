@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from helpers import BIN, REPO, cli
+from helpers import BIN, REPO, cli, command, free_port
 
 TRAIN = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--criterion", "rmt_cross_entropy",
          "--tokens-per-sample", 8, "--batch-size", 4, "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--max-update",
@@ -65,7 +65,7 @@ def test_fairseq_commands_print_no_warning_lines(recall_data, tmp_path):
 @pytest.mark.deepspeed
 def test_two_rank_deepspeed_run_prints_no_warning_lines(recall_data, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    p = subprocess.run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29561",
+    p = subprocess.run([*command("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                         os.path.join(BIN, "rmt-deepspeed-train"), *map(str, [recall_data, *TRAIN]), "--save-dir",
                         str(tmp_path / "ds"), "--deepspeed-config", "ds_configs/zero2.json"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from helpers import BIN, REPO, cli, command
+from helpers import REPO, THREADS, bin_path, cli, command
 
 EXAMPLE = os.path.join(REPO, "examples", "custom-corpus")
 SPACE = "\u2581"
@@ -62,8 +62,8 @@ def trained(tmp_path_factory):
     def get(level):
         if level not in done:
             out, save = root / level, root / f"ckpt-{level}"
-            env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], WORKERS="1", OMP_NUM_THREADS="2",
-                       LEVEL=level, VOCAB_SIZE="120")
+            env = dict(os.environ, PATH=bin_path() + os.pathsep + os.environ["PATH"], WORKERS="1",
+                       OMP_NUM_THREADS=THREADS, LEVEL=level, VOCAB_SIZE="120")
             p = subprocess.run(["bash", os.path.join(EXAMPLE, "prepare.sh"), str(raw), str(out)], env=env,
                                capture_output=True, text=True, timeout=300)
             assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -79,7 +79,7 @@ def interactive(out, ckpt, prompts, *flags):
     args = [out / "bin", "--user-dir", "user_dir", "--task", "rmt_lm", "--path", ckpt, "--cpu", *flags]
     p = subprocess.run([*command("fairseq-interactive"), *map(str, args)], input="\n".join(prompts) + "\n",
                        capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="2"))
+                       env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=THREADS))
     text = p.stdout + p.stderr
     assert p.returncode == 0, text[-4000:]
     found = {}

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, cli, command, train_losses
+from helpers import REPO, THREADS, cli, command, train_losses
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepspeed"))
 
@@ -90,7 +90,7 @@ def _interactive(data, path, *extra):
     p = subprocess.run([*command("fairseq-interactive"), data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path",
                         str(path), "--beam", "1", "--max-len-b", "24", "--cpu", *extra], input=prompt + "\n",
                        capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="2"))
+                       env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=THREADS))
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
     hyp = re.search(r"^H-0\t\S+\t(.*)$", out, re.M).group(1).split()

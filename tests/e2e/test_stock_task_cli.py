@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import BIN, REPO, cli
+from helpers import REPO, cli, command
 
 SIZES = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64, "--decoder-attention-heads",
          2, "--dropout", 0.0]
@@ -62,7 +62,7 @@ def test_wrap_with_memory_train_on_and_eval_lm(recall_data, stock, tmp_path):
     assert state["decoder.memory.weight"].shape == (4, 32)
     # generation: fairseq-interactive (through --task rmt_lm: fairseq's language_modeling inference path needs
     # numpy < 2) on a prompt longer than a segment
-    g = subprocess.run([f"{BIN}/fairseq-interactive", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm",
+    g = subprocess.run([*command("fairseq-interactive"), recall_data, "--user-dir", "user_dir", "--task", "rmt_lm",
                         "--tokens-per-sample", "8", "--path", str(wrapped), "--cpu", "--beam", "1", "--max-len-b", "4",
                         "--batch-size", "1"], input="K6 f1 f2 f3 f4 f5 f6 f7 K6 K2 f1\n", capture_output=True,
                        text=True, cwd=REPO, timeout=300)

@@ -13,7 +13,7 @@ import pytest
 from fairseq.data import Dictionary
 from fairseq.data.indexed_dataset import MMapIndexedDataset
 
-from helpers import BIN, REPO, cli
+from helpers import REPO, THREADS, bin_path, cli
 
 EXAMPLE = os.path.join(REPO, "examples", "custom-corpus")
 SPLITS = ("train", "valid", "test")
@@ -48,7 +48,8 @@ def raw_text(n_lines: int = 400, seed: int = 0) -> str:
 
 
 def run(script, *args, env=None, cwd=None, timeout=300):
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], WORKERS="1", OMP_NUM_THREADS="2", **(env or {}))
+    env = dict(os.environ, PATH=bin_path() + os.pathsep + os.environ["PATH"], WORKERS="1", OMP_NUM_THREADS=THREADS,
+               **(env or {}))
     return subprocess.run(
         ["bash", os.path.join(EXAMPLE, script), *map(str, args)],
         env=env,

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from helpers import BIN, REPO
+from helpers import REPO, bin_path
 
 EXAMPLE = os.path.join(REPO, "examples", "enwik8")
 PREP = os.path.join(EXAMPLE, "prepare_enwik8.py")
@@ -97,7 +97,7 @@ def test_prepare_sh_binarizes_byte_symbols_that_decode_back(tmp_path):
         z.write(tmp_path / "enwik8", "enwik8")
     env = dict(
         os.environ,
-        PATH=BIN + os.pathsep + os.environ["PATH"],
+        PATH=bin_path() + os.pathsep + os.environ["PATH"],
         OUT=str(tmp_path / "bin"),
         DOWNLOAD_DIR=str(tmp_path / "dl"),
         WORKERS="1",

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from helpers import BIN, REPO, cli
+from helpers import BIN, REPO, THREADS, cli
 
 FAULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "faults")
 ARGS = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--criterion", "rmt_cross_entropy",
@@ -25,7 +25,7 @@ ARGS = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--c
 
 
 def _env(fault=None):
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([REPO, FAULTS, os.environ.get("PYTHONPATH", "")]))
     env.pop("RMT_FAULT", None)
     if fault:

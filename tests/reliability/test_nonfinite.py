@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, build_from_cli_args
+from helpers import REPO, THREADS, build_from_cli_args
 
 FAULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "faults")
 ARGS = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--criterion", "rmt_cross_entropy",
@@ -20,7 +20,7 @@ ARGS = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--c
 
 
 def _train(data, save, fault, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="2", RMT_FAULT=fault,
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, RMT_FAULT=fault,
                PYTHONPATH=os.pathsep.join([REPO, FAULTS, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-c", "import rmt_faults; rmt_faults.main('fairseq-train')",
            *map(str, [data, *ARGS, "--save-dir", save, *extra])]
