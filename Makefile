@@ -2,22 +2,26 @@
 # Uses the active virtualenv if there is one, else .venv/ in the checkout.
 PY := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(CURDIR)/.venv/bin/python)
 PYTEST_ARGS ?=
+# pytest-xdist workers (tests/conftest.py gives each its own fork server; 1 torch thread per process under xdist);
+# 0 runs the tests in this process, one after another
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope --durations=25
 
 .PHONY: setup test test-long test-docs demo lint
 setup:
 	bash scripts/setup.sh
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # the long checks kept out of `make test` (marker `long`: the benchmark scripts' quick runs, the demo, the SIGKILL
 # resume tests, the learning test); CI runs both
 test-long: setup
-	$(PY) -m pytest -q -m long $(PYTEST_ARGS)
+	$(PYTEST) -m long $(PYTEST_ARGS)
 
 # every command block of README.md and examples/*/README.md, run shrunk (tests/docs); CI runs it after test-long
 test-docs: setup
-	$(PY) -m pytest -q -m docs $(PYTEST_ARGS)
+	$(PYTEST) -m docs $(PYTEST_ARGS)
 
 demo: setup
 	cd $(CURDIR) && $(dir $(PY))rmt-demo $(DEMO_ARGS)

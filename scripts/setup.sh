@@ -47,9 +47,9 @@ if ! has deepspeed; then
   echo "[setup] installing deepspeed==0.19.8"
   "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
 fi
-if ! has sentencepiece || ! has sacremoses || ! has pytest || ! has matplotlib || ! has psutil; then
-  echo "[setup] installing sentencepiece, sacremoses, pytest, matplotlib, psutil"
-  "${PIP[@]}" sentencepiece sacremoses pytest matplotlib psutil
+if ! has sentencepiece || ! has sacremoses || ! has pytest || ! has xdist || ! has matplotlib || ! has psutil; then
+  echo "[setup] installing sentencepiece, sacremoses, pytest, pytest-xdist, matplotlib, psutil"
+  "${PIP[@]}" sentencepiece sacremoses pytest pytest-xdist matplotlib psutil
 fi
 if ! "$PY" -c "import rmt_fairseq, importlib.metadata as m; m.version('rmt-fairseq')" >/dev/null 2>&1; then
   echo "[setup] installing rmt-fairseq (editable)"

@@ -97,7 +97,7 @@ def command(name: str) -> list:
 
 
 # the console scripts the tests and the documented commands start (bin_path() holds one wrapper of each)
-CONSOLE_SCRIPTS = [*MODULES, "fairseq-generate", "fairseq-hydra-train", "rmt-demo", "rmt-plot-attention",
+CONSOLE_SCRIPTS = [*MODULES, "rmt-demo", "rmt-plot-attention",
                    "rmt-extrapolate", "rmt-extrapolate-classify"]
 
 

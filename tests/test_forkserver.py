@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 
+from forkserver import zygote_path
 from helpers import CONSOLE_SCRIPTS, REPO, THREADS, command, fresh_command
 
 TIMES = [
@@ -39,6 +40,9 @@ def both(name, args, tmp_path, input=None, paths=lambda i: ()):
         a = args(i) if callable(args) else args
         out.append(subprocess.run([*cmd, *map(str, a)], cwd=REPO, env=env, input=input, capture_output=True,
                                   text=True, timeout=300))
+    # the second run was forked: its zygote exists (a client that fell back to a fresh process starts none)
+    assert os.path.exists(zygote_path(os.environ["RMT_TEST_FORKSERVER"], command(name)[-1], env)), \
+        "the command ran as a fresh process: the environment differs from the server's in an import-time variable"
     return out
 
 
@@ -101,8 +105,9 @@ def test_a_signal_ends_the_forked_command_as_it_ends_a_process(recall_data, tmp_
     save = tmp_path / "save"
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=THREADS)
     args = [recall_data, "--user-dir", "user_dir", "--arch", "rmt_tiny", "--task", "rmt_lm", "--tokens-per-sample", 8,
-            "--criterion", "rmt_cross_entropy", "--batch-size", 4, "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--num-workers", 0, "--max-update",
-            100000, "--log-interval", 1, "--log-format", "simple", "--disable-validation", "--save-dir", save]
+            "--criterion", "rmt_cross_entropy", "--batch-size", 4, "--optimizer", "adam", "--lr", "1e-3", "--cpu",
+            "--num-workers", 0, "--max-update", 100000, "--log-interval", 1, "--log-format", "simple",
+            "--disable-validation", "--save-dir", save]
     p = subprocess.Popen([*command("fairseq-train"), *map(str, args)],
                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
