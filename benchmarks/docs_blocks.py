@@ -137,6 +137,18 @@ def render_test_suite(data: dict) -> str:
         lines.append(f"| `{r['command']}` | {r['tests']} | {result} | {int(wall // 60)} min {int(wall % 60)} s |")
     lines += ["", _source(data, "benchmarks/results/test_suite.json") + (f" Note: {data['note']}." if data.get(
         "note") else "")]
+    mutations = data.get("mutations")
+    if mutations:
+        lines += ["", "Faults injected one at a time by `benchmarks/mutations.py` (each: `make test` with "
+                  f"`PYTEST_ARGS=\"{mutations['pytest_args']}\"`, the file restored after):", "",
+                  "| fault | `make test` | first test that failed | time to fail |", "| --- | --- | --- | --- |"]
+        for r in mutations["rows"]:
+            caught = "fails" if r["caught"] else "**passes (not caught)**"
+            by = ", ".join(f"`{t}`" for t in r["caught_by"][:1]) or "-"
+            lines.append(f"| {r['breaks']} (`{r['file']}`) | {caught} | {by} | {int(r['wall_seconds'])} s |")
+        prov = mutations["provenance"]
+        lines += ["", f"Measured at commit `{(prov.get('commit') or 'unknown')[:10]}`, {prov['date'][:10]}, "
+                  f"{prov['machine']}."]
     return "\n".join(lines)
 
 

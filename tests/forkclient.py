@@ -16,8 +16,10 @@ import forkserver  # noqa: E402  (standard library only)
 
 def fresh(target: str, args: list) -> None:
     kind, name = target.split(":", 1)
-    argv = [name, *args] if kind == "script" else [sys.executable, "-m", name, *args]
-    os.execv(argv[0] if kind == "script" else sys.executable, argv)
+    if kind == "script" and os.access(name, os.X_OK):
+        os.execv(name, [name, *args])
+    argv = [sys.executable, name, *args] if kind == "script" else [sys.executable, "-m", name, *args]
+    os.execv(sys.executable, argv)
 
 
 def _connect(path: str, server_pid: int, deadline: float):

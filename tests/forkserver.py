@@ -95,6 +95,7 @@ def preload(target: str) -> None:
     with open(name, "rb") as f:
         tree = ast.parse(f.read(), name)
     imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    sys.path[0] = os.path.dirname(name)  # as in the script's own process
     exec(compile(ast.Module(body=imports, type_ignores=[]), name, "exec"), {"__name__": "__forkserver_preload__"})
 
 

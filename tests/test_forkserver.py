@@ -106,26 +106,27 @@ def test_a_signal_ends_the_forked_command_as_it_ends_a_process(recall_data, tmp_
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=THREADS)
     args = [recall_data, "--user-dir", "user_dir", "--arch", "rmt_tiny", "--task", "rmt_lm", "--tokens-per-sample", 8,
             "--criterion", "rmt_cross_entropy", "--batch-size", 4, "--optimizer", "adam", "--lr", "1e-3", "--cpu",
-            "--num-workers", 0, "--max-update", 100000, "--log-interval", 1, "--log-format", "simple",
+            "--num-workers", 0, "--max-update", 3000, "--log-interval", 1, "--log-format", "simple",
             "--disable-validation", "--save-dir", save]
     p = subprocess.Popen([*command("fairseq-train"), *map(str, args)],
                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
-    for line in p.stdout:
-        log.append(line)
-        if "num_updates=2" in line:
-            break
-    assert "num_updates=2" in log[-1], "".join(log)[-3000:]
-    assert not psutil.Process(p.pid).children(), "the client starts no process of its own: the server forks it"
-    assert _forked_commands()
-    p.send_signal(getattr(signal, how))
     try:
+        for line in p.stdout:
+            log.append(line)
+            if "num_updates=2" in line:
+                break
+        assert "num_updates=2" in log[-1], "".join(log)[-3000:]
+        assert not psutil.Process(p.pid).children(), "the client starts no process of its own: the server forks it"
+        assert _forked_commands()
+        p.send_signal(getattr(signal, how))
         assert p.wait(timeout=60) == -getattr(signal, how)
         deadline = time.time() + 30
         while _forked_commands() and time.time() < deadline:
             time.sleep(0.2)
         assert not _forked_commands()
-    finally:
+    finally:  # nothing left running whatever failed (the command trains for 3000 updates)
+        p.kill()
         p.stdout.close()
         for left in _forked_commands():
             left.kill()

@@ -102,6 +102,16 @@ def free_port():
         return str(s.getsockname()[1])
 
 
+def parse(name, args):
+    """parse_fairseq in a child of the tests' fork server (tests/docs/parse.py) when one runs, else here."""
+    folder = os.environ.get("RMT_TEST_FORKSERVER", "")
+    if folder not in ("", "0"):
+        here = os.path.dirname(os.path.realpath(__file__))
+        os.execv(sys.executable, [sys.executable, "-S", os.path.join(os.path.dirname(here), "forkclient.py"),
+                                  "script:" + os.path.join(here, "parse.py"), name, *args])
+    return parse_fairseq(name, args)
+
+
 def parse_fairseq(name, args):
     """The real parser with the plugin: argparse errors exit 2 with fairseq's message."""
     from fairseq import options
@@ -163,7 +173,7 @@ def main():
     if name in ("deepspeed", "torchrun"):
         launcher, script, rest = split_launcher(args, ("fairseq-train", "rmt-deepspeed-train"))
         if MODE == "parse":
-            return parse_fairseq(script, rest)
+            return parse(script, rest)
         if name == "deepspeed":
             launcher = drop(drop(drop(drop(launcher, "--num_gpus", True), "--num_nodes", True), "--hostfile", True),
                             "--master_port", True)
@@ -175,7 +185,7 @@ def main():
         exec_real(real, [*launcher, script_path, *rest])
     if MODE == "parse":
         if name in FAIRSEQ:
-            return parse_fairseq(name, args)
+            return parse(name, args)
         record(name=name, mode="parse", ok=True, args=args, note="not parsed: runs only in run mode")
         return
     if name in FAIRSEQ and name != "fairseq-preprocess":
