@@ -5,23 +5,25 @@ PYTEST_ARGS ?=
 # pytest-xdist workers (tests/conftest.py gives each its own fork server; 1 torch thread per process under xdist);
 # 0 runs the tests in this process, one after another
 PYTEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope --durations=25
+# make test keeps a module's tests on one worker (--dist loadscope: its trained fixtures are built once); the long and
+# docs groups are a few independent long tests each, handed out one at a time (--dist load)
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=25
 
 .PHONY: setup test test-long test-docs demo lint
 setup:
 	bash scripts/setup.sh
 
 test: setup
-	$(PYTEST) $(PYTEST_ARGS)
+	$(PYTEST) --dist loadscope $(PYTEST_ARGS)
 
 # the long checks kept out of `make test` (marker `long`: the benchmark scripts' quick runs, the demo, the SIGKILL
 # resume tests, the learning test); CI runs both
 test-long: setup
-	$(PYTEST) -m long $(PYTEST_ARGS)
+	$(PYTEST) --dist load -m long $(PYTEST_ARGS)
 
 # every command block of README.md and examples/*/README.md, run shrunk (tests/docs); CI runs it after test-long
 test-docs: setup
-	$(PYTEST) -m docs $(PYTEST_ARGS)
+	$(PYTEST) --dist load -m docs $(PYTEST_ARGS)
 
 demo: setup
 	cd $(CURDIR) && $(dir $(PY))rmt-demo $(DEMO_ARGS)

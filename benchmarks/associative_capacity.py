@@ -29,10 +29,10 @@ import argparse
 import os
 import re
 import shutil
-import sys
 
 from common import run  # a CLI run with its log kept; exits naming the log on failure
 
+from rmt_fairseq.cli import console_script  # noqa: E402
 from rmt_fairseq.data.algorithmic import GEN, SEP, SYMBOLS  # noqa: E402
 from rmt_fairseq.provenance import write_results  # noqa: E402
 
@@ -91,7 +91,7 @@ def main(argv=None):
     png = a.png or os.path.splitext(a.out)[0] + ".png"
     P = a.pairs_per_segment
 
-    bindir = os.path.dirname(sys.executable)
+    bindir = os.path.dirname(console_script("fairseq-train"))
     shutil.rmtree(a.workdir, ignore_errors=True)
     os.makedirs(a.workdir)
     vocab = os.path.join(a.workdir, "dict.txt")  # one dictionary for every N: --curriculum carries the model over

@@ -30,6 +30,7 @@ import time
 
 from common import run  # a CLI run with its log kept; exits naming the log on failure
 
+from rmt_fairseq.cli import console_script  # noqa: E402
 from rmt_fairseq.provenance import provenance  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +137,7 @@ def main(argv=None):
     if a.quick:
         text = text[:40000]
     raw, bin_dir = os.path.join(a.workdir, "raw"), os.path.join(a.workdir, "data-bin")
-    bindir = os.path.dirname(sys.executable)
+    bindir = os.path.dirname(console_script("fairseq-train"))
     if a.report_only:
         chars = {k: b - a for k, (a, b) in split_bounds(len(text)).items()}
     else:

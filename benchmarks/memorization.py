@@ -24,10 +24,10 @@ import json
 import os
 import re
 import shutil
-import sys
 
 from common import run  # a CLI run with its log kept; exits naming the log on failure
 
+from rmt_fairseq.cli import console_script  # noqa: E402
 from rmt_fairseq.provenance import provenance  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ def main(argv=None):
     num_docs = a.num_docs or (16 if a.quick else 64)
     noise = a.noise_file if a.noise_file is not None else ("" if a.quick or not os.path.isfile(SHAKESPEARE)
                                                           else SHAKESPEARE)
-    bindir = os.path.dirname(sys.executable)
+    bindir = os.path.dirname(console_script("fairseq-train"))
     shutil.rmtree(a.workdir, ignore_errors=True)
     data = os.path.join(a.workdir, "data")
     os.makedirs(a.workdir)

@@ -35,7 +35,7 @@ import sys
 
 # environment variables read while torch / fairseq / DeepSpeed / the plugin are imported (or that change how the
 # interpreter runs): a command whose value differs from the server's runs as a fresh process
-SENSITIVE_PREFIXES = ("PYTHON", "RMT_FAIRSEQ", "LOGLEVEL", "CUDA", "TORCH", "OMP_", "KMP_", "MKL_", "OPENBLAS",
+SENSITIVE_PREFIXES = ("PYTHON", "RMT_FAIRSEQ_VERBOSE", "LOGLEVEL", "CUDA", "TORCH", "OMP_", "KMP_", "MKL_", "OPENBLAS",
                       "GOMP", "LD_", "DS_", "HYDRA", "NCCL", "MPLBACKEND")
 EMULATED = {"OMP_NUM_THREADS"}  # set in the child (torch.set_num_threads)
 # read when used, not at import (torch's inductor sets its cache folder in the environment of the process that

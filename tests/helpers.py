@@ -157,6 +157,7 @@ def start_fork_server() -> None:
                 f.write(f'#!/bin/sh\nexec "{sys.executable}" -S "{REPO}/tests/forkclient.py" "script:{real[0]}" "$@"\n')
             os.chmod(wrapper, 0o755)
     os.environ["RMT_TEST_FORKSERVER"] = folder
+    os.environ["RMT_FAIRSEQ_BIN"] = os.path.join(folder, "bin")  # the commands rmt-demo and the benchmarks start
 
     def stop():
         proc.kill()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from rmt_fairseq.cli import console_script
 from rmt_fairseq.provenance import provenance
 
 RUNS = [("rmt", ["--mem-tokens", "8"]), ("no_memory", ["--mem-tokens", "0"])]
@@ -24,7 +25,7 @@ VALID_RE = re.compile(r"valid on 'valid' subset \| loss ([0-9.]+) \| acc_tf ([0-
 
 
 def _bin(name):
-    return os.path.join(os.path.dirname(sys.executable), name)
+    return console_script(name)
 
 
 def _run(cmd, log_path, show=None):

@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 
+from rmt_fairseq.cli import console_script
 from rmt_fairseq.cli.data import HelpFormatter, _Parser
 
 TASKS = ["copy", "reverse", "associative_retrieval"]
@@ -231,7 +232,7 @@ def main(argv=None):
             kw = {"src_len": n, "vocab_size": vocab}
         with open(os.path.join(raw, "test.txt"), "w") as f:
             f.write("\n".join(generate(task_name, a.num_samples, seed=a.seed + n, **kw)) + "\n")
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source",
+        subprocess.run([console_script("fairseq-preprocess"), "--only-source",
                         "--testpref", os.path.join(raw, "test.txt"), "--srcdict", os.path.join(data, "dict.txt"),
                         "--destdir", bin_dir, "--workers", "1"], check=True, capture_output=True)
         task.cfg.data = bin_dir
