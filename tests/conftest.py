@@ -12,6 +12,17 @@ import helpers  # noqa: E402
 torch.set_num_threads(int(helpers.THREADS))
 
 
+def pytest_sessionstart(session):
+    session.config._rmt_start = __import__("time").time()
+
+
+def pytest_sessionfinish(session):
+    """DeepSpeed's CPU ranks leave their shared-memory buffers in /dev/shm: the ones this run made go (by the
+    process that ran no test under xdist, once every worker is done)."""
+    if not hasattr(session.config, "workerinput"):
+        helpers.remove_deepspeed_buffers(since=getattr(session.config, "_rmt_start", 0.0))
+
+
 def pytest_configure(config):
     """The fork server that runs the tests' commands (tests/forkserver.py), one per process that runs tests (each
     pytest-xdist worker; not the controller, which runs none)."""

@@ -118,6 +118,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def remove_deepspeed_buffers(since: float = 0.0, port: int = None) -> None:
+    """Remove the shared-memory all-reduce buffers DeepSpeed's CPU ranks leave in /dev/shm (two of 69 MB per job,
+    named by master address and port, never removed by DeepSpeed): those of `port`, or all made since `since`
+    (time.time()). With a free port per job they filled /dev/shm (RAM) until the OOM killer stopped a test."""
+    import glob
+
+    pattern = f"_{port}_*" if port is not None else "*"
+    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*" + pattern):
+        try:
+            if port is not None or os.path.getmtime(path) >= since:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
 def _is_python_script(argv: list) -> bool:
     if len(argv) > 1:
         return True

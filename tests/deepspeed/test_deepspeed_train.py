@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from helpers import BIN, REPO, cli, command, free_port
+from helpers import BIN, REPO, cli, command, free_port, remove_deepspeed_buffers
 
 pytestmark = pytest.mark.deepspeed
 
@@ -29,10 +29,13 @@ def _valid(text):
 
 
 def deepspeed(*args, launcher=("--num_gpus", "2"), timeout=300):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    p = subprocess.run([*command("deepspeed"), *launcher, "--master_port", str(free_port()),
-                        os.path.join(BIN, "rmt-deepspeed-train"), *map(str, args)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    env, port = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"), free_port()
+    try:
+        p = subprocess.run([*command("deepspeed"), *launcher, "--master_port", str(port),
+                            os.path.join(BIN, "rmt-deepspeed-train"), *map(str, args)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_deepspeed_buffers(port=port)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     return p.stdout + p.stderr
 
