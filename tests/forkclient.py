@@ -107,7 +107,8 @@ def main() -> None:
     if status < 0:  # the tool died of a signal: so does this process, so the caller sees the same status
         for s in forkserver.FORWARDED_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
-        signal.signal(-status, signal.SIG_DFL)
+        if -status not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+            signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
         time.sleep(1)
         os._exit(128 - status)
