@@ -130,11 +130,15 @@ def render_scaleout(data: dict) -> str:
 
 def render_test_suite(data: dict) -> str:
     """benchmarks/test_suite.py: tests and wall time of each make target."""
-    lines = ["| command | tests | result | wall time |", "| --- | --- | --- | --- |"]
+    lines = ["| command | tests | result | wall time | commit |", "| --- | --- | --- | --- | --- |"]
     for r in data["rows"]:
         wall = r["wall_seconds"]
-        result = f"{r['passed']} passed" if r.get("passed") is not None else r["summary"]
-        lines.append(f"| `{r['command']}` | {r['tests']} | {result} | {int(wall // 60)} min {int(wall % 60)} s |")
+        result = r["summary"] if r.get("returncode") else f"{r['passed']} passed"
+        commit = (r.get("commit") or data["provenance"].get("commit") or "unknown")[:10]
+        lines.append(f"| `{r['command']}` | {r['tests']} | {result} | {int(wall // 60)} min {int(wall % 60)} s "
+                     f"| `{commit}` |")
+    total = sum(r["wall_seconds"] for r in data["rows"])
+    lines += ["", f"All three: {int(total // 60)} min {int(total % 60)} s (CI adds the set-up of a fresh clone)."]
     lines += ["", _source(data, "benchmarks/results/test_suite.json") + (f" Note: {data['note']}." if data.get(
         "note") else "")]
     mutations = data.get("mutations")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from rmt_fairseq.provenance import write_results
+from rmt_fairseq.provenance import provenance, write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,13 +39,20 @@ def main(argv=None) -> int:
         counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)}
         row = {"command": f"make {target}", "returncode": p.returncode, "passed": counts.get("passed", 0),
                "tests": sum(v for k, v in counts.items() if k != "deselected"), "summary": tail,
-               "wall_seconds": round(wall, 1)}
+               "wall_seconds": round(wall, 1), "commit": provenance()["commit"],
+               "uncommitted_changes": provenance()["uncommitted_changes"],
+               "slowest": re.findall(r"^\s*([0-9.]+)s (?:call|setup|teardown)\s+(\S+)", out, re.M)[:5]}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    kept = {}
-    if os.path.exists(a.out):  # benchmarks/mutations.py's record of the faults the suite catches stays
-        with open(a.out) as f:
-            kept = {k: v for k, v in json.load(f).items() if k == "mutations"}
+    kept, earlier = {}, []
+    if os.path.exists(a.out):  # benchmarks/mutations.py's record of the faults the suite catches stays, and so do
+        with open(a.out) as f:  # the rows of targets not run this time (each row names its commit)
+            old = json.load(f)
+        kept = {k: v for k, v in old.items() if k == "mutations"}
+        rerun = {x["command"] for x in rows}
+        earlier = [r for r in old.get("rows", []) if r.get("commit") and r["command"] not in rerun]
+    order = ["make test", "make test-long", "make test-docs"]
+    rows = sorted(earlier + rows, key=lambda r: order.index(r["command"]) if r["command"] in order else 9)
     write_results(a.out, {"rows": rows, **kept})
     print(f"wrote {a.out}")
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
