@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     previous = {r["mutation"]: r for r in results.get("mutations", {}).get("rows", [])}
     previous.update({r["mutation"]: r for r in rows})
     results["mutations"] = {"rows": [previous[n] for n in MUTATIONS if n in previous], "provenance": provenance(),
-                            "pytest_args": f"--maxfail=1 {a.pytest_args}".strip()}
+                            "pytest_args": f"--maxfail=1 -p no:cacheprovider {a.pytest_args}".strip()}
     with open(a.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {a.out}")
