@@ -16,9 +16,10 @@ How a command runs (tests/forkclient.py is the other half):
   tool's process group when the client dies (a SIGKILL of the client, a test's timeout), and sends the exit status
   back; the client exits with it (or dies of the same signal).
 - The client runs the real command instead (os.execv) whenever the environment differs from the server's in a
-  variable read at import time (PYTHON*, RMT_FAIRSEQ_VERBOSE, LOGLEVEL, CUDA*, TORCH*, OMP_* other than
-  OMP_NUM_THREADS, ...; SENSITIVE below): the kill-and-resume tests, which set PYTHONUNBUFFERED, run as fresh
-  processes, as do commands when no server runs (RMT_TEST_FORKSERVER=0) or it cannot be reached.
+  variable read at import time (PYTHON* other than PYTHONPATH, RMT_FAIRSEQ_VERBOSE, LOGLEVEL, CUDA*, TORCH*, OMP_*
+  other than OMP_NUM_THREADS, ...; SENSITIVE_PREFIXES below): the kill-and-resume tests, which set
+  PYTHONUNBUFFERED, run as fresh processes, as do commands when no server runs (RMT_TEST_FORKSERVER=0) or it cannot
+  be reached. Each PYTHONPATH gets a zygote of its own, with the sys.path that PYTHONPATH gives.
 
 The children of the tool (fairseq-train's spawned ranks, the deepspeed launcher's ranks, torchrun's workers) are
 started by the tool as usual: fresh processes that import everything themselves.
