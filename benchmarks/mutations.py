@@ -20,6 +20,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from test_suite import pytest_summary  # noqa: E402  (the script beside this one)
 
 # name -> (what it breaks, file, the exact text it replaces (once), the replacement). Not here: removing the detach at
 # the end of run_segments alone (state.memory = memory): the in-loop detach has already detached the memory at the
@@ -122,10 +124,9 @@ def main(argv=None) -> int:
             f.write(out)
         # pytest's short summary: "FAILED tests/x.py::test_y[a param id] - AssertionError: ..."
         failed = [m.group(1) for m in re.finditer(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, re.M)]
-        summary = [line.strip("= ") for line in out.splitlines() if re.search(r"\d+ (passed|failed|errors?)\b", line)]
         row = {"mutation": name, "breaks": what, "file": rel, "make_test_returncode": p.returncode,
                "caught": p.returncode != 0 and bool(failed), "caught_by": failed[:3],
-               "summary": summary[-1] if summary else out.strip().splitlines()[-1:],
+               "summary": pytest_summary(out),
                "wall_seconds": round(wall, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)

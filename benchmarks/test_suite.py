@@ -19,6 +19,13 @@ from rmt_fairseq.provenance import provenance, write_results
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_summary(out: str) -> str:
+    """pytest's last summary line ("490 passed, 3 deselected in 1800.00s"), wherever make's lines put it; else the
+    output's last line."""
+    summaries = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed|errors?)\b.* in \d", line)]
+    return summaries[-1].strip("= ") if summaries else (out.strip().splitlines() or [""])[-1]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="test,test-long,test-docs", help="make targets, in order")
@@ -33,9 +40,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.join(REPO, "outputs", "test_suite"), exist_ok=True)
         with open(os.path.join(REPO, "outputs", "test_suite", f"{target}.log"), "w") as f:
             f.write(out)
-        # pytest's last summary line ("490 passed, 3 deselected in 1800.00s"), wherever make's lines put it
-        summaries = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed|errors?)\b.* in \d", line)]
-        tail = summaries[-1].strip("= ") if summaries else (out.strip().splitlines() or [""])[-1]
+        tail = pytest_summary(out)
         counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)}
         row = {"command": f"make {target}", "returncode": p.returncode, "passed": counts.get("passed", 0),
                "tests": sum(v for k, v in counts.items() if k != "deselected"), "summary": tail,

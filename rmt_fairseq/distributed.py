@@ -40,7 +40,8 @@ def no_cuda(cfg) -> bool:
     return bool(getattr(cfg.common, "cpu", False)) or not torch.cuda.is_available()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (the rendezvous port of CPU ranks; the tests' launchers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -170,7 +171,7 @@ def install() -> None:
             slurm = "SLURM_STEP_NODELIST" in os.environ or "SLURM_JOB_NODELIST" in os.environ
             if dt.distributed_init_method is None and not launched and not slurm:
                 # one host, N CPU processes (fairseq would spawn one per GPU: none)
-                port = dt.distributed_port if dt.distributed_port > 0 else _free_port()
+                port = dt.distributed_port if dt.distributed_port > 0 else free_port()
                 dt.distributed_init_method = f"tcp://localhost:{port}"
                 if dt.distributed_rank is None:
                     dt.distributed_rank = 0

@@ -252,6 +252,22 @@ def _listen(path: str):
     return server
 
 
+def _requests(server, owner: int, max_fds: int):
+    """(connection, request, fds) of each well-formed request on `server`, while the pytest process `owner` lives."""
+    while _alive(owner):
+        try:
+            conn, _ = server.accept()
+        except socket.timeout:
+            continue
+        conn.settimeout(None)
+        try:
+            request, fds = receive_message(conn, max_fds=max_fds)
+        except (OSError, ValueError):
+            conn.close()
+            continue
+        yield conn, request, fds
+
+
 def serve_target(path: str, target: str, env: dict, owner: int) -> None:
     """A zygote: the imports of one console script done once (with the client's environment and the sys.path its
     PYTHONPATH gives); forks a supervisor (and the tool) per request."""
@@ -267,17 +283,7 @@ def serve_target(path: str, target: str, env: dict, owner: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     server = _listen(path)
-    while _alive(owner):
-        try:
-            conn, _ = server.accept()
-        except socket.timeout:
-            continue
-        conn.settimeout(None)
-        try:
-            request, fds = receive_message(conn)
-        except (OSError, ValueError):
-            conn.close()
-            continue
+    for conn, request, fds in _requests(server, owner, max_fds=3):
         pid = os.fork()
         if pid == 0:
             server.close()
@@ -300,14 +306,8 @@ def serve(folder: str, owner: int) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # zygotes and supervisors are reaped by the kernel
     server = _listen(os.path.join(folder, "server.sock"))
     started = set()
-    while _alive(owner):
+    for conn, request, _ in _requests(server, owner, max_fds=0):
         try:
-            conn, _ = server.accept()
-        except socket.timeout:
-            continue
-        conn.settimeout(None)
-        try:
-            request, fds = receive_message(conn, max_fds=0)
             target, env = request["spawn"], request["env"]
             path = zygote_path(folder, target, env)
             if path not in started:
@@ -320,7 +320,7 @@ def serve(folder: str, owner: int) -> None:
                     finally:
                         os._exit(0)
             conn.sendall(b"ok\n")
-        except (OSError, ValueError, KeyError):
+        except (OSError, KeyError):
             pass
         conn.close()
 

@@ -8,6 +8,7 @@ import torch
 from fairseq.data import Dictionary
 
 import user_dir  # noqa: F401  (registrations)
+from rmt_fairseq.distributed import free_port  # noqa: F401  (for --master_port: tests run side by side)
 from rmt_fairseq.models.rmt_lm import RMTLanguageModel, RMTLanguageModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,15 +108,6 @@ def bin_path() -> str:
     folder = os.environ.get("RMT_TEST_FORKSERVER", "")
     wrappers = os.path.join(folder, "bin")
     return wrappers + os.pathsep + BIN if folder not in ("", "0") and os.path.isdir(wrappers) else BIN
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (for --master_port: tests run side by side under pytest-xdist)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def remove_deepspeed_buffers(since: float = 0.0, port: int = None) -> None:

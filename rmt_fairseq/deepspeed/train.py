@@ -38,14 +38,6 @@ def _grad_norm(parameters) -> float:
                                                  for g in grads])).item()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def parse_args(argv):
     from fairseq import options
 
@@ -95,8 +87,10 @@ def _main(argv):
         raise
     if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
         # started without the deepspeed launcher: one rank on this machine (DeepSpeed would look for MPI)
+        from rmt_fairseq.distributed import free_port
+
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
 
     import deepspeed
     from fairseq import metrics, optim, tasks, utils
