@@ -25,7 +25,7 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
-# Which modules import, checked in one interpreter (a process per module took ~20 s on every make target once
+# Which modules import, checked in one interpreter (a process per module took 12 s of every make target once
 # everything was installed); re-checked after each install step, since a step can bring in more than its name.
 MODULES="torch Cython numpy setuptools wheel fairseq hydra omegaconf sacrebleu bitarray sklearn regex deepspeed
 sentencepiece sacremoses pytest xdist matplotlib psutil"
