@@ -1,5 +1,6 @@
 """Shared helpers for the tests: tiny models built without the CLI, and generated fairseq data dirs."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -271,3 +272,20 @@ def load_script(relpath: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def diagonal_calls(module):
+    """Counts the diagonal schedule's runs on `module` (each builds its stacked weights once, through
+    module.diagonal_weights): yields a list whose length is the number of runs so far."""
+    runs, build = [], module.diagonal_weights
+
+    def counted():
+        runs.append(1)
+        return build()
+
+    module.diagonal_weights = counted
+    try:
+        yield runs
+    finally:
+        del module.diagonal_weights

@@ -40,7 +40,7 @@ from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative, fairseq_layers
 from rmt_fairseq.modules.memory import HasMemoryTokens, MemoryTokens
-from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, StackedWeights, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, stack_layers, run_segments
 
 from .rmt_lm import AssociativeConfig, validate_associative
 
@@ -101,7 +101,6 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
                                            for _ in range(args.encoder_layers)) if self.associative else None)
         self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
         self.inference_schedule = str(getattr(cfg, "inference_schedule", "sequential"))
-        self._stacked = StackedWeights()  # diagonal schedule: the layers' weights stacked (built on first use)
 
     @property
     def recurrent(self) -> bool:
@@ -192,8 +191,12 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         ln = self.sentence_encoder.layer_norm
         return ln(h) if ln is not None else h
 
+    def diagonal_weights(self):
+        """The layers' weights stacked (stack_layers: built per call of the diagonal schedule)."""
+        return stack_layers({"": self.sentence_encoder.layers})
+
     @torch.no_grad()
-    def diagonal_layers(self, first: int, hs: torch.Tensor, tables, caches, assoc):
+    def diagonal_layers(self, first: int, hs: torch.Tensor, tables, caches, assoc, weights):
         """Encoder layers first .. first+G-1, each on its own segment, as one batched call (eval mode: no dropout).
         hs G x B x N x C; tables: each segment's key padding (diagonal_begin); caches None (no XL cache); assoc
         [A G x B x F x C, z G x B x F] or None (the segments' first) -> (hs out, None, new [A, z] or None):
@@ -201,7 +204,7 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         one per layer."""
         G, B, N, C = hs.shape
         layers = self.sentence_encoder.layers
-        w = {k: v[first : first + G] for k, v in self._stacked.get({"": layers}).items()}  # G x ...
+        w = {k: v[first : first + G] for k, v in weights.items()}  # G x ...
         x = hs
         blocks = self.assoc_layers[first : first + G] if self.associative else None
         if self.associative:  # per layer, forward_segment's calls (associative.read_layers says why)

@@ -36,7 +36,7 @@ from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.adaptive import DenseAdaptiveInput, adaptive_softmax_nll
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
-from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, StackedWeights, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, stack_layers, run_segments
 from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
 from rmt_fairseq.modules.transformer_xl import XLAdaptiveEmbedding, XLAdaptiveLogSoftmax, init_transformer_xl_
 
@@ -294,7 +294,6 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
                                            for _ in range(cfg.decoder_layers)) if self.associative else None)
         self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
         self.inference_schedule = str(getattr(cfg, "inference_schedule", "sequential"))
-        self._stacked = StackedWeights()  # diagonal schedule: the layers' weights stacked (built on first use)
 
     @property
     def read_rows(self) -> int:
@@ -407,13 +406,14 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
     def diagonal_end(self, h: torch.Tensor, tables) -> torch.Tensor:
         return self._segment_output(h, tables[0], tables[1])[0]
 
-    def _stack(self):
-        """Every layer's weights (and ARMT's blocks', as "assoc.*") stacked along a first dim of n_layers."""
-        return self._stacked.get({"": self.layers, **({"assoc.": self.assoc_layers} if self.associative else {})})
+    def diagonal_weights(self):
+        """Every layer's weights (and ARMT's blocks', as "assoc.*") stacked along a first dim of n_layers
+        (stack_layers: built per call of the diagonal schedule)."""
+        return stack_layers({"": self.layers, **({"assoc.": self.assoc_layers} if self.associative else {})})
 
     @torch.no_grad()
     def diagonal_layers(self, first: int, hs: torch.Tensor, tables, caches: Optional[torch.Tensor],
-                        assoc: Optional[List[torch.Tensor]]):
+                        assoc: Optional[List[torch.Tensor]], weights):
         """Layers first .. first+G-1, each on its own segment, as one batched call (eval mode: no dropout).
         hs G x B x N x C; tables: each segment's (diagonal_begin); caches G x B x L x C or None; assoc
         [A G x B x F x C, z G x B x F] or None (the segments' first) -> (hs out, the segment rows of each layer's
@@ -421,9 +421,8 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         RelativeDecoderLayer's, in the same order."""
         T, _, pos_emb, rel_index, mask_bias = tables[0]  # the same for the group (same shape and cache length)
         G, B, N, C = hs.shape
-        W = self._stack()
         sl = slice(first, first + G)
-        w = {k: v[sl] for k, v in W.items()}  # G x ...
+        w = {k: v[sl] for k, v in weights.items()}  # G x ...
 
         def lin(x, name, bias=None):  # nn.Linear per layer: x G x ... x C_in -> G x ... x C_out (bmm / baddbmm, as
             flat = x.reshape(G, -1, x.size(-1))  # F.linear's mm / addmm on the flattened rows of one layer)

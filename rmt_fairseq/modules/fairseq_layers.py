@@ -1,6 +1,6 @@
 """fairseq's own transformer layers, several at once, for the diagonal schedule (modules/recurrence.py): layers
 first .. first+G-1 of a fairseq TransformerEncoder or TransformerDecoder (no encoder attention), each on its own
-segment, as one batched call with the layers' weights stacked (StackedWeights), eval mode (no dropout).
+segment, as one batched call with the layers' weights stacked (recurrence.stack_layers), eval mode (no dropout).
 
 Legend: G layers in the call, B streams, N rows of a segment, C model dim, H heads, D = C / H.
 

@@ -325,43 +325,39 @@ class DiagonalModel(Protocol):
     """What the diagonal schedule needs from a model, besides SegmentModel (rmt_lm's decoder, the
     rmt_transformer_lm wrapper's and the rmt_encoder implement it).
 
+    `diagonal_weights()` -> its layers' weights stacked (stack_layers), built once per call of the schedule;
     `diagonal_begin(tokens, cache_len)` -> (h B x N x C, the layer-0 input of the segment; tables, the segment's
     attention geometry and padding); `diagonal_layers(first, hs G x B x N x C, tables (a list of G: each
-    segment's), caches G x B x L x C or None, assoc [A G x B x F x C, z G x B x F] or None)` runs layers first ..
-    first+G-1 on one segment each, as one batched call, and returns (hs out, the inputs to cache G x B x T x C or
-    None, new [A, z] or None); `diagonal_end(h, tables)` -> the segment's hidden states."""
+    segment's), caches G x B x L x C or None, assoc [A G x B x F x C, z G x B x F] or None, weights)` runs layers
+    first .. first+G-1 on one segment each, as one batched call, and returns (hs out, the inputs to cache
+    G x B x T x C or None, new [A, z] or None); `diagonal_end(h, tables)` -> the segment's hidden states."""
 
     num_layers: int
     mem_len: int
 
     def diagonal_begin(self, tokens: torch.Tensor, cache_len: int): ...
 
-    def diagonal_layers(self, first: int, hs, tables, caches, assoc): ...
+    def diagonal_weights(self) -> Dict[str, torch.Tensor]: ...
+
+    def diagonal_layers(self, first: int, hs, tables, caches, assoc, weights): ...
 
     def diagonal_end(self, h: torch.Tensor, tables) -> torch.Tensor: ...
 
 
-class StackedWeights:
-    """The weights of equal modules (a ModuleList's layers) stacked along a new first dim of len(layers), what the
-    diagonal schedule's batched call multiplies with; rebuilt when any weight changes (an optimizer step, .to()).
-    Detached: the diagonal schedule runs without gradients."""
+def stack_layers(lists: Dict[str, nn.ModuleList]) -> Dict[str, torch.Tensor]:
+    """{prefix: ModuleList of equal modules} -> {prefix + parameter name: len(layers) x (the parameter's shape)}:
+    the weights the diagonal schedule's batched call multiplies with (torch.func.stack_module_state), detached.
 
-    def __init__(self):
-        self._key, self._stacked = None, None
+    Built for each call of the diagonal schedule and dropped after it, never cached: fairseq's optimizers, its
+    fp16/bf16 master copy and DeepSpeed write weights through `p.data`, which changes neither `data_ptr` nor
+    `_version`, so no cache key can see an update (a cached copy went stale after the first optimizer step:
+    training-time validation disagreed with fairseq-validate). One copy of the layers' weights per call, against
+    the call's S segments x n_layers layer applications."""
+    from torch.func import stack_module_state
 
-    @property
-    def built(self) -> bool:
-        return self._stacked is not None
-
-    def get(self, lists: Dict[str, nn.ModuleList]) -> Dict[str, torch.Tensor]:
-        """{prefix: ModuleList} -> {prefix + parameter name: n x (the parameter's shape)}."""
-        params = [p for ml in lists.values() for p in ml.parameters()]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._key != key:
-            self._stacked = {prefix + n: torch.stack([dict(m.named_parameters())[n].detach() for m in ml])
-                             for prefix, ml in lists.items() for n, _ in ml[0].named_parameters()}
-            self._key = key
-        return self._stacked
+    with torch.no_grad():
+        return {prefix + name: t.detach() for prefix, ml in lists.items()
+                for name, t in stack_module_state(list(ml))[0].items()}
 
 
 def _run_diagonal(model, seg_tokens, seg_targets, state, return_hidden, on_segment) -> LoopOutput:
@@ -369,6 +365,7 @@ def _run_diagonal(model, seg_tokens, seg_targets, state, return_hidden, on_segme
     s at layer l hands to segment s+1 at layer l (its XL cache and associative state); layer inputs of the
     segments in flight; nothing else, so memory does not grow with the number of segments."""
     S, n_layers, mem_len = len(seg_tokens), model.num_layers, model.mem_len
+    weights = model.diagonal_weights()  # this call's copy (stack_layers: never kept between calls)
     cache = list(state.cache) if state.cache is not None else ([None] * n_layers if mem_len > 0 else None)
     assoc = [state.assoc[2 * i: 2 * i + 2] for i in range(n_layers)] if state.assoc else [None] * n_layers
     cache_len = [0] * S  # the cache length every layer of segment s sees (the same for all layers)
@@ -401,7 +398,8 @@ def _run_diagonal(model, seg_tokens, seg_targets, state, return_hidden, on_segme
             if assoc[first] is not None:
                 a = [torch.stack([assoc[layer][0] for _, layer in group]),
                      torch.stack([assoc[layer][1] for _, layer in group])]
-            out, seg_in, new_a = model.diagonal_layers(first, hs, [tables[s] for s, _ in group], caches, a)
+            out, seg_in, new_a = model.diagonal_layers(first, hs, [tables[s] for s, _ in group], caches, a,
+                                                       weights)
             for g, (s, layer) in enumerate(group):
                 h[s] = out[g]
                 if seg_in is not None:

@@ -13,11 +13,11 @@ from fairseq.models.roberta import RobertaModel
 from fairseq.models.roberta.model import base_architecture as roberta_base_architecture
 
 import user_dir  # noqa: F401  (registrations)
-from helpers import armt_with_values
+from helpers import armt_with_values, diagonal_calls
 from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError
 from rmt_fairseq.models.rmt_encoder import RMTEncoderConfig, RMTEncoderModel, validate_config
-from rmt_fairseq.modules.recurrence import RecurrentState, StackedWeights, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
 WORDS = 30  # ordinary symbols w0..w29
 T, M, C = 8, 3, 32  # segment length, memory tokens, model dim
@@ -450,13 +450,13 @@ def test_encoder_diagonal_schedule_equals_sequential(kind, prenorm):
         assert len(st_diag.assoc) == len(st_seq.assoc) == 4 and float(st_seq.assoc[0].abs().max()) > 0
         for a, b in zip(st_seq.assoc, st_diag.assoc):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
-    enc.inference_schedule, enc._stacked = "sequential", StackedWeights()
-    with torch.no_grad():  # inference (fairseq validates under no_grad)
+    enc.inference_schedule = "sequential"
+    with torch.no_grad(), diagonal_calls(enc) as runs:  # inference (fairseq validates under no_grad)
         want = model(x, segment_len=T)
-        assert not enc._stacked.built
+        assert not runs
         enc.inference_schedule = "diagonal"
         got = model(x, segment_len=T)  # the model's forward, with the configured schedule
-    assert enc._stacked.built  # the diagonal path ran (it builds the stacked weights)
+        assert runs  # the diagonal path ran
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
@@ -482,10 +482,10 @@ def test_rmt_encoder_token_memory_stays_sequential():
     enc = model.encoder
     assert not enc.diagonal_ok
     x = _documents_with_padding(torch.Generator().manual_seed(5))
-    with torch.no_grad():
+    with torch.no_grad(), diagonal_calls(enc) as runs:
         seq = run_segments(enc, x, None, RecurrentState(), seg_len=T, return_hidden=True).hidden
         diag = run_segments(enc, x, None, RecurrentState(), seg_len=T, return_hidden=True, schedule="diagonal").hidden
-    assert all(torch.equal(a, b) for a, b in zip(seq, diag)) and not enc._stacked.built
+    assert all(torch.equal(a, b) for a, b in zip(seq, diag)) and not runs
 
 
 @pytest.mark.parametrize("over", [dict(), dict(associative_memory=True, d_mem=4)])

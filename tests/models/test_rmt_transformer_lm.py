@@ -13,11 +13,11 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.models.transformer_lm import TransformerLanguageModel
 from omegaconf import OmegaConf
 
-from helpers import armt_with_values, build_from_cli_args, cli, tiny_model
+from helpers import armt_with_values, diagonal_calls, build_from_cli_args, cli, tiny_model
 from rmt_fairseq.errors import RMTConfigError
 from rmt_fairseq.models.rmt_transformer_lm import RMTTransformerDecoder, RMTTransformerLanguageModel
 from rmt_fairseq.modules.memory import Layout, visibility
-from rmt_fairseq.modules.recurrence import RecurrentState, StackedWeights, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
 SIZES = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64,
          "--decoder-attention-heads", 2, "--dropout", 0]
@@ -640,13 +640,13 @@ def test_wrapper_diagonal_schedule_equals_sequential(lm_data, kind, extra):
         assert float(st_seq.assoc[0].abs().max()) > 0
         for a, b in zip(st_seq.assoc, st_diag.assoc):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
-    dec.inference_schedule, dec._stacked = "sequential", StackedWeights()
-    with torch.no_grad():
+    dec.inference_schedule = "sequential"
+    with torch.no_grad(), diagonal_calls(dec) as runs:
         want = model(x)[0]
-        assert not dec._stacked.built
+        assert not runs
         dec.inference_schedule = "diagonal"
         got = model(x)[0]
-    assert dec._stacked.built
+        assert runs
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
