@@ -36,7 +36,7 @@ from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.adaptive import DenseAdaptiveInput, adaptive_softmax_nll
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
-from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, stack_layers, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments, stack_layers
 from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
 from rmt_fairseq.modules.transformer_xl import XLAdaptiveEmbedding, XLAdaptiveLogSoftmax, init_transformer_xl_
 

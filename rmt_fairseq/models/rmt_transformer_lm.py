@@ -38,7 +38,7 @@ from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative, fairseq_layers
 from rmt_fairseq.modules.adaptive import make_dense
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
-from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, stack_layers, run_segments
+from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments, stack_layers
 
 from .rmt_lm import (
     AssociativeConfig,

@@ -13,7 +13,7 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.models.transformer_lm import TransformerLanguageModel
 from omegaconf import OmegaConf
 
-from helpers import armt_with_values, diagonal_calls, build_from_cli_args, cli, tiny_model
+from helpers import armt_with_values, build_from_cli_args, cli, diagonal_calls, tiny_model
 from rmt_fairseq.errors import RMTConfigError
 from rmt_fairseq.models.rmt_transformer_lm import RMTTransformerDecoder, RMTTransformerLanguageModel
 from rmt_fairseq.modules.memory import Layout, visibility
