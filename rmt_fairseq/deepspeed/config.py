@@ -10,9 +10,11 @@ BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "
               "gradient_clipping")
 
 
-def load_ds_config(path: str, batch_size: int, update_freq: int, world_size: int, clip_norm: float = 0.0) -> dict:
+def load_ds_config(path: str, batch_size: int, update_freq: int, world_size: int, clip_norm: float = 0.0,
+                   fp16: bool = False, bf16: bool = False) -> dict:
     """Read and check --deepspeed-config; fill in the batch sizes derived from --batch-size and --update-freq:
-    train_batch_size = micro batch x gradient accumulation x data-parallel size (as gpt-neox does)."""
+    train_batch_size = micro batch x gradient accumulation x data-parallel size (as gpt-neox does); fairseq's
+    --fp16 / --bf16 enable the JSON's fp16 / bf16 section (DeepSpeed keeps the master weights)."""
     check(path is not None, "--deepspeed-config FILE is required (see ds_configs/README.md)")
     cfg = {}
     for part in [p.strip() for p in path.split(",") if p.strip()]:  # merged in order: zero2.json,bf16.json
@@ -33,6 +35,10 @@ def load_ds_config(path: str, batch_size: int, update_freq: int, world_size: int
         device = (zero.get(key) or {}).get("device", "none")
         check(device in ("none", None) or stage >= need,
               f"--deepspeed-config {path}: zero_optimization.{key} needs ZeRO stage >= {need}, got stage {stage}")
+    for flag, on, other in [("fp16", fp16, "bf16"), ("bf16", bf16, "fp16")]:
+        if on:
+            check(not cfg.get(other, {}).get("enabled"), f"--{flag}: --deepspeed-config {path} enables {other}")
+            cfg.setdefault(flag, {})["enabled"] = True
     check(not (cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled")),
           f"--deepspeed-config {path}: fp16 and bf16 are both enabled")
     check("optimizer" not in cfg and "scheduler" not in cfg,
@@ -53,6 +59,11 @@ def load_ds_config(path: str, batch_size: int, update_freq: int, world_size: int
     cfg.update(derived)
     # the optimizer is fairseq's (built from --optimizer), a plain torch.optim.Optimizer that ZeRO shards as any
     cfg.setdefault("zero_allow_untested_optimizer", True)
+    if any((zero.get(k) or {}).get("device", "none") not in ("none", None) for k in ("offload_optimizer",
+                                                                                     "offload_param")):
+        # ZeRO-Offload steps fairseq's optimizer on the CPU copy; DeepSpeed would insist on its own CPU Adam
+        # (ZeRORuntimeException at initialize) unless told that the client optimizer is meant
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     return cfg
 
 

@@ -1,41 +1,302 @@
-"""`rmt-deepspeed-train`: the fairseq-train flags under the `deepspeed` launcher (ZeRO 1/2/3, offload, bf16).
+"""`rmt-deepspeed-train`: fairseq-train, with DeepSpeed's engine doing backward, step and the sharded state.
 
     deepspeed --num_gpus G $(which rmt-deepspeed-train) DATA --user-dir user_dir --task rmt_lm --arch rmt_wt103 \\
         --criterion rmt_cross_entropy --batch-size 8 --optimizer adam --lr 2.5e-4 --max-update 200000 \\
         --save-dir checkpoints/rmt --deepspeed-config ds_configs/zero2.json
 
-Task, model and criterion are built through fairseq's registries from the same flags; the criterion runs the
-same segment loop (modules/recurrence.py); fairseq's optimizer and lr scheduler are handed to
-deepspeed.initialize. Each rank reads its own shard of the parallel streams. Gradients are normalised as
-fairseq normalises them (summed loss / all tokens of the global batch), so both paths train the same model.
-Checkpoints go through DeepSpeed's API (every rank also writes its streams' memory state); export one to a
-fairseq checkpoint with `python -m rmt_fairseq.deepspeed.export`.
+This is fairseq-train's own `main` (fairseq_cli.train: its loop, validation schedule, stop rules, checkpoint names,
+keep rules, resets, logging) with one difference: its Trainer is `DeepSpeedTrainer`, which hands the model and
+fairseq's optimizer to `deepspeed.initialize` and lets the engine do what it must do itself: the backward (with
+the gradient accumulation boundary of fairseq's --update-freq group), the reduction over ranks, the step (ZeRO
+1/2/3, offload, bf16/fp16 master weights, clipping at --clip-norm) and the state of the sharded optimizer. Every
+other flag of fairseq-train means what it means there.
+
+Checkpoints: fairseq's names and rules, one file per rank as fairseq's own sharded state
+(--use-sharded-state) writes them: rank 0 writes `checkpoint_last.pt` (a complete fairseq checkpoint: the model's
+weights, gathered under ZeRO-3, read by fairseq-eval-lm, fairseq-validate, the hub, ...), rank r > 0
+`checkpoint_last-shard{r}.pt`; each holds that rank's DeepSpeed state (the files `engine.save_checkpoint` writes
+for the rank: its ZeRO optimizer partition, fp32 master weights, loss scale) as its optimizer state, and a resume
+gives them back to `engine.load_checkpoint`.
 """
 
+import contextlib
 import logging
-import math
 import os
+import shutil
 import sys
+import tempfile
 from datetime import timedelta
+from itertools import chain
 
 import torch
+from fairseq import checkpoint_utils, optim, utils
+from fairseq.optim import lr_scheduler
+from fairseq.trainer import Trainer
 
+from rmt_fairseq.errors import check
+
+logger = logging.getLogger(__name__)
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # without --heartbeat-timeout: how long a rank waits for a dead peer
+ENGINE_TAG = "engine"  # the tag of the engine's files inside one checkpoint file
 
 
-def _number(value):
-    """A logging-output value as a Python number; a tensor is detached first (float() of a tensor that requires
-    grad warns, and the number needs no graph)."""
-    return value.detach().item() if torch.is_tensor(value) else value
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _grad_norm(parameters) -> float:
-    """The 2-norm of all gradients in fp32, as fairseq's trainer logs it (before clipping)."""
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
-                                                 for g in grads])).item()
+def _engine_files(engine) -> dict:
+    """This rank's files of DeepSpeed's own checkpoint (`engine.save_checkpoint`, a collective), as
+    {file name: bytes}: ZeRO's optimizer partition of this rank; on rank 0 (ZeRO-0/1/2) or every rank (ZeRO-3)
+    the model states file."""
+    scratch = tempfile.mkdtemp(prefix="rmt-deepspeed-")
+    try:
+        os.makedirs(os.path.join(scratch, ENGINE_TAG))
+        engine.save_checkpoint(scratch, tag=ENGINE_TAG, save_latest=False)
+        folder = os.path.join(scratch, ENGINE_TAG)
+        files = {}
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb") as f:
+                files[name] = f.read()
+        return files
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class DeepSpeedOptimizer(optim.FairseqOptimizer):
+    """fairseq's optimizer interface, as fairseq's Trainer calls it, over a DeepSpeed engine.
+
+    - backward(loss): `engine.backward` of the loss scaled by ranks / the update's scored tokens (known before
+      the forward: DeepSpeed averages over ranks, fairseq divides the summed gradients by the sample size), with
+      the accumulation boundary at the update's last micro-batch;
+    - multiply_grads(c): the Trainer's ranks / sample size, already applied: checked equal, not applied again;
+    - clip_grad_norm(max_norm): DeepSpeed computes the gradient norm (and clips at --clip-norm) inside its step,
+      so the engine steps here and the norm before clipping is returned; an fp16 step DeepSpeed skips (overflow)
+      raises OverflowError, as fairseq's FP16Optimizer does; step(): the step has been taken;
+    - state_dict(): this rank's DeepSpeed checkpoint files; load_state_dict() gives them back to the engine.
+    """
+
+    def __init__(self, cfg, fairseq_optimizer, engine):
+        super().__init__(cfg)
+        self._optimizer = fairseq_optimizer.optimizer  # the torch optimizer (param groups, lr) DeepSpeed steps
+        self.engine = engine
+        self.scale, self.micro, self.micro_batches = 1.0, 0, 1
+        self.stepped = False
+        self.rank0_checkpoint = None  # set by the trainer while loading: where rank 0's files are
+
+    def begin_update(self, micro_batches: int, scale: float) -> None:
+        self.scale, self.micro, self.micro_batches, self.stepped = scale, 0, micro_batches, False
+
+    def backward(self, loss):
+        self.engine.set_gradient_accumulation_boundary(self.micro == self.micro_batches - 1)
+        self.engine.backward(loss * self.scale, scale_wrt_gas=False)
+        self.micro += 1
+
+    def all_reduce_grads(self, module):
+        pass  # the boundary's backward has reduced them
+
+    def multiply_grads(self, c):
+        c = float(c)
+        check(abs(c - self.scale) <= 1e-6 * max(abs(c), 1e-12),
+              f"DeepSpeed: the criterion's sample size gives gradient factor {c:g}, the scored targets {self.scale:g}: "
+              f"rmt-deepspeed-train needs a criterion whose sample size is the number of non-pad targets")
+
+    def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
+        engine = self.engine
+        own = not hasattr(engine.optimizer, "_global_grad_norm")  # fp32 without ZeRO: fairseq's torch optimizer
+        norm = self._norm() if own else None
+        engine.step()
+        self.stepped = True
+        if norm is None:
+            norm = engine.get_global_grad_norm()
+            norm = self._norm() if norm is None else float(norm)
+        if engine.fp16_enabled():
+            scale = getattr(engine.optimizer, "cur_scale", None)
+            scale = getattr(getattr(engine.optimizer, "loss_scale_config", None), "cur_scale", scale)
+            if scale is not None:
+                from fairseq import metrics
+
+                metrics.log_scalar("loss_scale", float(scale), priority=700, round=4, weight=0)
+        if not engine.was_step_applied():
+            raise OverflowError("DeepSpeed skipped the step (fp16 overflow, loss scale lowered)")
+        return torch.tensor(norm, dtype=torch.float32)
+
+    def _norm(self) -> float:
+        grads = [p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                           for g in grads])))
+
+    def step(self, closure=None, scale=1.0, groups=None):
+        assert self.stepped, "DeepSpeed steps in clip_grad_norm (fairseq's Trainer calls it before step)"
+        self.stepped = False
+
+    def zero_grad(self):
+        self.engine.zero_grad()
+
+    def set_lr(self, lr):
+        for opt in {id(o): o for o in (self.engine.optimizer, self._optimizer)}.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def state_dict(self):
+        return {"deepspeed": _engine_files(self.engine)}
+
+    def load_state_dict(self, state_dict, optimizer_overrides=None):
+        files = dict(state_dict["deepspeed"])
+        if self.rank0_checkpoint is not None and not any("model_states" in name for name in files):
+            # ZeRO-0/1/2: rank 0 alone writes the model states every rank reads (a shared file system, as
+            # DeepSpeed's own load assumes)
+            rank0 = checkpoint_utils.load_checkpoint_to_cpu(self.rank0_checkpoint, load_on_all_ranks=True)
+            files.update({k: v for k, v in rank0["last_optimizer_state"]["deepspeed"].items() if "model_states" in k})
+        scratch = tempfile.mkdtemp(prefix="rmt-deepspeed-")
+        try:
+            os.makedirs(os.path.join(scratch, ENGINE_TAG))
+            for name, data in files.items():
+                with open(os.path.join(scratch, ENGINE_TAG, name), "wb") as f:
+                    f.write(data)
+            path, _ = self.engine.load_checkpoint(scratch, tag=ENGINE_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            check(path is not None, f"DeepSpeed could not load its state from {self.rank0_checkpoint}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if optimizer_overrides:  # fairseq's --optimizer-overrides, as FairseqOptimizer.load_state_dict
+            for group in self.param_groups:
+                group.update(optimizer_overrides)
+
+
+class _ModelWhileLoading:
+    """What fairseq's Trainer.load_checkpoint calls `self.model` while a DeepSpeed trainer loads (before the engine
+    exists): the bare model; a rank whose file holds no weights (r > 0) takes rank 0's, which
+    deepspeed.initialize broadcasts."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None):
+        if state_dict is not None:
+            return self._model.load_state_dict(state_dict, strict=strict, model_cfg=model_cfg)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class DeepSpeedTrainer(Trainer):
+    """fairseq's Trainer with the model and optimizer handed to `deepspeed.initialize` (see the module docstring).
+    The engine is built when the model or optimizer is first needed, after fairseq-train has loaded a checkpoint's
+    weights into the bare model."""
+
+    def __init__(self, cfg, task, model, criterion, quantizer=None, *, ds_config: dict):
+        check(quantizer is None, "rmt-deepspeed-train: --quantization-config-path is not supported under DeepSpeed")
+        check(not utils.has_parameters(criterion), "rmt-deepspeed-train: a criterion with parameters is not "
+                                                   "supported (DeepSpeed steps the model's)")
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True  # every rank reads its own file
+        self.ds_config = ds_config
+        self._engine = None
+        self._loading = False  # while fairseq loads a checkpoint: the path of rank 0's file
+        super().__init__(cfg, task, model, criterion, quantizer)
+
+    @property
+    def use_distributed_wrapper(self) -> bool:
+        return False  # the engine is the wrapper
+
+    @property
+    def should_save_checkpoint_on_current_rank(self) -> bool:
+        return True  # every rank writes its own DeepSpeed state
+
+    @property
+    def checkpoint_suffix(self) -> str:
+        suffix = self.cfg.checkpoint.checkpoint_suffix or ""
+        return suffix + (f"-shard{self.data_parallel_rank}" if self.data_parallel_rank > 0 else "")
+
+    @property
+    def model(self):
+        if self._loading:
+            return _ModelWhileLoading(self._model)
+        if self._engine is None:
+            self._build_optimizer()
+        return self._engine
+
+    def _build_optimizer(self):
+        if self._engine is None:
+            import deepspeed
+
+            params = [p for p in chain(self._model.parameters(), self._criterion.parameters()) if p.requires_grad]
+            fairseq_optimizer = optim.build_optimizer(self.cfg.optimizer, params)
+            self._engine, _, _, _ = deepspeed.initialize(model=self._model, optimizer=fairseq_optimizer.optimizer,
+                                                         config=self.ds_config)
+            self._optimizer = DeepSpeedOptimizer(self.cfg.optimizer, fairseq_optimizer, self._engine)
+            self._optimizer.rank0_checkpoint = self._loading or None  # built while loading: rank 0's file
+            e = self._engine
+            precision = "bf16" if e.bfloat16_enabled() else "fp16" if e.fp16_enabled() else "fp32"
+            offload = [k for k in ("offload_optimizer", "offload_param")
+                       if (self.ds_config.get("zero_optimization", {}).get(k) or {}).get("device", "none") != "none"]
+            logger.info("DeepSpeed: ZeRO stage %d, %d ranks, micro batch %d x accumulation %d, %s%s, %s",
+                        e.zero_optimization_stage(), self.data_parallel_world_size,
+                        self.ds_config["train_micro_batch_size_per_gpu"], self.ds_config["gradient_accumulation_steps"],
+                        precision, "".join(f", {k} to cpu" for k in offload), e.device)
+        self._lr_scheduler = lr_scheduler.build_lr_scheduler(self.cfg.lr_scheduler, self._optimizer)
+        self._lr_scheduler.step_update(0)
+
+    def train_step(self, samples, raise_oom=False):
+        pad = self.task.target_dictionary.pad()
+        tokens = torch.tensor([float(sum(int(s["target"].ne(pad).sum()) for s in samples if s))], dtype=torch.float64)
+        if self.data_parallel_world_size > 1:
+            tokens = tokens.to(self._engine.device if self._engine is not None else self.device)
+            torch.distributed.all_reduce(tokens)
+        self.optimizer.begin_update(len(samples), self.data_parallel_world_size / max(float(tokens.item()), 1.0))
+        return super().train_step(samples, raise_oom)
+
+    def state_dict(self):
+        full = self._full_model_state()  # collectives first, on every rank
+        state = super().state_dict()
+        state["model"] = full
+        return state
+
+    def _full_model_state(self):
+        """The model's weights, whole, on rank 0 (None on the others): under ZeRO-3 gathered from the shards."""
+        engine, module = self.model, self._model
+        gather = contextlib.nullcontext()
+        if engine.zero_optimization_partition_weights():
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        with gather:
+            if self.data_parallel_rank != 0:
+                return None
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def save_checkpoint(self, filename, extra_state):
+        suffix = self.checkpoint_suffix
+        if suffix and not filename.endswith(suffix + ".pt"):  # fairseq's crash.pt: one per rank
+            filename = filename[: -len(".pt")] + suffix + ".pt"
+        return super().save_checkpoint(filename, extra_state)
+
+    def load_checkpoint(self, filename, reset_optimizer=False, reset_lr_scheduler=False, optimizer_overrides=None,
+                        reset_meters=False):
+        assert self._engine is None, "a DeepSpeed trainer loads before its engine is built"
+        suffix = f"-shard{self.data_parallel_rank}"
+        rank0 = filename[: -len(suffix + ".pt")] + ".pt" if filename.endswith(suffix + ".pt") else filename
+        found = [os.path.isfile(filename)]
+        if self.data_parallel_world_size > 1:
+            found = [None] * self.data_parallel_world_size
+            torch.distributed.all_gather_object(found, os.path.isfile(filename))
+        check(all(found) or not any(found),
+              f"{rank0}: the checkpoint lacks the file of rank(s) {[r for r, f in enumerate(found) if not f]} "
+              f"(rank r > 0 reads {rank0[:-3]}-shard<r>.pt): resume with the number of ranks that wrote it, or "
+              f"start from its weights with --finetune-from-model {rank0}")
+        self._loading = rank0
+        try:
+            extra_state = super().load_checkpoint(filename, reset_optimizer, reset_lr_scheduler, optimizer_overrides,
+                                                  reset_meters)
+        finally:
+            self._loading = False
+            if self._optimizer is not None:
+                self._optimizer.rank0_checkpoint = None
+        return extra_state
 
 
 def parse_args(argv):
@@ -43,8 +304,23 @@ def parse_args(argv):
 
     parser = options.get_training_parser()
     group = parser.add_argument_group("DeepSpeed")
-    group.add_argument("--deepspeed-config", metavar="FILE", help="DeepSpeed JSON (ZeRO, precision, offload)")
+    group.add_argument("--deepspeed-config", metavar="FILE",
+                       help="DeepSpeed JSON (ZeRO stage, offload, bf16/fp16; several merged in order: "
+                            "zero2.json,bf16.json); batch sizes and clipping come from the fairseq flags")
     return options.parse_args_and_arch(parser, argv)
+
+
+# fairseq-train flags the engine cannot honour: (attribute, the value that is fine, the flag as written)
+REFUSED = [("ddp_backend", lambda v: v != "fully_sharded", "--ddp-backend fully_sharded (ZeRO-3 is DeepSpeed's)"),
+           ("zero_sharding", lambda v: v == "none", "--zero-sharding (set zero_optimization in the JSON)"),
+           ("use_bmuf", lambda v: not v, "--use-bmuf"),
+           ("store_ema", lambda v: not v, "--store-ema"),
+           ("amp", lambda v: not v, "--amp (set bf16 or fp16 in the JSON)"),
+           ("memory_efficient_fp16", lambda v: not v, "--memory-efficient-fp16 (set fp16 in the JSON)"),
+           ("memory_efficient_bf16", lambda v: not v, "--memory-efficient-bf16 (set bf16 in the JSON)"),
+           ("model_parallel_size", lambda v: v == 1, "--model-parallel-size"),
+           ("pipeline_model_parallel", lambda v: not v, "--pipeline-model-parallel"),
+           ("cpu_offload", lambda v: not v, "--cpu-offload (set offload_optimizer in the JSON)")]
 
 
 def main(argv=None):
@@ -65,297 +341,61 @@ def main(argv=None):
 
 
 def _main(argv):
-    from rmt_fairseq.errors import check, install_excepthook
+    import functools
+
+    import fairseq_cli.train
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.distributed import utils as distributed_utils
+
+    from rmt_fairseq.deepspeed.config import load_ds_config
+    from rmt_fairseq.errors import RMTConfigError, install_excepthook
 
     install_excepthook()
     args = parse_args(argv)
-    check(args.task == "rmt_lm", f"rmt-deepspeed-train runs --task rmt_lm (memory carried along the streams), got "
-                                 f"--task {args.task}: for per-sample recurrence under fairseq's own tasks use "
-                                 f"fairseq-train")
-    check(args.batch_size is not None, "rmt-deepspeed-train needs --batch-size (streams per rank)")
-    update_freq = args.update_freq[0] if isinstance(args.update_freq, list) else args.update_freq
+    launched = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    from rmt_fairseq.deepspeed.config import load_ds_config
-    from rmt_fairseq.errors import RMTConfigError
-
-    try:
-        ds_config = load_ds_config(args.deepspeed_config, args.batch_size, update_freq, world,  # before any comm
-                                   clip_norm=args.clip_norm)
+    update_freq = sorted(set(args.update_freq)) if isinstance(args.update_freq, list) else [args.update_freq]
+    try:  # every rank reads the same flags and JSON: rank 0 says it once, before any process group
+        check(args.task == "rmt_lm", f"rmt-deepspeed-train runs --task rmt_lm (memory carried along the streams), "
+                                     f"got --task {args.task}: for per-sample recurrence under fairseq's own tasks "
+                                     f"use fairseq-train")
+        check(args.batch_size is not None, "rmt-deepspeed-train needs --batch-size (streams per rank)")
+        check(launched or args.distributed_world_size <= 1 or world > 1,
+              f"--distributed-world-size {args.distributed_world_size}: rmt-deepspeed-train's ranks are started by "
+              f"a launcher (deepspeed --num_gpus N, torchrun); fairseq's own spawn is fairseq-train's")
+        check(len(update_freq) == 1, f"--update-freq {','.join(map(str, args.update_freq))}: one value under "
+                                     f"DeepSpeed (gradient_accumulation_steps is fixed at initialize)")
+        for attr, fine, flag in REFUSED:
+            check(fine(getattr(args, attr, None) if hasattr(args, attr) else (1 if attr == "model_parallel_size"
+                                                                             else None)),
+                  f"{flag}: not supported by rmt-deepspeed-train")
+        ds_config = load_ds_config(args.deepspeed_config, args.batch_size, update_freq[0], world,
+                                   clip_norm=args.clip_norm, fp16=args.fp16, bf16=args.bf16)
     except RMTConfigError:
         if int(os.environ.get("RANK", "0")) != 0:
-            os._exit(2)  # every rank reads the same flags and JSON: rank 0 says it once
+            os._exit(2)
         raise
-    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
-        # started without the deepspeed launcher: one rank on this machine (DeepSpeed would look for MPI)
+    args.fp16 = args.bf16 = False  # the engine's precision (ds_config); fairseq's FP16Optimizer is not used
+    cfg = convert_namespace_to_omegaconf(args)
+    if not launched:
+        # started without a launcher: one rank on this machine (DeepSpeed would look for MPI)
         from rmt_fairseq.distributed import free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-
     import deepspeed
-    from fairseq import metrics, optim, tasks, utils
-    from fairseq.data import iterators
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.logging import progress_bar
-    from fairseq.optim.lr_scheduler import build_lr_scheduler
-    from omegaconf import OmegaConf
-
-    from rmt_fairseq.modules.recurrence import RecurrentState
 
     # a rank that dies on another node leaves the others blocked in a collective: they give up after this
-    # (torch's default is 30 minutes); fairseq's --heartbeat-timeout sets it, 600 s when not given
+    # (torch's default is 30 minutes); fairseq's --heartbeat-timeout sets it, 600 s when not given. fairseq's
+    # distributed_init then finds the process group up and uses it.
     deepspeed.init_distributed(timeout=timedelta(seconds=args.heartbeat_timeout if args.heartbeat_timeout > 0
                                                  else DEFAULT_COLLECTIVE_TIMEOUT_S))
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout, force=True)
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-    log = logging.getLogger("rmt_fairseq.deepspeed.train")
-    cfg = convert_namespace_to_omegaconf(args)
-    utils.import_user_module(cfg.common)
-    utils.set_torch_seed(cfg.common.seed)
-    cfg.task.data_parallel_rank, cfg.task.data_parallel_size = rank, world
-    task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    task.load_dataset(cfg.dataset.train_subset)
-    fs_optimizer = optim.build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
-    lr_scheduler = build_lr_scheduler(cfg.lr_scheduler, fs_optimizer)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=fs_optimizer.optimizer, config=ds_config)
-    device = engine.device
-    log.info("DeepSpeed: ZeRO stage %d, %d ranks, micro batch %d x accumulation %d, %s",
-             engine.zero_optimization_stage(), world, args.batch_size, update_freq, device)
-    pad = task.source_dictionary.pad()
-    # fp32 without ZeRO: DeepSpeed steps fairseq's own torch optimizer and reports no gradient norm; every other
-    # DeepSpeed optimizer (ZeRO-1/2/3, fp16, bf16) does (engine.get_global_grad_norm)
-    own_grad_norm = not hasattr(engine.optimizer, "_global_grad_norm")
-    clip_norm = cfg.optimization.clip_norm
-    # the progress bars' output on rank 0 only: one line per job. --log-file copies it, through one handler
-    # (fairseq's progress_bar adds a handler per call: a bar per epoch would write each line again)
-    log_format = cfg.common.log_format if rank == 0 else "none"
-    default_log_format = "none" if cfg.common.no_progress_bar else "simple"
-    tensorboard_logdir = cfg.common.tensorboard_logdir if rank == 0 else None
-    log_file = logging.FileHandler(cfg.common.log_file) if rank == 0 and cfg.common.log_file else None
-    if log_file:
-        logging.getLogger(progress_bar.__name__).addHandler(log_file)
-    # fairseq-train's metrics (fairseq.metrics, as its trainer logs them): the criterion's reduce_metrics gives
-    # loss, ppl (and bpc); the task's wps, wpb, bsz; here ups, lr, gnorm, clip, train_wall; wall since the start
-    metrics.reset()
-    metrics.log_start_time("wall", priority=790, round=0)
-    best = None  # the best validation metric so far (fairseq-train's best_loss)
-
-    def set_lr(lr):
-        for opt in {id(o): o for o in (engine.optimizer, fs_optimizer.optimizer)}.values():
-            for group in opt.param_groups:
-                group["lr"] = lr
-        return lr
-
-    def all_sum(values):
-        # on the engine's device: NCCL refuses CPU tensors
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def all_sum_logs(logs):
-        """Logging outputs summed over the micro-batches given and over every rank, as fairseq's trainer sums them
-        (one all-reduce; the criterion logs the same keys on every rank), or gathered when the criterion's
-        outputs cannot be summed. Returned as the list task.reduce_metrics takes."""
-        if not criterion.logging_outputs_can_be_summed():
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, [{k: _number(v) for k, v in log.items()} for log in logs])
-            return [log for part in parts for log in part]
-        keys = sorted({k for log in logs for k, v in log.items() if isinstance(v, (int, float)) or torch.is_tensor(v)})
-        return [dict(zip(keys, all_sum([sum(_number(log.get(k, 0)) for log in logs) for k in keys])))]
-
-    def training_stats(name):
-        stats = metrics.get_smoothed_values(name)
-        stats["wall"] = round(metrics.get_meter("default", "wall").elapsed_time, 0)  # fairseq's get_training_stats
-        return stats
-
-    def to_device(sample):
-        return utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
-
-    # ---- resume -------------------------------------------------------------------------------------------
-    save_dir = cfg.checkpoint.save_dir
-    num_updates, epoch, start_batch = 0, 1, 0
-    if os.path.isfile(os.path.join(save_dir, "latest")) and not cfg.checkpoint.reset_dataloader:
-        _, client = engine.load_checkpoint(save_dir)
-        num_updates, epoch, start_batch = client["num_updates"], client["epoch"], client["batch_index"]
-        lr_scheduler.load_state_dict(client["fairseq_lr_scheduler"])
-        state_file = os.path.join(save_dir, client["tag"], f"rmt_state_rank{rank}.pt")
-        st = RecurrentState()
-        st.load_state_dict(torch.load(state_file, weights_only=True))
-        task.states[("train", cfg.dataset.train_subset)] = st.to(device)
-        log.info("resumed from %s at update %d (epoch %d, batch %d)", client["tag"], num_updates, epoch, start_batch)
-
-    def save(tag, epoch, next_batch):
-        """A DeepSpeed checkpoint (all ranks, as DeepSpeed requires) plus every rank's streams' memory."""
-        state = task.train_state() or RecurrentState()
-        client = {"num_updates": num_updates, "epoch": epoch, "batch_index": next_batch, "tag": tag,
-                  "fairseq_lr_scheduler": lr_scheduler.state_dict(), "cfg": OmegaConf.to_container(cfg, resolve=True)}
-        engine.save_checkpoint(save_dir, tag=tag, client_state=client)
-        tmp = os.path.join(save_dir, tag, f"rmt_state_rank{rank}.pt.tmp")
-        torch.save(utils.move_to_cpu(state.state_dict()), tmp)
-        os.replace(tmp, tmp[: -len(".tmp")])  # atomic: complete or absent
-        torch.distributed.barrier()
-        log.info("saved checkpoint %s/%s", save_dir, tag)
-
-    def save_epoch_end(finished_epoch):
-        """fairseq-train always writes checkpoint_last.pt at the end of an epoch; --no-epoch-checkpoints only
-        drops the per-epoch copies. Here: a tag per epoch end; with --no-epoch-checkpoints the previous epoch's
-        tag is deleted once the new one is complete (the newest stays, as checkpoint_last.pt does)."""
-        save(f"epoch{finished_epoch}", finished_epoch + 1, 0)
-        if cfg.checkpoint.no_epoch_checkpoints and rank == 0:
-            import shutil
-
-            for old in range(1, finished_epoch):
-                shutil.rmtree(os.path.join(save_dir, f"epoch{old}"), ignore_errors=True)
-        torch.distributed.barrier()
-
-    def validate(epoch):
-        """The task's own validation (fresh 'valid' state per pass: training streams untouched), reduced as
-        fairseq-train's validate: each batch's logging outputs summed over ranks into an aggregator of its own
-        (the training meters untouched), one line on rank 0. Returns the --best-checkpoint-metric value."""
-        nonlocal best
-        subset = cfg.dataset.valid_subset
-        if subset not in task.datasets:
-            task.load_dataset(subset)
-        itr = task.get_batch_iterator(task.dataset(subset)).next_epoch_itr(shuffle=False)
-        vbar = progress_bar.progress_bar(itr, log_format=log_format, log_interval=cfg.common.log_interval,
-                                         epoch=epoch, prefix=f"valid on '{subset}' subset",
-                                         tensorboard_logdir=tensorboard_logdir, default_log_format=default_log_format)
-        with metrics.aggregate(new_root=True) as agg:
-            for sample in vbar:
-                _, _, logging_output = task.valid_step(to_device(sample), engine, criterion)
-                task.reduce_metrics(all_sum_logs([logging_output]), criterion)
-        engine.train()
-        stats = agg.get_smoothed_values()
-        stats["num_updates"] = num_updates
-        metric = cfg.checkpoint.best_checkpoint_metric
-        value = stats.get(metric)
-        if value is not None:
-            pick = max if cfg.checkpoint.maximize_best_checkpoint_metric else min
-            if best is not None:  # as fairseq-train: from the second validation on
-                stats[f"best_{metric}"] = pick(best, value)
-            best = value if best is None else pick(best, value)
-        vbar.print(stats, tag=subset, step=num_updates)
-        return value
-
-    def train_update(group):
-        """One update from the group's micro-batches (fairseq's GroupedIterator: --update-freq batches of this
-        epoch, fewer for the epoch's last group). Gradients as fairseq-train's: the summed loss of every token
-        of the update, on every rank, divided by their number. The token count is known before any forward
-        (the non-pad targets), so each backward is scaled by world / (all tokens of the update): DeepSpeed
-        averages over ranks. The accumulation boundary is set by hand, so a short last group of an epoch is
-        one update, as in fairseq, instead of running into the next epoch. Returns the logging outputs summed
-        over micro-batches and ranks, the gradient norm (None if there is none) and whether the step was applied."""
-        utils.set_torch_seed(cfg.common.seed + num_updates)  # fairseq's rule: dropout seeded by the update
-        global_tok = all_sum([sum(s["target"].ne(pad).sum().item() for s in group)])[0]
-        logs = []
-        engine.train()
-        for i, sample in enumerate(group):
-            sample = to_device(sample)
-            engine.set_gradient_accumulation_boundary(i == len(group) - 1)
-            sample["rmt_update"] = num_updates + 1
-            loss, _, logging_output = task.run_step("train", sample, lambda: criterion(engine, sample))
-            # 0 tokens: every rank skipped (--on-nonfinite skip)
-            engine.backward(loss * world / max(global_tok, 1.0), scale_wrt_gas=False)
-            logs.append(logging_output)
-        # the boundary's backward has all-reduced the gradients: the norm before DeepSpeed clips them
-        grad_norm = _grad_norm(engine.module.parameters()) if own_grad_norm else None
-        engine.step()
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed computes none (compute_grad_norm false)
-        return all_sum_logs(logs), None if grad_norm is None else float(_number(grad_norm)), engine.was_step_applied()
-
-    def log_update(logs, grad_norm, lr):
-        """An applied update's metrics into the active aggregators, as fairseq's trainer logs them."""
-        metrics.log_scalar("num_updates", num_updates, weight=0, priority=200)
-        metrics.log_scalar("lr", lr, weight=0, priority=300)
-        metrics.log_speed("ups", 1.0, priority=100, round=2)
-        if grad_norm is not None and math.isfinite(grad_norm):
-            metrics.log_scalar("gnorm", grad_norm, priority=400, round=3)
-            if clip_norm > 0:  # the share of updates clipped, in percent
-                metrics.log_scalar("clip", 100.0 if grad_norm > clip_norm else 0.0, priority=500, round=1)
-        if engine.fp16_enabled():
-            scale = getattr(engine.optimizer, "cur_scale", None)
-            scale = getattr(getattr(engine.optimizer, "loss_scale_config", None), "cur_scale", scale)
-            if scale is not None:
-                metrics.log_scalar("loss_scale", _number(scale), priority=700, round=4, weight=0)
-        if device.type == "cuda":  # the least free memory over the update
-            total = torch.cuda.get_device_properties(device).total_memory
-            metrics.log_scalar("gb_free", (total - torch.cuda.max_memory_allocated(device)) / 1024**3,
-                               priority=1500, round=1, weight=0)
-            torch.cuda.reset_peak_memory_stats(device)
-        task.reduce_metrics(logs, criterion)  # wps, wpb, bsz; the criterion's loss, ppl, bpc
-
-    # ---- train --------------------------------------------------------------------------------------------
-    max_update = cfg.optimization.max_update or math.inf
-    max_epoch = cfg.optimization.max_epoch or math.inf
-    valid_every = cfg.dataset.validate_interval_updates
-    save_every = cfg.checkpoint.save_interval_updates
-    train_ds = task.dataset(cfg.dataset.train_subset)
-    done = num_updates >= max_update
-    set_lr(lr_scheduler.step_update(num_updates))
-    while not done and epoch <= max_epoch:
-        lr_scheduler.step_begin_epoch(epoch)  # as fairseq's trainer.begin_epoch
-        set_lr(lr_scheduler.step_update(num_updates))
-        itr = task.get_batch_iterator(train_ds, epoch=epoch).next_epoch_itr(shuffle=False)
-        groups = iterators.GroupedIterator(itr, update_freq)  # fairseq-train's grouping (an update per group)
-        # fairseq's own progress bar on rank 0: --log-format simple/json/tqdm, --tensorboard-logdir, --log-file
-        bar = progress_bar.progress_bar(groups, log_format=log_format, log_interval=cfg.common.log_interval,
-                                        epoch=epoch, tensorboard_logdir=tensorboard_logdir,
-                                        default_log_format=default_log_format)
-        next_batch = start_batch
-        with metrics.aggregate("train"):  # the epoch's meters; "train_inner" holds those since the last line
-            for group in bar:
-                if group[-1]["batch_index"] < start_batch:
-                    continue  # resumed: this update was done before the checkpoint
-                with metrics.aggregate("train_inner"):
-                    metrics.log_start_time("train_wall", priority=800, round=0)
-                    logs, grad_norm, applied = train_update(group)
-                    if applied:  # fp16 overflow: DeepSpeed skipped the step; fairseq does not count it either
-                        num_updates += 1
-                        log_update(logs, grad_norm, set_lr(lr_scheduler.step_update(num_updates)))
-                    metrics.log_stop_time("train_wall")
-                next_batch = group[-1]["batch_index"] + 1
-                if not applied:
-                    log.info("gradient overflow: DeepSpeed skipped the optimizer step (loss scale lowered); "
-                             "not counted as an update")
-                    continue
-                if num_updates % cfg.common.log_interval == 0:
-                    bar.log(training_stats("train_inner"), tag="train_inner", step=num_updates)
-                    metrics.reset_meters("train_inner")
-                done = num_updates >= max_update
-                if done or next_batch >= len(train_ds):
-                    break  # validated and saved below, once for this update (fairseq's validate_and_save)
-                if valid_every and num_updates % valid_every == 0 and not cfg.dataset.disable_validation:
-                    validate(epoch)
-                if save_every and num_updates % save_every == 0 and not cfg.checkpoint.no_save:
-                    save(f"update{num_updates}", epoch, next_batch)
-        start_batch = 0
-        end_of_epoch = not done or next_batch >= len(train_ds)
-        val_loss = None if cfg.dataset.disable_validation else validate(epoch)
-        if end_of_epoch:
-            lr_scheduler.step(epoch, val_loss)  # as fairseq's trainer.lr_step (reduce_lr_on_plateau decays here)
-            set_lr(lr_scheduler.step_update(num_updates))
-            if not cfg.checkpoint.no_save:
-                save_epoch_end(epoch)
-        elif not cfg.checkpoint.no_save:
-            save(f"update{num_updates}", epoch, next_batch)  # stopped mid-epoch by --max-update
-        if metrics.get_meters("train"):  # as fairseq-train, after the epoch's (or the run's) last validation
-            log.info("end of epoch %d (average epoch stats below)", epoch)
-            bar.print(training_stats("train"), tag="train", step=num_updates)
-            metrics.reset_meters("train")
-        if end_of_epoch:
-            epoch += 1
-    metrics.reset()
-    if log_file:
-        logging.getLogger(progress_bar.__name__).removeHandler(log_file)
-        log_file.close()
-    log.info("done training in %d updates", num_updates)
-    torch.distributed.barrier()
+    original = fairseq_cli.train.Trainer
+    fairseq_cli.train.Trainer = functools.partial(DeepSpeedTrainer, ds_config=ds_config)
+    try:
+        distributed_utils.call_main(cfg, fairseq_cli.train.main)
+    finally:
+        fairseq_cli.train.Trainer = original
     return 0
 
 
