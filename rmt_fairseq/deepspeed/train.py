@@ -228,6 +228,9 @@ class DeepSpeedTrainer(Trainer):
             fairseq_optimizer = optim.build_optimizer(self.cfg.optimizer, params)
             self._engine, _, _, _ = deepspeed.initialize(model=self._model, optimizer=fairseq_optimizer.optimizer,
                                                          config=self.ds_config)
+            # fairseq's Trainer enters model.no_sync() for the micro-batches before an update's last; DeepSpeed
+            # reduces at the accumulation boundary set in backward anyway, and its own no_sync refuses ZeRO-2/3
+            self._engine.no_sync = contextlib.nullcontext
             self._optimizer = DeepSpeedOptimizer(self.cfg.optimizer, fairseq_optimizer, self._engine)
             self._optimizer.rank0_checkpoint = self._loading or None  # built while loading: rank 0's file
             e = self._engine

@@ -323,14 +323,18 @@ class RMTLMTask(FairseqTask):
 
             deepspeed_dir = (glob.glob(os.path.join(path, "*model_states.pt"))
                              or glob.glob(os.path.join(path, "*", "*model_states.pt")))
-            check(not deepspeed_dir, f"{source} is a DeepSpeed checkpoint directory: export it to a fairseq "
-                                     f"checkpoint first (rmt-deepspeed-export --checkpoint-dir <its --save-dir> "
-                                     f"[--tag TAG] --out model.pt) and pass that file")
+            check(not deepspeed_dir, f"{source} is a DeepSpeed checkpoint directory, not a fairseq checkpoint: "
+                                     f"rmt-deepspeed-train writes fairseq's checkpoint_*.pt files into its --save-dir "
+                                     f"(rank 0's hold the model); pass one of those")
         check(os.path.isfile(path), f"{source}: no such file")
         try:  # mmap: only what is looked at is read, so a large checkpoint costs little here
             state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception:
             return
+        check(not (isinstance(state, dict) and state.get("model") is None
+                   and "deepspeed" in (state.get("last_optimizer_state") or {})),
+              f"{source} holds one DeepSpeed rank's optimizer state, not the model (rmt-deepspeed-train's -shard<r> "
+              f"files): pass the same name without -shard<r>, rank 0's file")
         check(isinstance(state, dict) and isinstance(state.get("model"), dict)
               and (state.get("cfg") is not None or state.get("args") is not None),
               f"{source} is not a fairseq checkpoint (no 'model' and 'cfg' entries; a bare state dict?): load "

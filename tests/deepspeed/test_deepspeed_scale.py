@@ -1,7 +1,7 @@
 """rmt-deepspeed-train at scale-out's edges, 2 ranks under the real `deepspeed` launcher (gloo on loopback):
 a wt103-shaped model (adaptive input + tied adaptive softmax: fairseq's modules, and Transformer-XL's as the paper
 presets build them) whose last band only rank 1 uses, under ZeRO-1/2/3 with ZeRO-3 really partitioning every weight
-(persistence threshold 0); exported ZeRO-2/3 checkpoints evaluate
+(persistence threshold 0); rank 0's ZeRO-2/3 checkpoint_last.pt evaluates
 with fairseq-eval-lm to DeepSpeed's last validation loss; --update-freq 2 over an epoch of an odd number of
 batches groups updates as fairseq-train does (every stage); resume with dropout, Adam and warm-up reproduces
 the run; reduce_lr_on_plateau decays as under fairseq-train; validating on the training split changes nothing;
@@ -61,7 +61,7 @@ def wt103_reference(band_data):
 
 @pytest.mark.parametrize("stage,shape", [(1, "fairseq"), (2, "fairseq"), (3, "fairseq"), (2, "transformer_xl"),
                                          (3, "transformer_xl")])
-def test_wt103_shaped_band_on_one_rank_logs_fairseq_train_losses_and_exports(band_data, wt103_reference, ds_config,
+def test_wt103_shaped_band_on_one_rank_logs_fairseq_train_losses_and_evaluates(band_data, wt103_reference, ds_config,
                                                                              stage, shape, tmp_path):
     save = tmp_path / "ds"
     out = deepspeed(band_data, *COMMON, *SHAPES[shape], "--batch-size", 4, "--max-update", 8, "--save-dir", save,
@@ -69,22 +69,24 @@ def test_wt103_shaped_band_on_one_rank_logs_fairseq_train_losses_and_exports(ban
     got = train_losses(out)
     assert sorted(got) == list(range(1, 9)), out[-3000:]
     assert all(abs(got[u] - wt103_reference[shape][u]) <= TOL for u in got), (got, wt103_reference[shape])
-    if stage == 3:
-        tag = open(save / "latest").read().strip()
-        assert len(list((save / tag).glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
+    shard = torch.load(save / "checkpoint_last-shard1.pt", weights_only=False)  # rank 1: its DeepSpeed state only
+    assert shard["model"] is None
+    engine_files = sorted(shard["last_optimizer_state"]["deepspeed"])
+    assert engine_files == ["zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]\
+        if stage == 3 else ["zero_pp_rank_1_mp_rank_00_optim_states.pt"], engine_files
     if stage == 1:
         return
-    cli("rmt-deepspeed-export", "--checkpoint-dir", save, "--out", tmp_path / "model.pt")
-    exported = torch.load(tmp_path / "model.pt", weights_only=False)
-    assert exported["extra_state"]["RMTLMTask"]["train_state"]["memory"].shape[0] == 8  # both ranks' streams
+    model = save / "checkpoint_last.pt"  # rank 0's: a fairseq checkpoint (the weights gathered under ZeRO-3)
+    state = torch.load(model, weights_only=False)
+    assert state["extra_state"]["RMTLMTask"]["train_state"]["memory"].shape[0] == 8  # both ranks' streams
     e = cli("fairseq-eval-lm", band_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path",
-            tmp_path / "model.pt", "--batch-size", 8, "--tokens-per-sample", 8, "--gen-subset", "valid", "--cpu",
+            model, "--batch-size", 8, "--tokens-per-sample", 8, "--gen-subset", "valid", "--cpu",
             "--num-workers", 0)
     loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", e.stdout + e.stderr).group(1))
     assert loss == pytest.approx(_valid(out)[-1], abs=TOL)
-    # fairseq-validate builds the task from the export's config (saved by rank 0 of 2): one process, every stream
+    # fairseq-validate builds the task from the checkpoint's config (saved by rank 0 of 2): one process, every stream
     v = cli("fairseq-validate", band_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path",
-            tmp_path / "model.pt", "--batch-size", 8, "--valid-subset", "valid", "--cpu", "--num-workers", 0)
+            model, "--batch-size", 8, "--valid-subset", "valid", "--cpu", "--num-workers", 0)
     vout = v.stdout + v.stderr
     assert "8 streams x" in vout, vout[-2000:]
     assert float(re.search(r"valid \| .*?loss ([0-9.]+)", vout).group(1)) == pytest.approx(_valid(out)[-1], abs=TOL)
@@ -138,14 +140,15 @@ def test_reduce_lr_on_plateau_decays_as_under_fairseq_train_and_epochs_leave_che
                     "--deepspeed-config", "ds_configs/zero2.json")
     fs_lr, ds_lr = _lrs(ref.stdout + ref.stderr), _lrs(out)
     assert len(fs_lr) == 3 and fs_lr[2] < fs_lr[0] and ds_lr == fs_lr, (fs_lr, ds_lr)
-    tags = sorted(p.name for p in (tmp_path / "ds").iterdir() if p.is_dir())
-    assert tags == ["epoch3"] and (tmp_path / "ds" / "latest").read_text().strip() == "epoch3"
+    ds_names = sorted(p.name for p in (tmp_path / "ds").iterdir())
+    assert ds_names == sorted(n for p in (tmp_path / "fs").iterdir() for n in (p.name, p.name[:-3] + "-shard1.pt"))
+    assert "checkpoint_last.pt" in ds_names and not any(n.startswith("checkpoint3") for n in ds_names)
 
 
 def test_one_epoch_without_epoch_checkpoints_still_writes_one(recall_data, tmp_path):
     deepspeed(recall_data, *COMMON, "--batch-size", 4, "--max-epoch", 1, "--no-epoch-checkpoints",
               "--disable-validation", "--save-dir", tmp_path, "--deepspeed-config", "ds_configs/zero1.json")
-    assert (tmp_path / "latest").read_text().strip() == "epoch1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last-shard1.pt", "checkpoint_last.pt"]
 
 
 def test_validating_on_the_training_split_leaves_training_unchanged(recall_data):
@@ -184,13 +187,14 @@ def test_without_the_launcher_one_rank_trains(recall_data):
     assert sorted(got) == [1, 2, 3, 4] and all(abs(got[u] - ref[u]) <= TOL for u in got), (got, ref)
 
 
-def test_deepspeed_directories_are_named_where_a_file_is_expected(recall_data, tmp_path):
-    tag = tmp_path / "ds" / "update4"
+def test_deepspeed_files_that_hold_no_model_are_named_where_a_model_is_expected(recall_data, tmp_path):
+    tag = tmp_path / "ds" / "update4"  # DeepSpeed's own layout
     tag.mkdir(parents=True)
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
-    p = cli("fairseq-eval-lm", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path", tag, "--cpu",
-            check=False)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 2 and "DeepSpeed checkpoint directory" in last and "rmt-deepspeed-export" in last
-    p = cli("rmt-deepspeed-export", "--checkpoint-dir", tmp_path / "nope", "--out", tmp_path / "m.pt", check=False)
-    assert p.returncode == 2 and "no such directory" in p.stderr.strip().splitlines()[-1]
+    shard = tmp_path / "checkpoint_last-shard1.pt"  # what rank 1 writes: its engine state, no model
+    torch.save({"model": None, "cfg": {}, "last_optimizer_state": {"deepspeed": {}}}, shard)
+    for path, message in [(tag, "DeepSpeed checkpoint directory"), (shard, "without -shard<r>, rank 0's file")]:
+        p = cli("fairseq-eval-lm", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path", path, "--cpu",
+                check=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 2 and last.startswith("error: ") and message in last, p.stderr[-2000:]

@@ -74,9 +74,9 @@ def test_two_nodes_on_loopback_train_together(recall_data, reference, tmp_path):
     assert sorted(got) == [1, 2, 3, 4] and all(abs(got[u] - reference[u]) <= TOL for u in got), (got, reference)
 
 
-def test_resume_and_export(recall_data, tmp_path):
-    """Save at update 4, stop, resume: updates 5..8 log the uninterrupted run's losses. The exported fairseq
-    checkpoint evaluates with fairseq-eval-lm to DeepSpeed's own validation loss."""
+def test_resume_and_evaluate(recall_data, tmp_path):
+    """Save at update 4, stop, resume: updates 5..8 log the uninterrupted run's losses. Rank 0's checkpoint_last.pt
+    evaluates with fairseq-eval-lm to DeepSpeed's own validation loss."""
     args = [recall_data, *COMMON, "--batch-size", 4, "--deepspeed-config", "ds_configs/zero2.json"]
     full = deepspeed(*args, "--max-update", 8, "--save-dir", tmp_path / "a")
     deepspeed(*args, "--max-update", 4, "--save-dir", tmp_path / "b", "--disable-validation")
@@ -84,10 +84,9 @@ def test_resume_and_export(recall_data, tmp_path):
     f, r = _losses(full), _losses(resumed)
     assert sorted(r) == [5, 6, 7, 8] and all(abs(f[u] - r[u]) <= TOL for u in r), (f, r)
 
-    cli("rmt-deepspeed-export", "--checkpoint-dir", tmp_path / "a", "--out", tmp_path / "model.pt")
     e = cli("fairseq-eval-lm", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path",
-            tmp_path / "model.pt", "--batch-size", 8, "--tokens-per-sample", 8, "--gen-subset", "valid", "--cpu",
-            "--num-workers", 0)
+            tmp_path / "a" / "checkpoint_last.pt", "--batch-size", 8, "--tokens-per-sample", 8, "--gen-subset", "valid",
+            "--cpu", "--num-workers", 0)
     loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", e.stdout + e.stderr).group(1))
     # DeepSpeed validated 2 ranks x 4 streams = the same 8 streams eval-lm reads with --batch-size 8
     assert loss == pytest.approx(_valid(full)[-1], abs=TOL)

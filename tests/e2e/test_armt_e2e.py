@@ -8,7 +8,7 @@ through the real CLIs on the recall corpus (T = 8, a few updates):
   (Every door at once, generation across segment boundaries included: family `armt` of tests/e2e/test_agreement.py.)
 - fairseq-train with 2 ranks logs one process's losses and validation and saves both ranks' associative states in
   rank order; rmt-deepspeed-train under the deepspeed launcher (ZeRO-2; ZeRO-3 partitioning every weight, with
-  segment and activation checkpointing) does the same, and its export evaluates as the reference.
+  segment and activation checkpointing) does the same, and its checkpoint validates as the reference.
 - SIGKILL after a checkpoint, then the same command (block and sliding BPTT): the checkpoint holds the associative
   state (the streams' and the sliding window's), and the resumed run reproduces the uninterrupted one bitwise.
 - --bf16 trains near fp32 with the associative state kept in fp32 (in bf16 only with --associative-state-dtype
@@ -201,7 +201,8 @@ def test_two_ranks_log_one_process_losses_and_validation_and_save_both_ranks_sta
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("stage,extra", [(2, []), (3, ["--checkpoint-segments", "--checkpoint-activations"])],
                          ids=["zero2", "zero3-partitioned+checkpointing"])
-def test_deepspeed_two_ranks_match_fairseq_train_and_export(recall_data, reference, stage, extra, tmp_path):
+def test_deepspeed_two_ranks_match_fairseq_train_and_their_checkpoint_validates(recall_data, reference, stage, extra,
+                                                                                tmp_path):
     """The validation (4 segments per batch) runs the diagonal schedule, which reads every layer's weights at once:
     under ZeRO-3 with every weight partitioned too."""
     from test_deepspeed_train import deepspeed
@@ -218,10 +219,10 @@ def test_deepspeed_two_ranks_match_fairseq_train_and_export(recall_data, referen
     assert all(abs(got[u] - ref[u]) <= TOL for u in got), (got, ref)
     assert _valid(out) == pytest.approx([reference[1]], abs=TOL), out[-3000:]
 
-    cli("rmt-deepspeed-export", "--checkpoint-dir", save, "--out", tmp_path / "model.pt")
-    assoc = _train_state(tmp_path / "model.pt")["assoc"]  # both ranks' streams, as fairseq-train saves them
+    # rank 0's checkpoint_last.pt is a fairseq checkpoint: the model (gathered under ZeRO-3) and both ranks' streams
+    assoc = _train_state(save / "checkpoint_last.pt")["assoc"]
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(assoc, _train_state(reference[2])["assoc"]))
-    valid, _ = _validate(recall_data, tmp_path / "model.pt", "valid")  # the reference's: see the first test
+    valid, _ = _validate(recall_data, save / "checkpoint_last.pt", "valid")  # the reference's: see the first test
     assert valid == pytest.approx(reference[1], abs=TOL)
 
 
