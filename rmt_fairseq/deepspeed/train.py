@@ -374,6 +374,9 @@ def _main(argv):
                   f"{flag}: not supported by rmt-deepspeed-train")
         ds_config = load_ds_config(args.deepspeed_config, args.batch_size, update_freq[0], world,
                                    clip_norm=args.clip_norm, fp16=args.fp16, bf16=args.bf16)
+        check(not ds_config.get("fp16", {}).get("enabled") or (torch.cuda.is_available() and not args.cpu),
+              f"--deepspeed-config {args.deepspeed_config}: fp16 trains on CUDA GPUs only (DeepSpeed on CPU: "
+              f"bf16, ds_configs/bf16.json)")
     except RMTConfigError:
         if int(os.environ.get("RANK", "0")) != 0:
             os._exit(2)

@@ -5,13 +5,15 @@ and, for the rows that continue a run, the second command in the same way; both 
 per update, the same validation lines (subset, update, loss, best so far) and leave the same checkpoint names
 (rank 0 under fairseq's names, rank 1 under the same names with -shard1)."""
 
+import glob
 import os
 import re
 import sys
 
 import pytest
+import torch
 
-from helpers import cli, train_losses
+from helpers import REPO, cli, train_losses
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_deepspeed_train import COMMON, TOL, deepspeed  # noqa: E402  (the module beside this one)
@@ -121,3 +123,32 @@ def test_flags_deepspeed_cannot_honour_are_refused_in_one_line(recall_data):
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode == 2 and last.startswith("error: ") and named in last, p.stderr[-2000:]
         assert "Traceback" not in p.stderr
+
+
+SHIPPED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
+
+
+@pytest.fixture(scope="module")
+def accumulate_and_clip_reference(recall_data):
+    p = cli("fairseq-train", recall_data, *BASE, *ACCUMULATE_AND_CLIP, "--batch-size", 8)
+    return train_losses(p.stdout + p.stderr)
+
+
+ACCUMULATE_AND_CLIP = ["--update-freq", 2, "--clip-norm", 1, "--max-update", 4, "--no-save"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_ds_config_trains_as_fairseq_train(name, recall_data, accumulate_and_clip_reference):
+    """Each JSON of ds_configs/ (a precision file merged onto zero2.json) under two ranks, --update-freq 2 and
+    --clip-norm 1: fairseq-train's losses (bf16 within its rounding); fp16 on this CPU: one line saying why not."""
+    config = f"ds_configs/zero2.json,ds_configs/{name}" if name in ("bf16.json", "fp16.json") else f"ds_configs/{name}"
+    args = [recall_data, *BASE, *ACCUMULATE_AND_CLIP, "--batch-size", 4, "--deepspeed-config", config]
+    if name == "fp16.json" and not torch.cuda.is_available():
+        p = cli("rmt-deepspeed-train", *args, check=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 2 and "fp16 trains on CUDA GPUs only" in last and "bf16" in last, p.stderr[-2000:]
+        return
+    got, ref = train_losses(deepspeed(*args)), accumulate_and_clip_reference
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    tol = 0.05 if name == "bf16.json" else TOL
+    assert all(abs(got[u] - ref[u]) <= tol * (ref[u] if name == "bf16.json" else 1) for u in ref), (got, ref)
