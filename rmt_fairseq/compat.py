@@ -44,6 +44,7 @@ def install() -> None:
     if not hasattr(np, "compat"):
         np.compat = types.SimpleNamespace(long=np.int64)
     _patch_build_model()
+    _patch_hydra_presets()
     _register_config_less_encoders()
     main = sys.modules.get("__main__")
     running = getattr(getattr(main, "__spec__", None), "name", None)  # python -m fairseq_cli.<tool>
@@ -84,6 +85,62 @@ def _patch_build_model() -> None:
         return model
 
     models.build_model = build_model
+
+
+def _patch_hydra_presets() -> None:
+    """fairseq-hydra-train with a preset of this plugin as the model's name (`model: {_name: rmt_tiny}`): fairseq's
+    add_defaults fills the model node with the model dataclass's defaults (rmt_lm's) before fairseq runs the preset
+    function, which then finds every field set and changes nothing, so the bare model was built, silently. Here
+    the preset runs first on the node as written (its values fill only what the yaml leaves out, as --arch does
+    under fairseq-train), then fairseq fills in the rest. fairseq-train's main calls add_defaults after importing
+    the plugin; a config whose model node is already complete (fairseq-train's own) is left as it is."""
+    import argparse
+    import dataclasses
+
+    import fairseq_cli.train
+    from fairseq.dataclass.utils import interpret_dc_type
+    from fairseq.models import (
+        ARCH_CONFIG_REGISTRY,
+        ARCH_MODEL_NAME_REGISTRY,
+        ARCH_MODEL_REGISTRY,
+        MODEL_DATACLASS_REGISTRY,
+    )
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+    from omegaconf import DictConfig, OmegaConf, open_dict
+
+    original = fairseq_cli.train.add_defaults
+
+    def add_defaults(cfg):
+        model = cfg.get("model") if isinstance(cfg, DictConfig) else None
+        name = model.get("_name") if isinstance(model, DictConfig) else None
+        if name in ARCH_CONFIG_REGISTRY and ARCH_MODEL_NAME_REGISTRY.get(name) != name \
+                and ARCH_MODEL_REGISTRY[name].__module__.startswith("rmt_fairseq."):
+            # the preset on one flat namespace of the task's and the model's keys, as argparse hands it to
+            # --arch; what it adds goes to the task node where the task has that field (a preset's segment
+            # length is --tokens-per-sample), else to the model node
+            task = cfg.get("task")
+            task_name = task.get("_name") if isinstance(task, DictConfig) else None
+            given = {**(OmegaConf.to_container(task) if isinstance(task, DictConfig) else {}),
+                     **OmegaConf.to_container(model), "task": task_name}
+            ns = argparse.Namespace(**given)
+            ARCH_CONFIG_REGISTRY[name](ns)
+            task_dc = TASK_DATACLASS_REGISTRY.get(task_name)
+            task_fields = {f.name: f for f in dataclasses.fields(task_dc)} if task_dc is not None else {}
+            model_dc = MODEL_DATACLASS_REGISTRY.get(ARCH_MODEL_NAME_REGISTRY[name])
+            model_fields = {f.name: f for f in dataclasses.fields(model_dc)} if model_dc is not None else {}
+            for key, value in vars(ns).items():
+                if given.get(key) is None and value is not None:
+                    in_task = key in task_fields and isinstance(task, DictConfig)
+                    f = (task_fields if in_task else model_fields).get(key)
+                    kind = interpret_dc_type(f.type) if f is not None else None
+                    if kind in (int, bool, float):  # as fairseq's _override_attr converts an argparse value
+                        value = kind(value)
+                    target = task if in_task else model
+                    with open_dict(target):
+                        target[key] = value
+        return original(cfg)
+
+    fairseq_cli.train.add_defaults = add_defaults
 
 
 def _register_config_less_encoders() -> None:
