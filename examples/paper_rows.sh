@@ -51,11 +51,7 @@ row '$ROW' has no --mem-len: use eval"
   else
     EVAL=(--tokens-per-sample "$T")  # the training segment length (see the README for rows evaluated otherwise)
   fi
-  CKPT=${CKPT:-$SAVE/checkpoint_best.pt}
-  if [ ! -f "$CKPT" ] && [ -f "$SAVE/latest" ]; then  # a DeepSpeed run: consolidate its last checkpoint first
-    CKPT=$SAVE/fairseq_checkpoint.pt
-    run rmt-deepspeed-export --checkpoint-dir "$SAVE" --out "$CKPT"
-  fi
+  CKPT=${CKPT:-$SAVE/checkpoint_best.pt}  # fairseq-train's or, for a DeepSpeed run, its rank 0's (the same name)
   # the whole test split, memory carried across every segment
   run fairseq-eval-lm "$DATA" --user-dir "$REPO/user_dir" --task rmt_lm --path "$CKPT" --gen-subset test \
     "${EVAL[@]}" --batch-size "$EVAL_STREAMS" "$@"

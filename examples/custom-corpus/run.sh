@@ -49,9 +49,7 @@ case "$LAUNCHER" in
     fi
     deepspeed "${NODES_ARGS[@]}" --num_gpus "$GPUS" --master_port "$MASTER_PORT" "$(which rmt-deepspeed-train)" \
       "$DATA" "${TRAIN[@]}" --deepspeed-config "$DS_CONFIG" "$@" 2>&1 | tee "$SAVE/train.log"
-    # ZeRO shards -> one fairseq checkpoint (the last one saved)
-    rmt-deepspeed-export --checkpoint-dir "$SAVE" --out "$SAVE/checkpoint_export.pt"
-    CKPT=$SAVE/checkpoint_export.pt
+    CKPT=$SAVE/checkpoint_best.pt  # rank 0's file: a fairseq checkpoint (the weights gathered under ZeRO-3)
     ;;
   *) echo "error: LAUNCHER must be fairseq or deepspeed, got '$LAUNCHER'" >&2; exit 2 ;;
 esac
