@@ -75,7 +75,7 @@ def tiny_wrapper(vocab: int = 40, seed: int = 0, **overrides):
 MODULES = {"fairseq-train": "fairseq_cli.train", "fairseq-eval-lm": "fairseq_cli.eval_lm",
            "fairseq-interactive": "fairseq_cli.interactive", "fairseq-preprocess": "fairseq_cli.preprocess",
            "fairseq-validate": "fairseq_cli.validate", "rmt-data": "rmt_fairseq.cli.data",
-           "rmt-deepspeed-train": "rmt_fairseq.deepspeed.train",
+           "fairseq-hydra-train": "fairseq_cli.hydra_train", "rmt-deepspeed-train": "rmt_fairseq.deepspeed.train",
            "deepspeed": "deepspeed.launcher.runner", "torchrun": "torch.distributed.run"}
 
 
