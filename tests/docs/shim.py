@@ -9,6 +9,8 @@ written, made small:
                                        and for the paper-size presets a 2-layer C 64 model (--decoder-* flags) with
                                        adaptive cutoffs the small test vocabulary has; --fp16 is dropped without
                                        CUDA; --distributed-world-size N > 2 becomes 2
+  fairseq-hydra-train                  ++optimization.max_update=$DOCS_MAX_UPDATE ++dataset.num_workers=0,
+                                       ++common.cpu=true without CUDA (a documented override of these is dropped)
   fairseq-eval-lm, -validate,          --cpu without CUDA, --num-workers 0, no --fp16 without CUDA
   -interactive
   deepspeed                            --num_gpus N -> 2, --num_nodes/--hostfile dropped, a free --master_port
@@ -190,6 +192,11 @@ def main():
         return
     if name in FAIRSEQ and name != "fairseq-preprocess":
         args = shrink_fairseq(name, args)
+    if name == "fairseq-hydra-train":  # hydra overrides: the documented ones, these replacing any of the same key
+        shrink = {"optimization.max_update": MAX_UPDATE, "dataset.num_workers": "0", **({} if CUDA else
+                                                                                          {"common.cpu": "true"})}
+        args = [a for a in args if a.lstrip("+").split("=", 1)[0] not in shrink]
+        args += [f"++{k}={v}" for k, v in shrink.items()]
     if name == "rmt-data" and args and args[0] in ("copy", "reverse", "associative_retrieval", "equations",
                                                    "memorization"):
         args += ["--train-size", "2000", "--valid-size", "200", "--test-size", "200"]

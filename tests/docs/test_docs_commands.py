@@ -33,8 +33,8 @@ from helpers import REPO, THREADS, cli
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "examples", "*",
                                                                                       "README.md")))]
 ANNOTATION = re.compile(r"^<!-- docs-test: (run|parse|covered)\b ?(.*?) ?-->$")
-SHIMMED = ["fairseq-train", "fairseq-eval-lm", "fairseq-validate", "fairseq-interactive", "fairseq-preprocess",
-           "rmt-deepspeed-train", "deepspeed", "torchrun", "rmt-data", "curl", "wget"]
+SHIMMED = ["fairseq-train", "fairseq-hydra-train", "fairseq-eval-lm", "fairseq-validate", "fairseq-interactive",
+           "fairseq-preprocess", "rmt-deepspeed-train", "deepspeed", "torchrun", "rmt-data", "curl", "wget"]
 LINKED = ["user_dir", "rmt_fairseq", "examples", "ds_configs", "scripts", "benchmarks", "tests", "Makefile",
           "pyproject.toml"]
 
