@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from datetime import timedelta
 
 import torch
@@ -339,7 +340,9 @@ def _main(argv):
     original, fairseq_cli.train.Trainer = fairseq_cli.train.Trainer, functools.partial(DeepSpeedTrainer,
                                                                                         ds_config=ds_config)
     try:
-        distributed_utils.call_main(cfg, fairseq_cli.train.main)
+        with warnings.catch_warnings():  # fairseq's distributed_init, finding the group up (brought up above)
+            warnings.filterwarnings("ignore", message="Distributed is already initialized", category=UserWarning)
+            distributed_utils.call_main(cfg, fairseq_cli.train.main)
     finally:
         fairseq_cli.train.Trainer = original
     return 0

@@ -3,9 +3,9 @@ a wt103-shaped model (adaptive input + tied adaptive softmax: fairseq's modules,
 presets build them) whose last band only rank 1 uses, under ZeRO-1/2/3 with ZeRO-3 really partitioning every weight
 (persistence threshold 0); rank 0's ZeRO-2/3 checkpoint_last.pt evaluates
 with fairseq-eval-lm to DeepSpeed's last validation loss; --update-freq 2 over an epoch of an odd number of
-batches groups updates as fairseq-train does (every stage); resume with dropout, Adam and warm-up reproduces
-the run; reduce_lr_on_plateau decays as under fairseq-train; validating on the training split changes nothing;
-an epoch's end always leaves a checkpoint.
+batches groups updates as fairseq-train does (ZeRO-2/3: the accumulation boundary is DeepSpeed's); resume with
+dropout, Adam and warm-up under ZeRO-3 reproduces the run. The rules fairseq-train's own loop applies (lr
+schedules, validation subsets, epoch checkpoints, ...) are in test_deepspeed_parity.py.
 
 The references are single-process fairseq-train runs with the same 8 streams (2 ranks x 4)."""
 
@@ -31,7 +31,6 @@ XL_SHAPED = ["--embedding-impl", "transformer_xl", "--adaptive-softmax-cutoff", 
              "--tie-adaptive-weights", "--tie-adaptive-proj", "--init", "normal", "--mem-len", 8,
              "--read-mem-from-cache", "--same-length", "--clamp-len", 6]
 SHAPES = {"fairseq": WT103_SHAPED, "transformer_xl": XL_SHAPED}
-STAGES = [1, 2, 3]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,7 @@ def odd_epoch_reference(recall_data):
     return losses
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [2, 3])
 def test_update_freq_over_an_odd_epoch_groups_as_fairseq_train(recall_data, odd_epoch_reference, ds_config, stage):
     out = deepspeed(recall_data, *COMMON, "--batch-size", 4, "--update-freq", 2, "--max-update", 26, "--no-save",
                     "--disable-validation", "--deepspeed-config", ds_config(stage))
@@ -115,7 +114,7 @@ RESUME = ["--optimizer", "adam", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt
           "--warmup-init-lr", "1e-5", "--dropout", 0.1, "--save-interval-updates", 4, "--disable-validation"]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])
 def test_resume_with_dropout_adam_and_warmup_reproduces_the_run(recall_data, ds_config, stage, tmp_path):
     args = [recall_data, *COMMON, *RESUME, "--batch-size", 4, "--deepspeed-config", ds_config(stage)]  # adam wins
     full = train_losses(deepspeed(*args, "--max-update", 10, "--save-dir", tmp_path / "a"))
@@ -123,41 +122,6 @@ def test_resume_with_dropout_adam_and_warmup_reproduces_the_run(recall_data, ds_
     resumed = train_losses(deepspeed(*args, "--max-update", 10, "--save-dir", tmp_path / "b"))
     assert sorted(resumed) == list(range(5, 11)), resumed
     assert all(resumed[u] == full[u] for u in resumed), (full, resumed)
-
-
-def _lrs(text):
-    return [float(x) for x in re.findall(r"train_inner .*?lr[=\s]([0-9.e-]+)", text)]
-
-
-def test_reduce_lr_on_plateau_decays_as_under_fairseq_train_and_epochs_leave_checkpoints(recall_data, tmp_path):
-    """--lr-threshold 10: no epoch counts as an improvement, so with patience 0 the lr halves after every epoch.
-    --no-epoch-checkpoints keeps the newest epoch's checkpoint only."""
-    flags = ["--lr-scheduler", "reduce_lr_on_plateau", "--lr-shrink", 0.5, "--lr-patience", 0, "--lr-threshold", 10,
-             "--max-epoch", 3, "--no-epoch-checkpoints", "--log-interval", 47]
-    ref = cli("fairseq-train", recall_data, *COMMON, *flags, "--batch-size", 8, "--log-format", "simple",
-              "--num-workers", 0, "--save-dir", tmp_path / "fs")
-    out = deepspeed(recall_data, *COMMON, *flags, "--batch-size", 4, "--save-dir", tmp_path / "ds",
-                    "--deepspeed-config", "ds_configs/zero2.json")
-    fs_lr, ds_lr = _lrs(ref.stdout + ref.stderr), _lrs(out)
-    assert len(fs_lr) == 3 and fs_lr[2] < fs_lr[0] and ds_lr == fs_lr, (fs_lr, ds_lr)
-    ds_names = sorted(p.name for p in (tmp_path / "ds").iterdir())
-    assert ds_names == sorted(n for p in (tmp_path / "fs").iterdir() for n in (p.name, p.name[:-3] + "-shard1.pt"))
-    assert "checkpoint_last.pt" in ds_names and not any(n.startswith("checkpoint3") for n in ds_names)
-
-
-def test_one_epoch_without_epoch_checkpoints_still_writes_one(recall_data, tmp_path):
-    deepspeed(recall_data, *COMMON, "--batch-size", 4, "--max-epoch", 1, "--no-epoch-checkpoints",
-              "--disable-validation", "--save-dir", tmp_path, "--deepspeed-config", "ds_configs/zero1.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last-shard1.pt", "checkpoint_last.pt"]
-
-
-def test_validating_on_the_training_split_leaves_training_unchanged(recall_data):
-    args = [recall_data, *COMMON, "--batch-size", 4, "--max-update", 16, "--no-save", "--deepspeed-config",
-            "ds_configs/zero2.json"]
-    plain = train_losses(deepspeed(*args, "--disable-validation"))
-    out = deepspeed(*args, "--valid-subset", "train", "--validate-interval-updates", 4)
-    assert len(re.findall(r"valid on 'train' subset", out)) >= 3, out[-3000:]
-    assert train_losses(out) == plain
 
 
 def test_a_bad_json_under_the_launcher_is_one_line(recall_data, tmp_path):

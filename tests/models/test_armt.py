@@ -211,7 +211,7 @@ def test_one_layer_of_the_diagonal_schedule_is_bitwise_the_sequential_layer():
         A, z = first.assoc[0], first.assoc[1]
         want = d.layers[0](d.assoc_layers[0].read(h, A, z, d.assoc_dtype), None, pos_emb, rel_index, mask_bias,
                            *d.pos_bias())
-        got, _, (A1, z1) = d.diagonal_layers(0, h[None], [tables], None, [A[None], z[None]])
+        got, _, (A1, z1) = d.diagonal_layers(0, h[None], [tables], None, [A[None], z[None]], d.diagonal_weights())
     assert torch.equal(got[0], want)
     wA, wz = d.assoc_layers[0].write(want[:, 8:], A, z, d.assoc_dtype)
     assert torch.equal(A1[0], wA) and torch.equal(z1[0], wz)
