@@ -264,6 +264,18 @@ REFUSED = [("ddp_backend", "pytorch_ddp legacy_ddp c10d no_c10d", " (ZeRO-3 is D
            ("use_bmuf", False, ""), ("store_ema", False, ""), ("model_parallel_size", 1, ""),
            ("pipeline_model_parallel", False, "")]
 
+def parse_args(argv):
+    """fairseq-train's parser plus --deepspeed-config."""
+    from fairseq import options
+
+    parser = options.get_training_parser()
+    parser.add_argument_group("DeepSpeed").add_argument(
+        "--deepspeed-config", metavar="FILE", help="DeepSpeed JSON (ZeRO stage, offload, bf16/fp16; several merged "
+                                                   "in order: zero2.json,bf16.json); batch sizes and clipping come "
+                                                   "from the fairseq flags")
+    return options.parse_args_and_arch(parser, argv)
+
+
 def main(argv=None):
     """The `rmt-deepspeed-train` console script (argv None: sys.argv, then a clean exit) or an in-process call."""
     if argv is not None:
@@ -284,7 +296,6 @@ def _main(argv):
     import functools
 
     import fairseq_cli.train
-    from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.distributed import utils as distributed_utils
 
@@ -292,12 +303,7 @@ def _main(argv):
     from rmt_fairseq.errors import RMTConfigError, install_excepthook
 
     install_excepthook()
-    parser = options.get_training_parser()
-    parser.add_argument_group("DeepSpeed").add_argument(
-        "--deepspeed-config", metavar="FILE", help="DeepSpeed JSON (ZeRO stage, offload, bf16/fp16; several merged "
-                                                   "in order: zero2.json,bf16.json); batch sizes and clipping come "
-                                                   "from the fairseq flags")
-    args = options.parse_args_and_arch(parser, argv)
+    args = parse_args(argv)
     launched = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # every rank reads the same flags and JSON: rank 0 says it once, before any process group
