@@ -241,6 +241,11 @@ class DeepSpeedTrainer(Trainer):
         found = [os.path.isfile(filename)] * self.data_parallel_world_size
         if self.data_parallel_world_size > 1:
             torch.distributed.all_gather_object(found, os.path.isfile(filename))
+        legacy = os.path.join(self.cfg.checkpoint.save_dir, "latest")
+        check(any(found) or not os.path.isfile(legacy),
+              f"--save-dir {self.cfg.checkpoint.save_dir} holds the DeepSpeed tag folders of an earlier "
+              f"rmt-deepspeed-train ('latest'), which this version neither resumes nor overwrites: continue it with "
+              f"the version that wrote it, or train in another --save-dir")
         check(all(found) or not any(found),
               f"{rank0}: no file for rank(s) {[r for r, f in enumerate(found) if not f]} ({rank0[:-3]}-shard<r>.pt): "
               f"resume with the number of ranks that wrote it, or start from its weights with --finetune-from-model")

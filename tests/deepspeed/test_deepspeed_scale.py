@@ -162,3 +162,13 @@ def test_deepspeed_files_that_hold_no_model_are_named_where_a_model_is_expected(
                 check=False)
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode == 2 and last.startswith("error: ") and message in last, p.stderr[-2000:]
+
+
+def test_a_save_dir_of_the_earlier_deepspeed_layout_is_refused_not_silently_restarted(recall_data, tmp_path):
+    (tmp_path / "latest").write_text("update4")  # DeepSpeed's own layout, as rmt-deepspeed-train wrote it before
+    (tmp_path / "update4").mkdir()
+    p = cli("rmt-deepspeed-train", recall_data, *COMMON, "--batch-size", 4, "--max-update", 1, "--save-dir", tmp_path,
+            "--deepspeed-config", "ds_configs/zero1.json", check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and last.startswith("error: ") and "'latest'" in last, p.stderr[-2000:]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["latest", "update4"]  # nothing written
