@@ -1,20 +1,15 @@
 """`rmt-deepspeed-train`: fairseq-train, with DeepSpeed's engine doing the backward, the step and the sharded state.
 
-    deepspeed --num_gpus G $(which rmt-deepspeed-train) DATA --user-dir user_dir --task rmt_lm --arch rmt_wt103 \\
-        --criterion rmt_cross_entropy --batch-size 8 --optimizer adam --lr 2.5e-4 --max-update 200000 \\
-        --save-dir checkpoints/rmt --deepspeed-config ds_configs/zero2.json
+    deepspeed --num_gpus G $(which rmt-deepspeed-train) DATA --user-dir user_dir --task rmt_lm --arch rmt_wt103 \
+        --criterion rmt_cross_entropy --batch-size 8 --optimizer adam --max-update 200000 \
+        --deepspeed-config ds_configs/zero2.json
 
-fairseq-train's own `main` (fairseq_cli.train: its loop, validation schedule, stop rules, checkpoint names and keep
-rules, resets, logging) with its Trainer replaced by `DeepSpeedTrainer`, which hands the model and fairseq's
-optimizer to `deepspeed.initialize`; the engine does the backward (with the accumulation boundary of each
---update-freq group), the reduction over ranks, the step (ZeRO 1/2/3, offload, bf16/fp16 master weights, clipping
-at --clip-norm) and the optimizer's sharded state. Every other flag of fairseq-train means what it means there.
-
-Checkpoints keep fairseq's names and rules, one file per rank as fairseq's sharded state names them: rank 0 writes
-`checkpoint_last.pt` (a complete fairseq checkpoint: the weights, gathered under ZeRO-3), rank r
-`checkpoint_last-shard{r}.pt`; each holds its rank's files of DeepSpeed's own checkpoint (`engine.save_checkpoint`:
-the ZeRO optimizer partition, fp32 master weights, loss scale) as its optimizer state, given back to
-`engine.load_checkpoint` on resume.
+fairseq_cli.train's own `main` (loop, validation, stop and keep rules, resets, logging) with its Trainer replaced by
+`DeepSpeedTrainer`, which hands the model and fairseq's optimizer to `deepspeed.initialize`: the engine does the
+backward (boundary: each --update-freq group's last micro-batch), the reduction, the step (ZeRO 1/2/3, offload,
+bf16/fp16 masters, --clip-norm) and the sharded state. Checkpoints keep fairseq's names, one file per rank: rank 0's
+`checkpoint_last.pt` is a complete fairseq checkpoint (weights gathered under ZeRO-3), rank r's
+`checkpoint_last-shard{r}.pt`; each holds its rank's files of `engine.save_checkpoint` as its optimizer state.
 """
 
 import contextlib
