@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from datetime import timedelta
 
@@ -29,6 +30,7 @@ from fairseq.trainer import Trainer
 from rmt_fairseq.errors import check
 
 logger = logging.getLogger(__name__)
+RANK_EXIT_GRACE_S = 30  # a rank > 0 refusing the flags waits this long for rank 0's error line and exit
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # without --heartbeat-timeout: how long a rank waits for a dead peer
 TAG = "engine"  # the tag of DeepSpeed's files inside one checkpoint file
 
@@ -327,7 +329,8 @@ def _main(argv):
               f"--deepspeed-config {args.deepspeed_config}: fp16 trains on CUDA GPUs only (DeepSpeed on CPU: "
               f"bf16, ds_configs/bf16.json)")
     except RMTConfigError:
-        if int(os.environ.get("RANK", "0")) != 0:
+        if int(os.environ.get("RANK", "0")) != 0:  # rank 0 says it; the launcher stops every rank when it exits.
+            time.sleep(RANK_EXIT_GRACE_S)  # leaving first, this rank would have the launcher kill rank 0 unheard
             os._exit(2)
         raise
     args.fp16 = args.bf16 = False  # the engine's precision (ds_config); fairseq's FP16Optimizer is not used
