@@ -14,6 +14,11 @@ plugin is imported (like checkpoints.install and distributed.install):
   scored row only. Under --task rmt_lm a row is one segment of a stream, so a word split across two segments
   became two "words" (its first pieces scored as a word of their own). For stream batches the pieces are
   merged across the segments of the same stream (`stream_eval_lm`), as fairseq merges them within a row.
+- fairseq saves `--user-dir` as given (`user_dir`, relative to the checkout) in every checkpoint's config, and its
+  import_user_module raises FileNotFoundError for a user dir that is not there: a saved config used from another
+  working directory (`fairseq_cli.*.main(cfg)`, the hub's `from_pretrained(..., user_dir=...)`,
+  rmt-deepspeed-train run elsewhere) stopped although the plugin was imported. A missing folder named like this
+  plugin's shim (`user_dir`) is this plugin, registered when `rmt_fairseq` was imported (`_patch_user_dir`).
 - fairseq 0.12 registers the `characters` and `bytes` BPEs without a config dataclass, so hydra has no
   `bpe/characters` node and every tool given `--bpe characters` (fairseq-interactive for a character-level model)
   stopped with "MissingConfigException: Could not find 'bpe/characters'". They get an empty config node.
@@ -45,6 +50,7 @@ def install() -> None:
         np.compat = types.SimpleNamespace(long=np.int64)
     _patch_build_model()
     _patch_hydra_presets()
+    _patch_user_dir()
     _register_config_less_encoders()
     main = sys.modules.get("__main__")
     running = getattr(getattr(main, "__spec__", None), "name", None)  # python -m fairseq_cli.<tool>
@@ -141,6 +147,33 @@ def _patch_hydra_presets() -> None:
         return original(cfg)
 
     fairseq_cli.train.add_defaults = add_defaults
+
+
+# the folder name of this plugin's --user-dir shim (the checkout's user_dir/, not part of the installed package)
+SHIM_NAME = "user_dir"
+
+
+def _patch_user_dir() -> None:
+    """fairseq's import_user_module, except that a user dir that does not exist (fairseq's own lookups, relative to
+    the working directory and to fairseq's folder, all fail) and is named like this plugin's shim is taken to be
+    this plugin, already registered: the import of rmt_fairseq that installed this patch registered it."""
+    import os
+
+    from fairseq import utils
+
+    original = utils.import_user_module
+
+    def import_user_module(args):
+        path = getattr(args, "user_dir", None)
+        if path is not None and os.path.basename(os.path.normpath(path)) == SHIM_NAME:
+            fairseq_dir = os.path.dirname(utils.__file__)
+            if not any(os.path.exists(p) for p in (os.path.abspath(path), os.path.join(fairseq_dir, path),
+                                                   os.path.join(fairseq_dir, "..", path))):
+                logger.debug("--user-dir %s: not found; this plugin (rmt_fairseq) is registered", path)
+                return
+        return original(args)
+
+    utils.import_user_module = import_user_module
 
 
 def _register_config_less_encoders() -> None:

@@ -6,7 +6,9 @@ DeepSpeed for its cpu_adam) and fairseq's "Please install tensorboardX" (its tex
 every CLI), once per rank under DeepSpeed. `install()` hides exactly those messages: each filter matches one
 message's text and category, so any other warning still shows. It runs when the plugin is imported (which
 fairseq does after its own imports), and from the `rmt_fairseq_quiet.pth` startup hook that scripts/setup.sh
-writes into the environment, which is the only way to reach the two messages printed while fairseq imports.
+writes into the environment, which is the only way to reach the two messages printed while fairseq imports. The
+hook runs this file alone (STARTUP_HOOK), not the package: importing `rmt_fairseq` registers the plugin with
+fairseq, which imports fairseq, and that must not happen in every Python process of the environment.
 Left alone: the deepspeed launcher's own lines and DeepSpeed's "deepspeed_shm_comm_op built successfully" (a
 print() per CPU rank in deepspeed/comm/torch.py).
 
@@ -73,7 +75,21 @@ def install() -> None:
     for category, pattern in PYTHON_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     for name, prefix in LOG_MESSAGES:
-        logging.getLogger(name).addFilter(_DropMessage(prefix))
+        log = logging.getLogger(name)
+        # the startup hook installs a copy of this module first (its own _DropMessage class): one filter a message
+        if not any(getattr(f, "prefix", None) == prefix for f in log.filters):
+            log.addFilter(_DropMessage(prefix))
+
+
+# the line scripts/setup.sh writes to <site-packages>/rmt_fairseq_quiet.pth: this file run on its own, under another
+# module name (the package's __init__ is not run), then install(); any failure leaves Python's start-up alone
+STARTUP_HOOK = (
+    'import sys; exec("try:\\n from importlib import util\\n import os\\n'
+    " d = util.find_spec('rmt_fairseq').submodule_search_locations[0]\\n"
+    " s = util.spec_from_file_location('_rmt_fairseq_startup_quiet', os.path.join(d, 'quiet.py'))\\n"
+    " q = util.module_from_spec(s)\\n s.loader.exec_module(q)\\n q.install()\\n"
+    'except Exception:\\n pass")'
+)
 
 
 FAIRSEQ_FORMAT = logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s", "%Y-%m-%d %H:%M:%S")

@@ -83,11 +83,13 @@ if ! "$PY" -c "import rmt_fairseq, importlib.metadata as m; m.version('rmt-fairs
   check
 fi
 # The startup hook of rmt_fairseq/quiet.py: hides the two notices fairseq's own imports print on every command
-# (DeepSpeed's "Setting accelerator to CPU", "Please install tensorboardX"), before the plugin can be imported.
+# (DeepSpeed's "Setting accelerator to CPU", "Please install tensorboardX"), before the plugin can be imported. It
+# runs quiet.py alone (quiet.STARTUP_HOOK), never the package, whose import registers the plugin with fairseq; an
+# earlier hook (it imported the package) is replaced.
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-if [ ! -f "$SITE/rmt_fairseq_quiet.pth" ]; then
-  echo 'import sys; exec("try:\n import rmt_fairseq.quiet as q; q.install()\nexcept Exception:\n pass")' \
-    > "$SITE/rmt_fairseq_quiet.pth"
+HOOK="$("$PY" -S -c 'import runpy; print(runpy.run_path("rmt_fairseq/quiet.py")["STARTUP_HOOK"])')"
+if [ "$(cat "$SITE/rmt_fairseq_quiet.pth" 2>/dev/null)" != "$HOOK" ]; then
+  echo "$HOOK" > "$SITE/rmt_fairseq_quiet.pth"
 fi
 # fairseq must import cleanly with this torch (catches a broken or mismatched install early): the last check's line.
 if ! grep '^\[setup\] ok' <<<"$MISSING"; then

@@ -1,9 +1,2 @@
-# fairseq --user-dir shim: import the registrations, nothing else.
-import rmt_fairseq.criterions.rmt_classification  # noqa: F401
-import rmt_fairseq.criterions.rmt_cross_entropy  # noqa: F401
-import rmt_fairseq.models.rmt_encoder  # noqa: F401
-import rmt_fairseq.models.rmt_lm  # noqa: F401
-import rmt_fairseq.models.rmt_transformer_lm  # noqa: F401
-import rmt_fairseq.tasks.rmt_algorithmic  # noqa: F401
-import rmt_fairseq.tasks.rmt_lm  # noqa: F401
-import rmt_fairseq.tasks.rmt_long_classification  # noqa: F401
+# fairseq --user-dir shim: importing the package registers its tasks, models and criteria (rmt_fairseq/__init__.py).
+import rmt_fairseq  # noqa: F401

@@ -147,8 +147,6 @@ def main(argv=None):
     from fairseq.data import Dictionary
     from fairseq.dataclass.utils import overwrite_args_by_name
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    import user_dir  # noqa: F401
     from rmt_fairseq.data.algorithmic import SYMBOLS, generate
     from rmt_fairseq.errors import RMTConfigError
     from rmt_fairseq.modules.recurrence import RecurrentState

@@ -140,8 +140,6 @@ def main(argv=None):
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     from fairseq import checkpoint_utils
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    import user_dir  # noqa: F401
 
     overrides = {"data": a.data}
     state = checkpoint_utils.load_checkpoint_to_cpu(a.path, overrides)

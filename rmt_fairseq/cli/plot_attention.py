@@ -103,8 +103,6 @@ def main(argv=None):
     import torch
     from fairseq import checkpoint_utils
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    import user_dir  # noqa: F401
     from rmt_fairseq.errors import RMTConfigError
     from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
     from rmt_fairseq.tasks.rmt_algorithmic import trained_layout

@@ -2,9 +2,11 @@
 values, and a shrunk fairseq-train, fairseq-eval-lm and a 2-rank DeepSpeed run print no Python warning lines and
 none of the third-party notices rmt_fairseq/quiet.py hides (RMT_FAIRSEQ_VERBOSE=1 brings them back)."""
 
+import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -60,6 +62,24 @@ def test_fairseq_commands_print_no_warning_lines(recall_data, tmp_path):
     loud = cli("fairseq-train", recall_data, *TRAIN, "--max-update", 1, "--no-save",
                env={"RMT_FAIRSEQ_VERBOSE": "1"})
     assert any("Warning" in line for line in _noise(loud.stdout + loud.stderr))
+
+
+def test_python_start_up_imports_no_plugin():
+    """The startup hook scripts/setup.sh writes (quiet.STARTUP_HOOK) runs rmt_fairseq/quiet.py alone: importing the
+    package registers the plugin, which imports fairseq, and every Python process of the environment would pay it."""
+    import sysconfig
+
+    from rmt_fairseq.quiet import STARTUP_HOOK
+
+    hook = os.path.join(sysconfig.get_paths()["purelib"], "rmt_fairseq_quiet.pth")
+    if os.path.exists(hook):
+        assert open(hook).read().strip() == STARTUP_HOOK  # setup.sh replaced an earlier one
+    code = ("import json, logging, sys; print(json.dumps([sorted(m for m in sys.modules if m.split('.')[0] == "
+            "'rmt_fairseq'), [type(f).__name__ for f in logging.getLogger('DeepSpeed').filters]]))")
+    p = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=60)
+    plugin, filters = json.loads(p.stdout)
+    assert plugin == [], plugin  # nothing of the package, so nothing of fairseq
+    assert filters == (["_DropMessage"] * 2 if os.path.exists(hook) else []), filters  # the hook did run quiet.py
 
 
 @pytest.mark.deepspeed

@@ -1,10 +1,14 @@
 """Doors into a trained model besides training (issue 14, items 2 and 3): the hub interface's score() (fresh
 memory, identical on repeat, equal to the teacher-forced forward), model(tokens) without hidden state, and
-generation with the transformer_lm wrapper under --task rmt_lm past one segment."""
+generation with the transformer_lm wrapper under --task rmt_lm past one segment. Issue 27 item 1: a script run
+from another directory, with the installed package only, loads a checkpoint trained with `--user-dir user_dir`."""
 
+import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,6 +37,50 @@ def test_a_prompt_longer_than_max_len_b_is_said(recall_data, rmt_xl, caplog):
         hypo = lm.generate([lm.encode(TEXT)], beam=1, max_len_b=5)[0][0]
     assert len(hypo["tokens"]) == 6  # fairseq's rule: the first 5 prompt tokens, then </s>
     assert "a prompt of 13 tokens is longer than --max-len-b 5" in caplog.text
+
+
+# a script a user runs from their own folder: the package registers the plugin (`import rmt_fairseq`, or the import of
+# one of its modules), and the user dir the checkpoint saved ("user_dir", relative to the checkout) is taken to be it
+SCRIPTS = {
+    "import rmt_fairseq, then fairseq's loader": """
+import json, sys
+import rmt_fairseq  # noqa: F401
+from fairseq import checkpoint_utils, utils
+from fairseq.hub_utils import GeneratorHubInterface
+path, data, text = sys.argv[1:]
+state = checkpoint_utils.load_checkpoint_to_cpu(path)
+utils.import_user_module(state["cfg"].common)  # what fairseq's tools do with a config: its saved --user-dir
+models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], {"data": data}, state=state)
+hub = GeneratorHubInterface(cfg, task, models).eval()
+print(json.dumps({"user_dir": state["cfg"].common.user_dir, "scores": hub.score(text)["positional_scores"].tolist()}))
+""",
+    "the plugin's hub class alone": """
+import json, os, sys
+from fairseq import checkpoint_utils
+from rmt_fairseq.models.rmt_lm import RMTLanguageModel
+path, data, text = sys.argv[1:]
+saved = checkpoint_utils.load_checkpoint_to_cpu(path)["cfg"].common.user_dir
+lm = RMTLanguageModel.from_pretrained(os.path.dirname(path), os.path.basename(path), data_name_or_path=data,
+                                      user_dir=saved).eval()
+print(json.dumps({"user_dir": saved, "scores": lm.score(text)["positional_scores"].tolist()}))
+""",
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_a_checkpoint_loads_from_another_directory(recall_data, rmt_xl, tmp_path, script):
+    """In a folder outside the checkout, without PYTHONPATH (the editable install is what finds the package): the
+    checkpoint trained with --user-dir user_dir scores the text as the hub does here."""
+    from rmt_fairseq.models.rmt_lm import RMTLanguageModel
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", SCRIPTS[script], str(rmt_xl / "checkpoint_last.pt"), recall_data, TEXT],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["user_dir"] == "user_dir" and not (tmp_path / "user_dir").exists()  # relative, and not there
+    lm = RMTLanguageModel.from_pretrained(str(rmt_xl), "checkpoint_last.pt", data_name_or_path=recall_data).eval()
+    assert torch.allclose(torch.tensor(got["scores"]), lm.score(TEXT)["positional_scores"], atol=1e-6)
 
 
 def test_model_called_twice_gives_the_same_output():
