@@ -178,6 +178,7 @@ def install() -> None:
                 logger.info("no CUDA: starting %d CPU ranks over %s (%s)", dt.distributed_world_size,
                             dt.distributed_init_method, dt.distributed_backend)
                 kwargs["start_rank"] = dt.distributed_rank
+                os.environ.setdefault("LOCAL_WORLD_SIZE", str(dt.distributed_world_size))  # rmt_fairseq/threads.py
                 dt.distributed_rank = None  # assigned per process by distributed_main
                 try:
                     torch.multiprocessing.spawn(fn=_spawned_main, args=(main, cfg, kwargs),

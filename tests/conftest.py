@@ -10,6 +10,7 @@ import torch  # noqa: E402
 import helpers  # noqa: E402
 
 torch.set_num_threads(int(helpers.THREADS))
+os.environ["OMP_NUM_THREADS"] = helpers.THREADS  # models built in this process keep it (rmt_fairseq/threads.py)
 
 
 def pytest_sessionstart(session):

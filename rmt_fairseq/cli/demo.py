@@ -28,16 +28,26 @@ def _bin(name):
     return console_script(name)
 
 
-def _run(cmd, log_path, show=None):
-    """Run a CLI, keep its full log, echo the lines `show` selects; fail loudly with the log's tail."""
-    lines = []
-    with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+PROGRESS_S = 20  # at most this long without a line on the console while a model trains
+
+
+def _run(cmd, log_path, show=None, progress=None):
+    """Run a CLI, keep its full log (written line by line, so `tail -f` follows it), echo the lines `show`
+    selects, and a `progress(line)` summary when PROGRESS_S passed without a console line; fail loudly with the
+    log's tail."""
+    lines, last = [], time.time()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # the child's lines as it logs them, not in 8 KiB blocks
+    with open(log_path, "w", buffering=1) as log:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in p.stdout:
             log.write(line)
             lines.append(line)
             if show and show(line):
                 print("    " + line.split("| INFO | ")[-1].rstrip(), flush=True)
+                last = time.time()
+            elif progress and time.time() - last >= PROGRESS_S and progress(line):
+                print("    " + progress(line), flush=True)
+                last = time.time()
         if p.wait() != 0:
             sys.exit(f"demo: {os.path.basename(cmd[0])} failed, see {log_path}:\n{''.join(lines[-20:])}")
     return "".join(lines)
@@ -54,7 +64,14 @@ def main(argv=None):
     ap.add_argument("--train-size", type=int, default=20000, help="training samples")
     ap.add_argument("--test-size", type=int, default=1000, help="test samples")
     ap.add_argument("--seed", type=int, default=1, help="seed of the data and of both trainings")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per process (OMP_NUM_THREADS of the runs; default: rmt_fairseq/threads.py's "
+                         "choice, 1 for this model)")
     a = ap.parse_args(argv)
+    if a.threads is not None:
+        if a.threads < 1:
+            ap.error(f"--threads must be >= 1, got {a.threads}")
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     for flag, v, low in [("--updates", a.updates, 1), ("--src-len", a.src_len, 1),
                          ("--num-segments", a.num_segments, 1), ("--train-size", a.train_size, 1),
                          ("--test-size", a.test_size, 1)]:
@@ -91,8 +108,9 @@ def main(argv=None):
         log = _run([_bin("fairseq-train"), data, *common, *flags, "--optimizer", "adam", "--lr", "2e-3",
                     "--max-update", str(a.updates), "--validate-interval-updates", "250",
                     "--save-interval-updates", "250", "--keep-interval-updates", "1", "--save-dir", save,
-                    "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "250"],
-                   os.path.join(a.out, f"train_{name}.log"), show=lambda s: "valid on" in s)
+                    "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "25"],
+                   os.path.join(a.out, f"train_{name}.log"), show=lambda s: "valid on" in s,
+                   progress=lambda s, t0=t0: _progress(s, a.updates, t0))
         curve = [{"update": int(m[5]), "acc": float(m[3]), "em": float(m[4]), "acc_tf": float(m[1])}
                  for m in VALID_RE.findall(log)]
         print(f"[demo] evaluating {name} on the test split (greedy) ...", flush=True)
@@ -118,6 +136,15 @@ def main(argv=None):
     print(f"\n[demo] wrote {a.out}/results.json and {a.out}/accuracy.png "
           f"(greedy decoding, test split of {a.test_size})")
     return 0
+
+
+TRAIN_RE = re.compile(r"loss=([0-9.]+).*num_updates=(\d+)")
+
+
+def _progress(line, updates, t0):
+    """A fairseq-train log line of training statistics -> `update N/U, train loss L, S s`, else None."""
+    m = TRAIN_RE.search(line)
+    return m and f"update {m[2]}/{updates}: train loss {m[1]}, {time.time() - t0:.0f} s"
 
 
 def _plot(results, path):

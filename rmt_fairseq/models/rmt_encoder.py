@@ -36,6 +36,7 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from omegaconf import II
 from torch import nn
 
+from rmt_fairseq import threads
 from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative, fairseq_layers
@@ -274,7 +275,9 @@ class RMTEncoderModel(FairseqEncoderModel):
             data = getattr(task.cfg, "data", None)
             load_roberta(encoder, cfg.roberta_path, cfg,
                          os.path.join(data, "dict.txt") if isinstance(data, str) else "the data's dict.txt")
-        return cls(encoder)
+        model = cls(encoder)
+        threads.configure(model)  # torch's intra-op threads for a CPU run (rmt_fairseq/threads.py)
+        return model
 
     def forward(self, src_tokens, segment_len: int, **kwargs):
         """See RMTEncoder.forward: the one door for training, validation and inference."""

@@ -31,6 +31,7 @@ from omegaconf import II, OmegaConf, open_dict
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from rmt_fairseq import threads
 from rmt_fairseq.compat import eval_context_window
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative
@@ -831,6 +832,7 @@ class RMTLanguageModel(RecurrentLM, FairseqLanguageModel):
             nn.init.constant_(embed_tokens.weight[dictionary.pad()], 0)
         model = cls(RMTDecoder(cfg, dictionary, embed_tokens), cfg)
         model.setup_from_task(cfg, task)
+        threads.configure(model)  # torch's intra-op threads for a CPU run (rmt_fairseq/threads.py)
         return model
 
     def max_positions(self):

@@ -34,6 +34,7 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, register_m
 from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
+from rmt_fairseq import threads
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative, fairseq_layers
 from rmt_fairseq.modules.adaptive import make_dense
@@ -247,6 +248,7 @@ class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
         model.setup_from_task(args, task)
         if args.lm_path:
             load_transformer_lm(model, args.lm_path)
+        threads.configure(model)  # torch's intra-op threads for a CPU run (rmt_fairseq/threads.py)
         return model
 
     def upgrade_state_dict_named(self, state_dict, name):
