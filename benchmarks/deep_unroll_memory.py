@@ -41,7 +41,7 @@ def one(K, ckpt, layers, dim, T, B, M):
 
     from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
-    torch.set_num_threads(2)
+    # torch threads: rmt_fairseq/threads.py's rule, applied when the model is built (OMP_NUM_THREADS chooses)
     model = rmt_model(vocab_task(1000), layers, dim, mem_tokens=M, tokens_per_sample=T).train()
     x = torch.randint(4, 1000, (B, (K + 1) * T))
 

@@ -25,7 +25,7 @@ def one(n_tokens, T, layers, dim, M):
 
     from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
-    torch.set_num_threads(1)
+    # torch threads: rmt_fairseq/threads.py's rule, applied when the model is built (OMP_NUM_THREADS chooses)
     model = rmt_model(vocab_task(256), layers, dim, mem_tokens=M, tokens_per_sample=T).eval()
     state = RecurrentState()
     gen = torch.Generator().manual_seed(0)

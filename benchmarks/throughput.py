@@ -40,7 +40,7 @@ def main(argv=None):
 
     from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    # torch threads: rmt_fairseq/threads.py's rule, applied when the model is built (OMP_NUM_THREADS chooses)
     L, C, H, T, B, M, V, steps = (2, 64, 2, 32, 2, 4, 200, 2) if a.quick else (4, 256, 4, 128, 8, 10, 10000, 6)
     task = vocab_task(V)
 
