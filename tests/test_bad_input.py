@@ -109,8 +109,17 @@ CASES = {
     "negative bptt unroll": train("--bptt-unroll", -1, names=["--bptt-unroll", "-1"]),
     "sliding without memory": train("--bptt-mode", "sliding", "--mem-tokens", 0,
                                     names=["--bptt-mode sliding", "--mem-tokens 0"]),
+    # the line says which cutoffs fit (the same bands, the last at 3/4 of the recall data's 24 types: issue 27)
     "cutoff beyond vocab": train("--adaptive-softmax-cutoff", "20000,40000",
-                                 names=["--adaptive-softmax-cutoff", "20000,40000", "vocabulary"]),
+                                 names=["--adaptive-softmax-cutoff", "20000,40000", "vocabulary size ({v_recall})",
+                                        "pass e.g. --adaptive-softmax-cutoff 9,18 "]),
+    # a preset's cutoffs (WikiText-103's), which the user did not type: the preset is named
+    "preset cutoffs beyond vocab": train("--arch", "rmt_wt103", last=None, names=[
+        "--adaptive-softmax-cutoff 20000,40000,200000 (set by --arch rmt_wt103)", "vocabulary size ({v_recall})",
+        "pass e.g. --adaptive-softmax-cutoff 2,4,18 "]),
+    "wrapper preset cutoffs beyond vocab": train("--arch", "rmt_transformer_lm_wiki103", last=None, names=[
+        "--adaptive-softmax-cutoff 20000,60000 (set by --arch rmt_transformer_lm_wiki103)",
+        "pass e.g. --adaptive-softmax-cutoff 6,18 --adaptive-input-cutoff 6,18 "]),
     "non-integer cutoff": train("--adaptive-softmax-cutoff", "a,b", names=["--adaptive-softmax-cutoff", "'a,b'"]),
     "heads do not divide dim": train("--decoder-embed-dim", 30, "--decoder-attention-heads", 4,
                                      names=["--decoder-embed-dim 30", "--decoder-attention-heads 4"]),

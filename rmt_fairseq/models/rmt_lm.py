@@ -917,6 +917,69 @@ def _with_defaults(cfg):
     return cfg
 
 
+# rmt_wt103's last cutoff, 200000, is 3/4 of WikiText-103's vocabulary (267,735 types): cutoffs suggested for another
+# vocabulary keep the bands' ratios and put the last cutoff at the same place
+LAST_CUTOFF_SHARE = 0.75
+
+
+def fitting_cutoffs(cutoffs: List[int], vocab_size: int) -> Optional[List[int]]:
+    """`cutoffs` scaled so that the last is LAST_CUTOFF_SHARE of `vocab_size`, rounded and kept increasing from 1;
+    None when the vocabulary is too small for that many bands."""
+    fit = []
+    for c in cutoffs:
+        fit.append(max(round(c * LAST_CUTOFF_SHARE * vocab_size / cutoffs[-1]), fit[-1] + 1 if fit else 1))
+    return fit if fit[-1] < vocab_size else None
+
+
+def check_cutoffs(cfg, vocab_size: int, flags, up_to_vocab: bool = False) -> None:
+    """Adaptive input / softmax cutoffs (`flags`: (flag, value or None) pairs) that are increasing and below the
+    vocabulary size (or equal to it, `up_to_vocab`: fairseq's own modules take that); otherwise one line naming the
+    flag, its value (and the --arch preset that set it), with cutoffs that fit this vocabulary for every flag that
+    does not."""
+    bad = []
+    for flag, value in flags:
+        if value is None:
+            continue
+        try:
+            cut = options.eval_str_list(value, type=int)
+        except Exception:
+            check(False, f"{flag} must be comma-separated integers, got {value!r}")
+        increasing = all(a < b for a, b in zip([0] + cut, cut))
+        if not (increasing and cut[-1] < vocab_size + up_to_vocab):
+            bad.append((flag, value, fitting_cutoffs(cut, vocab_size) if increasing else None))
+    if not bad:
+        return
+    flag, value, _ = bad[0]
+    arch = _preset_setting(cfg, flag)
+    bound = "at most" if up_to_vocab else "smaller than"
+    text = f"{flag} {value}{f' (set by --arch {arch})' if arch else ''}: cutoffs must be increasing and {bound} the " \
+           f"vocabulary size ({vocab_size})"
+    fits = " ".join(f + " " + ",".join(map(str, fit)) for f, _, fit in bad if fit is not None)
+    if fits:
+        text += (f"; for this vocabulary pass e.g. {fits} (the same bands scaled so that the last cutoff is "
+                 f"{LAST_CUTOFF_SHARE:.0%} of the vocabulary, as rmt_wt103's 200000 is of WikiText-103's 267,735 "
+                 f"types)")
+    raise RMTConfigError(text)
+
+
+def _preset_setting(cfg, flag: str) -> Optional[str]:
+    """The --arch preset of `cfg` when it sets `flag` to the value cfg has (the user may not have typed it)."""
+    import argparse
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    arch = getattr(cfg, "_name", None) or getattr(cfg, "arch", None)
+    if arch not in ARCH_CONFIG_REGISTRY:
+        return None
+    key = flag.lstrip("-").replace("-", "_")
+    preset = argparse.Namespace(task=getattr(cfg, "task", None))
+    try:
+        ARCH_CONFIG_REGISTRY[arch](preset)
+    except Exception:  # a preset reading a field this namespace lacks: say nothing about it
+        return None
+    return arch if getattr(preset, key, None) is not None and getattr(preset, key) == getattr(cfg, key, None) else None
+
+
 def validate_config(cfg, vocab_size: int) -> None:
     """Stop before training on a flag that cannot work, naming the flag and its value."""
     for flag, value, low in [
@@ -939,16 +1002,8 @@ def validate_config(cfg, vocab_size: int) -> None:
     check(str(cfg.memory_layout) in ("rmt", "mt"), f"--memory-layout must be rmt or mt, got {cfg.memory_layout}")
     check(not (str(cfg.memory_layout) == "mt" and cfg.mem_tokens == 0),
           "--memory-layout mt needs --mem-tokens > 0, got --mem-tokens 0")
-    for flag, value in [("--adaptive-softmax-cutoff", cfg.adaptive_softmax_cutoff),
-                        ("--adaptive-input-cutoff", cfg.adaptive_input_cutoff)]:
-        if value is None:
-            continue
-        try:
-            cut = options.eval_str_list(value, type=int)
-        except Exception:
-            check(False, f"{flag} must be comma-separated integers, got {value!r}")
-        check(all(a < b for a, b in zip([0] + cut, cut)) and cut[-1] < vocab_size,
-              f"{flag} {value}: cutoffs must be increasing and smaller than the vocabulary size ({vocab_size})")
+    check_cutoffs(cfg, vocab_size, [("--adaptive-softmax-cutoff", cfg.adaptive_softmax_cutoff),
+                                    ("--adaptive-input-cutoff", cfg.adaptive_input_cutoff)])
     xl = str(cfg.embedding_impl) == "transformer_xl"
     if cfg.share_decoder_input_output_embed and cfg.adaptive_softmax_cutoff is not None and not xl:
         logger.warning("--share-decoder-input-output-embed is ignored with --adaptive-softmax-cutoff "

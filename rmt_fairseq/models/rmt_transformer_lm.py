@@ -45,6 +45,7 @@ from .rmt_lm import (
     AssociativeConfig,
     RecurrentLM,
     TrainedWithConfig,
+    check_cutoffs,
     check_fingerprint,
     check_vocabulary,
     dictionary_fingerprint,
@@ -241,6 +242,11 @@ class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
             if not k.startswith("_") and getattr(args, k, None) is None:
                 setattr(args, k, v)
         validate_associative(args)
+        # fairseq's adaptive modules assert on cutoffs beyond the vocabulary (a preset's, e.g. _wiki103's 20000,60000)
+        input_cutoff = getattr(args, "adaptive_input_cutoff", None) if getattr(args, "adaptive_input", False) else None
+        check_cutoffs(args, len(task.source_dictionary),
+                      [("--adaptive-softmax-cutoff", getattr(args, "adaptive_softmax_cutoff", None)),
+                       ("--adaptive-input-cutoff", input_cutoff)], up_to_vocab=True)
         model = super().build_model(args, task)  # fairseq's own transformer_lm build
         model.decoder.__class__ = RMTTransformerDecoder  # same module and weights, plus the segment interface
         model.decoder.init_memory(args.mem_tokens, args)
