@@ -2,11 +2,12 @@
 
 torch's default is one thread per core of the machine. Beside another job on the same cores that collapses:
 OpenMP threads spin-wait at every parallel region for a peer that is descheduled. Measured here
-(benchmarks/threads.py, benchmarks/results/threads.json; 2 cores, beside a process doing matrix products with
-torch's default threads): rmt_tiny trains 3-4x slower with two threads than with one, while alone a second thread
-gains nothing for it; from a few million parameters a second thread pays alone (about 1.8x) and the loss beside
-a busy job is smaller. So: one thread per process below `MIN_PARAMETERS_FOR_MORE_THREADS`, and above it the CPUs
-this process may run on (its affinity, not the machine's count) shared among the ranks on this host.
+(benchmarks/threads.py -> benchmarks/results/threads.json; 2 cores, beside a process doing matrix products with
+torch's default threads): with two threads instead of one, every size from rmt_tiny to 28M parameters trained
+1.05-5x slower beside the busy job, rmt_tiny 2.5x; alone, a second thread's gain was small and varied between runs
+on this shared machine (0.7-1.7x), largest from a few million parameters. So: one thread per process below
+`MIN_PARAMETERS_FOR_MORE_THREADS`, and above it the CPUs this process may run on (its affinity, not the
+machine's count) shared among the ranks on this host.
 
 `OMP_NUM_THREADS` (or `MKL_NUM_THREADS`) in the environment is the user's choice and is kept, as torch keeps it.
 With CUDA the model runs on the GPU and torch's default is kept. The choice is logged once per process.
