@@ -38,7 +38,15 @@ from rmt_fairseq.errors import check
 from rmt_fairseq.modules.generation import greedy_decode, model_step
 from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState
 from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
-from rmt_fairseq.tasks.rmt_lm import RMTLMConfig, RMTLMTask, load_split
+from rmt_fairseq.tasks.rmt_lm import (
+    RMTLMConfig,
+    RMTLMTask,
+    bptt_summary,
+    data_parallel_size,
+    load_split,
+    memory_summary,
+    per_rank,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +149,12 @@ class RMTAlgorithmicTask(SegmentCurriculum, RMTLMTask):
                                                 f"data with rmt-data")
         self._model_cfg = None  # the config of the model built for training: where the segment length is recorded
         self.train_lengths = sample_lengths(cfg.data, self._train_split)
+        self.layout_text = None  # logged when the model is built (fairseq-train: in the run's summary line)
         if self.train_lengths:
-            text = self._layout_of(self.train_lengths)[1]
+            self.layout_text = self._layout_of(self.train_lengths)[1]
             if cfg.segment_curriculum:
                 last = segment_layout(self.train_lengths, cfg.max_num_segments, None)[1].split(" (")[0]
-                text += f"; --segment-curriculum grows it to {cfg.max_num_segments} segments ({last})"
-            logger.info(text)
+                self.layout_text += f"; --segment-curriculum grows it to {cfg.max_num_segments} segments ({last})"
 
     @property
     def _train_split(self) -> str:
@@ -156,11 +164,20 @@ class RMTAlgorithmicTask(SegmentCurriculum, RMTLMTask):
         return segment_layout(lengths, self.num_segments, self.cfg.tokens_per_sample)
 
     def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
+        model = super().build_model(cfg, from_checkpoint)  # training: logs run_summary
+        if from_checkpoint and self.layout_text:
+            logger.info(self.layout_text)
         if not from_checkpoint and OmegaConf.is_config(cfg):
             self._model_cfg = cfg  # fairseq saves this config in every checkpoint (as rmt_fairseq.compat does)
             self._record_segment_len()
         return model
+
+    def run_summary(self, model) -> str:
+        """As --task rmt_lm's, for independent samples: each starts with fresh memory."""
+        layout = self.layout_text or f"{self.num_segments} segments per sample"
+        return "; ".join([f"memory: {memory_summary(model.decoder, fresh_per='sample')}", layout,
+                          per_rank(self.cfg.batch_size, "samples", data_parallel_size()),
+                          bptt_summary(model.decoder, self.bptt_unroll, self.bptt_mode)])
 
     def _record_segment_len(self) -> None:
         """The segment length the model trains with at the current stage, into the config its checkpoints keep

@@ -143,6 +143,54 @@ def carries_memory(decoder) -> bool:
     return bool(getattr(decoder, "recurrent", False) or getattr(decoder, "associative", False))
 
 
+def memory_summary(module, fresh_per: Optional[str] = None) -> str:
+    """What a model (its decoder or encoder) carries from segment to segment, with the flags that set it;
+    `fresh_per` ("sample"): the task starts it afresh for every sample."""
+    M, L = getattr(module, "num_mem_tokens", 0), getattr(module, "mem_len", 0) or 0
+    kinds = []
+    if getattr(module, "associative", False):
+        kinds.append(f"ARMT, an associative memory of d_mem {module.assoc_layers[0].d_mem} (--d-mem) in each of "
+                     f"{len(module.assoc_layers)} layers, written by {M} memory tokens (--mem-tokens)")
+    elif getattr(module, "recurrent", False):
+        kinds.append(f"RMT, {M} memory tokens (--mem-tokens) whose outputs are the next segment's memory")
+    elif M:
+        kinds.append(f"{M} memory tokens (--mem-tokens, --memory-layout mt), not carried")
+    if L:
+        kinds.append(f"Transformer-XL cache of {L} tokens (--mem-len), detached")
+    if not kinds:
+        return f"none (--mem-tokens 0{', --mem-len 0' if hasattr(module, 'mem_len') else ''})"
+    return " + ".join(kinds) + (f", fresh per {fresh_per}" if fresh_per else "")
+
+
+def bptt_summary(module, bptt_unroll: Optional[int], bptt_mode: str = "block", per_update: Optional[int] = None,
+                 sample: str = "sample") -> str:
+    """How far back the gradient of a segment's loss reaches through memory (modules/recurrence.py's truncation)."""
+    if not carries_memory(module):
+        return "no BPTT (nothing learned is carried from segment to segment)"
+    if bptt_unroll is None:
+        return f"BPTT through every segment boundary of a {sample} (--bptt-unroll not set)"
+    K = bptt_unroll
+    text = f"BPTT through {K} segment boundar{'y' if K == 1 else 'ies'} (--bptt-unroll {K}"
+    if str(bptt_mode) == "sliding":
+        return text + f", --bptt-mode sliding: each update adds one segment and recomputes the {K} before it)"
+    if per_update is None:
+        return text + ")"
+    return text + f": {per_update} segment{'s' if per_update != 1 else ''} per update)"
+
+
+def data_parallel_size() -> int:
+    """The number of data-parallel ranks of this run (1 before or without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return dist_utils.get_data_parallel_world_size()
+    return 1
+
+
+def per_rank(n: int, unit: str, ranks: int) -> str:
+    """`n` units per rank (--batch-size), and in all across the ranks."""
+    return f"{n} {unit} per rank (--batch-size) x {ranks} ranks = {n * ranks} {unit}" if ranks > 1 else \
+        f"{n} {unit} (--batch-size)"
+
+
 def segments_per_batch(bptt_mode, bptt_unroll) -> int:
     """Segments per training batch: block mode runs the K+1 segments of an unroll together, sliding one."""
     return (bptt_unroll or 0) + 1 if str(bptt_mode) == "block" else 1
@@ -242,7 +290,17 @@ class RMTLMTask(FairseqTask):
         if resume is not None:
             path, source, continues = resume
             self.check_checkpoint(path, source, model=model, resume=continues)
+        if not from_checkpoint:  # fairseq-train (rmt-deepspeed-train too): what trains, once, on rank 0
+            logger.info("training with %s", self.run_summary(model))
         return model
+
+    def run_summary(self, model) -> str:
+        """Memory kind, segment length, streams and BPTT unroll of the run, in one line ("memory: ...; ...")."""
+        K = self.bptt_unroll or 0
+        return "; ".join([
+            f"memory: {memory_summary(model.decoder)}", f"segment {self.seg_len} tokens (--tokens-per-sample)",
+            per_rank(self.cfg.batch_size, "streams", data_parallel_size()),
+            bptt_summary(model.decoder, K, self.bptt_mode, segments_per_batch(self.bptt_mode, K))])
 
     @staticmethod
     def _continue_as_trained(path: str, cfg) -> None:

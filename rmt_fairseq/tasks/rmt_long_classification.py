@@ -35,6 +35,7 @@ from rmt_fairseq.data.documents import (
 from rmt_fairseq.data.memorization import LOCATIONS, min_length
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
+from rmt_fairseq.tasks.rmt_lm import bptt_summary, data_parallel_size, memory_summary, per_rank
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,10 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
                   f"a {generator['task']} document needs at least {need} tokens (its facts and question), but "
                   f"--num-segments {stage} x --tokens-per-sample {cfg.tokens_per_sample} = "
                   f"{stage * cfg.tokens_per_sample}: raise one of them")
-        text = f"segment length {cfg.tokens_per_sample} ({self._documents()})"
+        # logged when the model is built (fairseq-train: in the run's summary line)
+        self.layout_text = f"segment length {cfg.tokens_per_sample} ({self._documents()})"
         if cfg.segment_curriculum:
-            text += f"; --segment-curriculum grows them to {cfg.max_num_segments} segments"
-        logger.info(text)
+            self.layout_text += f"; --segment-curriculum grows them to {cfg.max_num_segments} segments"
 
     def _documents(self) -> str:
         """What a document is at the current stage, in segments and tokens."""
@@ -153,6 +154,13 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
         check(hasattr(model.encoder, "forward_segment"), f"--task rmt_long_classification needs an rmt_encoder "
                                                          f"architecture (rmt_encoder_base, rmt_encoder_tiny), got "
                                                          f"{type(model).__name__}")
+        if from_checkpoint:
+            logger.info(self.layout_text)
+        else:  # fairseq-train (rmt-deepspeed-train too): what trains, once, on rank 0
+            logger.info("training with %s", "; ".join([
+                f"memory: {memory_summary(model.encoder, fresh_per='document')}", self.layout_text,
+                per_rank(self.cfg.batch_size, "documents", data_parallel_size()),
+                bptt_summary(model.encoder, self.bptt_unroll, sample="document")]))
         return model
 
     def build_criterion(self, cfg, from_checkpoint=False):

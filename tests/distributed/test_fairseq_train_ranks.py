@@ -167,13 +167,21 @@ def test_resume_on_another_split_of_the_same_streams(recall_data, tmp_path):
     """A 2-rank checkpoint of 2 x 4 streams resumes in one process with --batch-size 8 (the same 8 streams):
     every rank's rows go to the streams they belong to. 2 x 4 -> 1 x 4 is one line naming the counts."""
     save = tmp_path / "a"
-    cli("fairseq-train", recall_data, *_with(RESUME, max_update=12), "--save-dir", save)
+    two = cli("fairseq-train", recall_data, *_with(RESUME, max_update=12), "--save-dir", save)
     one = _with(RESUME, distributed_world_size=None)
     bad = cli("fairseq-train", recall_data, *one, "--save-dir", save, check=False)
     last = bad.stderr.strip().splitlines()[-1]
     assert bad.returncode == 2 and last.startswith("error: ") and "8 streams" in last, bad.stderr[-2000:]
     p = cli("fairseq-train", recall_data, *_with(one, batch_size=8), "--save-dir", save)
     assert sorted(train_losses(p.stdout + p.stderr)) == [13, 14]
+    # the run's summary line, once (rank 0): RESUME's --mem-tokens 4 --mem-len 8 --bptt-unroll 1, streams per rank
+    # and across the ranks (issue 27)
+    run = ("memory: RMT, 4 memory tokens (--mem-tokens) whose outputs are the next segment's memory + Transformer-XL "
+           "cache of 8 tokens (--mem-len), detached; segment 8 tokens (--tokens-per-sample); {}; BPTT through 1 "
+           "segment boundary (--bptt-unroll 1: 2 segments per update)")
+    for log, streams in [(two.stdout + two.stderr, "4 streams per rank (--batch-size) x 2 ranks = 8 streams"),
+                         (p.stdout + p.stderr, "8 streams (--batch-size)")]:
+        assert re.findall(r"\| training with (.*)$", log, re.M) == [run.format(streams)], log[-3000:]
 
 
 def test_validating_on_the_training_split_leaves_training_unchanged(recall_data, tmp_path):

@@ -32,6 +32,11 @@ def test_memorization_curriculum_validate_and_extrapolate(tmp_path):
     log = p.stdout + p.stderr
     assert re.findall(r"now (\d) segments per sample", log) == ["2", "3"], log[-3000:]
     assert "segment length 16 (16-token documents in 1 segment); --segment-curriculum grows them to 3" in log
+    # the run's one summary line (issue 27): rmt_encoder_tiny's 4 memory tokens, the layout, --batch-size 16
+    assert re.findall(r"\| training with (.*)$", log, re.M) == [
+        "memory: RMT, 4 memory tokens (--mem-tokens) whose outputs are the next segment's memory, fresh per document; "
+        "segment length 16 (16-token documents in 1 segment); --segment-curriculum grows them to 3 segments; 16 "
+        "documents (--batch-size); BPTT through every segment boundary of a document (--bptt-unroll not set)"]
     assert "now 3 segments per sample: 48-token documents in 3 segments" in log
     assert len(_accuracies(log)) >= 3
     state = torch.load(save / "checkpoint_last.pt", weights_only=False)

@@ -1,6 +1,7 @@
 """What a user reads (issue 16, items 5 and 7): fairseq's --help lists the plugin's flags with the --arch preset's
 values, and a shrunk fairseq-train, fairseq-eval-lm and a 2-rank DeepSpeed run print no Python warning lines and
-none of the third-party notices rmt_fairseq/quiet.py hides (RMT_FAIRSEQ_VERBOSE=1 brings them back)."""
+none of the third-party notices rmt_fairseq/quiet.py hides (RMT_FAIRSEQ_VERBOSE=1 brings them back). fairseq-train
+says in one line what trains: memory, segment, streams, BPTT (issue 27 item 3)."""
 
 import json
 import os
@@ -58,6 +59,11 @@ def test_fairseq_commands_print_no_warning_lines(recall_data, tmp_path):
     for p in (train, evaluate, validate):
         assert _noise(p.stdout + p.stderr) == [], p.args[0]
     assert "num_updates 4" in train.stdout  # it did train
+    # once, near the start: rmt_tiny's 4 memory tokens, --tokens-per-sample 8, --batch-size 4, --bptt-unroll 1
+    assert re.findall(r"\| training with (.*)$", train.stdout + train.stderr, re.M) == [
+        "memory: RMT, 4 memory tokens (--mem-tokens) whose outputs are the next segment's memory; segment 8 tokens "
+        "(--tokens-per-sample); 4 streams (--batch-size); BPTT through 1 segment boundary (--bptt-unroll 1: 2 "
+        "segments per update)"]
     # the filters are what hides them: with RMT_FAIRSEQ_VERBOSE=1 fairseq-train shows Hydra's warnings again
     loud = cli("fairseq-train", recall_data, *TRAIN, "--max-update", 1, "--no-save",
                env={"RMT_FAIRSEQ_VERBOSE": "1"})

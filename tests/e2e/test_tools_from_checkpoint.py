@@ -5,6 +5,7 @@ for a checkpoint written before the length was recorded; rmt-extrapolate's stdou
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -38,7 +39,11 @@ def run(tmp_path_factory):
 
 
 def test_training_logs_and_records_the_segment_length(run):
-    assert f"segment length {T} (19-token samples in {SEGMENTS} segments)" in run["log"]
+    # the run's one summary line (issue 27): --mem-tokens 2, the layout of --num-segments 3, --batch-size 16
+    assert re.findall(r"\| training with (.*)$", run["log"], re.M) == [
+        f"memory: RMT, 2 memory tokens (--mem-tokens) whose outputs are the next segment's memory, fresh per sample; "
+        f"segment length {T} (19-token samples in {SEGMENTS} segments); 16 samples (--batch-size); BPTT through every "
+        f"segment boundary of a sample (--bptt-unroll not set)"]
     state = torch.load(run["ckpt"], map_location="cpu", weights_only=False)
     assert state["cfg"]["model"]["trained_segment_len"] == T
 
