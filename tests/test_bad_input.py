@@ -120,6 +120,10 @@ CASES = {
     "wrapper preset cutoffs beyond vocab": train("--arch", "rmt_transformer_lm_wiki103", last=None, names=[
         "--adaptive-softmax-cutoff 20000,60000 (set by --arch rmt_transformer_lm_wiki103)",
         "pass e.g. --adaptive-softmax-cutoff 6,18 --adaptive-input-cutoff 6,18 "]),
+    # fairseq's --max-tokens would be ignored under a task whose batch is streams (or documents): refused
+    "max tokens under rmt_lm": train("--max-tokens", 512, names=["--max-tokens 512", "--batch-size"]),
+    "max tokens under rmt_long_classification": classify("--max-tokens", 512, names=["--max-tokens 512",
+                                                                                    "--batch-size documents"]),
     "non-integer cutoff": train("--adaptive-softmax-cutoff", "a,b", names=["--adaptive-softmax-cutoff", "'a,b'"]),
     "heads do not divide dim": train("--decoder-embed-dim", 30, "--decoder-attention-heads", 4,
                                      names=["--decoder-embed-dim 30", "--decoder-attention-heads 4"]),

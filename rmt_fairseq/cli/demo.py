@@ -28,6 +28,8 @@ def _bin(name):
     return console_script(name)
 
 
+# the checkout's --user-dir shim, by its absolute path: rmt-demo runs from any directory
+USER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "user_dir")
 PROGRESS_S = 20  # at most this long without a line on the console while a model trains
 
 
@@ -92,7 +94,7 @@ def main(argv=None):
           f"{raw}/valid.txt", "--testpref", f"{raw}/test.txt", "--destdir", data, "--workers", "1"],
          os.path.join(a.out, "preprocess.log"))
 
-    common = ["--user-dir", "user_dir", "--task", "rmt_algorithmic", "--arch", "rmt_tiny", "--criterion",
+    common = ["--user-dir", USER_DIR, "--task", "rmt_algorithmic", "--arch", "rmt_tiny", "--criterion",
               "rmt_cross_entropy", "--num-segments", str(a.num_segments), "--batch-size", "32", "--cpu",
               "--num-workers", "0", "--seed", str(a.seed)]
     results = {"task": "copy", "src_len": a.src_len, "num_segments": a.num_segments, "updates": a.updates,
@@ -116,7 +118,7 @@ def main(argv=None):
         print(f"[demo] evaluating {name} on the test split (greedy) ...", flush=True)
         # checkpoint_best.pt: the lowest validation loss of the checks every 250 updates (the last update's can be a
         # dip: 97.94% token accuracy where the best had 99.98%, measured)
-        ev = _run([_bin("fairseq-validate"), data, "--user-dir", "user_dir", "--task", "rmt_algorithmic", "--path",
+        ev = _run([_bin("fairseq-validate"), data, "--user-dir", USER_DIR, "--task", "rmt_algorithmic", "--path",
                    os.path.join(save, "checkpoint_best.pt"), "--valid-subset", "test", "--batch-size", "100",
                    "--num-segments", str(a.num_segments), "--cpu", "--num-workers", "0"],
                   os.path.join(a.out, f"eval_{name}.log"))

@@ -82,6 +82,7 @@ class RMTLMConfig(FairseqDataclass):
     )
     batch_size: Optional[int] = II("dataset.batch_size")
     batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
+    max_tokens: Optional[int] = II("dataset.max_tokens")  # refused: a batch is streams x segment tokens
     train_subset: str = II("dataset.train_subset")
     # filled in automatically when distributed
     data_parallel_rank: Optional[int] = None
@@ -226,6 +227,9 @@ class RMTLMTask(FairseqTask):
             check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
         if cfg.batch_size is not None:
             check(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+        check(_linked(cfg, "max_tokens") is None,
+              f"--max-tokens {_linked(cfg, 'max_tokens')}: not used by --task rmt_lm, whose batch is --batch-size "
+              f"streams x --tokens-per-sample tokens per segment; size it with those two")
         check(not getattr(cfg, "add_bos_token", False), "--add-bos-token does not apply to --task rmt_lm: its streams "
                                                         "are read as they are (use --task language_modeling)")
         self.states = {}  # split -> RecurrentState

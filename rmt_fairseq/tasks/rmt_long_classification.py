@@ -35,7 +35,7 @@ from rmt_fairseq.data.documents import (
 from rmt_fairseq.data.memorization import LOCATIONS, min_length
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
-from rmt_fairseq.tasks.rmt_lm import bptt_summary, data_parallel_size, memory_summary, per_rank
+from rmt_fairseq.tasks.rmt_lm import _linked, bptt_summary, data_parallel_size, memory_summary, per_rank
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class RMTLongClassificationConfig(CurriculumConfig):
                   "gradient from the label reaches the first segment)"},
     )
     batch_size: Optional[int] = II("dataset.batch_size")
+    max_tokens: Optional[int] = II("dataset.max_tokens")  # refused: a batch is --batch-size documents
     seed: int = II("common.seed")
 
 
@@ -67,6 +68,9 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
         self.dictionary, self.labels, self.generator = dictionary, labels, generator
         self._train_docs = train_docs  # read once by setup_task (for the labels), handed to load_dataset
         check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
+        check(_linked(cfg, "max_tokens") is None,
+              f"--max-tokens {_linked(cfg, 'max_tokens')}: not used by --task rmt_long_classification, whose batch "
+              f"is --batch-size documents; size it with --batch-size")
         if cfg.num_segments is not None:
             check(cfg.num_segments >= 1, f"--num-segments must be >= 1, got {cfg.num_segments}")
         if cfg.bptt_unroll is not None:

@@ -44,7 +44,8 @@ def test_the_demos_logs_are_written_as_they_go_and_it_shows_progress(tmp_path, m
     """Every line the demo echoes is in its log file already (a buffered file held them until the run ended),
     and a quiet stretch of PROGRESS_S gets a progress line from fairseq-train's training statistics."""
     child = ("import time\nfor i in range(1, 13):\n    print(f'epoch 001 | loss={10 - i / 2:.3f}, x=1, "
-             "num_updates={i}')\n    time.sleep(0.05)\n    if i % 4 == 0: print(f'valid on \\'valid\\' subset | {i}')\n")
+             "num_updates={i}')\n    time.sleep(0.05)\n"
+             "    if i % 4 == 0: print(f'valid on \\'valid\\' subset | {i}')\n")
     log = tmp_path / "train.log"
     seen = []
 
