@@ -58,6 +58,8 @@ def test_deepspeed_bf16_config_on_two_cpu_ranks_stays_near_fp32(recall_data):
     out = deepspeed(recall_data, *TRAIN, "--batch-size", 4, "--no-save", "--disable-validation",
                     "--deepspeed-config", "ds_configs/zero2.json,ds_configs/bf16.json")
     _close(train_losses(out), ref, BF16_FIRST, BF16_LATER)
+    # the summary line names what trains: stage, ranks, batch, accumulation and precision (issue 27)
+    assert "DeepSpeed: ZeRO stage 2, 2 ranks, micro batch 4 x accumulation 1, bf16, cpu" in out, out[-3000:]
 
 
 @pytest.fixture(scope="module")
