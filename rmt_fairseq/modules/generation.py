@@ -79,8 +79,10 @@ def unknown_prompt_message(prompts: Sequence[torch.Tensor], dictionary) -> Optio
                 "<the model that made the data> (examples/custom-corpus/prepare.sh writes OUT/spm.model; the hub: "
                 "bpe='sentencepiece', sentencepiece_model=...)")
     else:
-        hint = ("pass the tokenizer the data was made with (examples/custom-corpus/prepare.sh LEVEL=word: "
-                "--tokenizer moses --moses-no-escape --moses-no-dash-splits); words the training data never has "
-                "stay <unk>")
+        hint = ("words must be split as in the training data: text split on spaces as given matches only the "
+                "same tokens (`Citizen:` is not `Citizen :`); data made with a tokenizer needs the same one "
+                "(examples/custom-corpus/prepare.sh LEVEL=word: --tokenizer moses --moses-no-escape "
+                "--moses-no-dash-splits; the hub: tokenizer='moses', moses_no_escape=True, "
+                "moses_no_dash_splits=True); words the training data never has stay <unk>")
     return (f"{n_unk} of {total} prompt tokens are not in the dictionary and map to <unk>: prompts must be encoded "
             f"as the training data was; {hint}")
