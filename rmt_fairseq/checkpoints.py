@@ -82,6 +82,17 @@ def _readable_candidates(path: str):
     return sorted(files, key=lambda f: os.path.getmtime(f), reverse=True)
 
 
+def fallback_for(path: str):
+    """With --restore-fallback, the file loaded in place of an unreadable checkpoint `path`: the newest readable
+    checkpoint*.pt beside it. None when the fallback is off, `path` reads, or no file beside it reads. The loader
+    and the task's checks (tasks/rmt_lm.py check_checkpoint) both take the file from here."""
+    import torch
+
+    if not _state["fallback"] or not _is_local(path) or _readable(path, torch):
+        return None
+    return next((c for c in _readable_candidates(path) if _readable(c, torch)), None)
+
+
 def install() -> None:
     if _state["installed"]:
         return
@@ -131,14 +142,11 @@ def install() -> None:
                 raise  # the file reads: the error is about its contents (e.g. another architecture)
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             if _state["fallback"]:
-                for cand in _readable_candidates(path):
-                    try:
-                        state = original_load(cand, arg_overrides, load_on_all_ranks)
-                    except LOAD_ERRORS:
-                        continue  # unreadable too: the next older one
+                cand = fallback_for(path)
+                if cand is not None:
                     logger.warning(f"checkpoint {path} is truncated or corrupt ({reason}); --restore-fallback: "
                                    f"loading {cand} instead")
-                    return state
+                    return original_load(cand, arg_overrides, load_on_all_ranks)
                 raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}) and --restore-fallback "
                                      f"found no readable checkpoint*.pt beside it") from None
             raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}); resume from an earlier one "

@@ -278,6 +278,9 @@ class RMTLMTask(FairseqTask):
         # the model resolves the segment length (the trained one from its checkpoint unless --tokens-per-sample is
         # given) and sets it here when the flag was not given: batches are cut to what the model runs
         resume = None if from_checkpoint else self._resume_checkpoint()
+        fallback = checkpoints.fallback_for(resume[0]) if resume is not None else None
+        if fallback is not None:  # the file fairseq's loader will load in place of an unreadable one: checked as it
+            resume = (fallback, f"{fallback} (--restore-fallback's choice for the unreadable {resume[0]})", resume[2])
         if resume is not None:
             self._continue_as_trained(resume[0], cfg)
         model = super().build_model(cfg, from_checkpoint)

@@ -139,6 +139,14 @@ def test_truncated_checkpoint_is_named_and_fallback_resumes_from_the_previous_on
     assert e.returncode == 2 and f"error: checkpoint {last} is truncated or corrupt" in e.stderr
     assert _hashes(tmp_path) == before  # nothing written, nothing removed
 
+    # the file the fallback loads gets the checks the named file would: its streams were cut for 4 per batch
+    p = cli("fairseq-train", recall_data, *ARGS[:-1], 30, "--save-dir", tmp_path, "--restore-fallback",
+            "--batch-size", 2, check=False)
+    err = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and err.startswith(f"error: {tmp_path / 'checkpoint_1_20.pt'} (--restore-fallback's "
+                                                f"choice for the unreadable {last})"), p.stderr[-2000:]
+    assert "cut differently" in err and _hashes(tmp_path) == before
+
     p = cli("fairseq-train", recall_data, *ARGS[:-1], 30, "--save-dir", tmp_path, "--restore-fallback")
     log = p.stdout + p.stderr
     assert re.search(rf"checkpoint {last} is truncated or corrupt .*loading {tmp_path / 'checkpoint_1_20.pt'}", log)
