@@ -221,6 +221,9 @@ CASES = {
                                                               ("--lm-path {ckpts}/stock.pt", "another dictionary"),
                                                               None),
     # ---- checkpoints -------------------------------------------------------------------------------------
+    # ARMT's fields shape parameters too: named, not a parameter's shape (issue 28)
+    "rmt checkpoint, armt flags": train("--restore-file", "{ckpts}/rmt.pt", "--associative-memory",
+                                        names=["--restore-file {ckpts}/rmt.pt", "--associative-memory False vs True"]),
     "other architecture": train("--restore-file", "{ckpts}/rmt.pt", "--decoder-layers", 3,
                                 names=["--restore-file {ckpts}/rmt.pt", "--decoder-layers 2 vs 3"]),
     "rmt_algorithmic checkpoint": train("--restore-file", "{ckpts}/algo.pt",
