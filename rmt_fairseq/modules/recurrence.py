@@ -309,15 +309,14 @@ def run_segments(
         if return_hidden:
             hidden.append(out.hidden)
         memory, cache, assoc = out.memory, out.cache, out.assoc
-        if sliding:
-            # the next segment reaches back through its own recomputed window
-            memory, assoc = _detach(memory), _detach(assoc)
-        elif bptt_unroll is not None and (s + 1) % (bptt_unroll + 1) == 0:
-            # block boundary inside a call (samples longer than K+1 segments)
-            memory, assoc = _detach(memory), _detach(assoc)
+        # truncation, the one place the carried state leaves the graph: in sliding mode after every segment (the
+        # next one reaches back through its own recomputed window), in block mode after every K+1 segments of a
+        # call (samples longer than a block), and after the call's last segment (the next call starts detached)
+        block_end = bptt_unroll is not None and (s + 1) % (bptt_unroll + 1) == 0
+        if sliding or block_end or s == len(seg_tokens) - 1:
+            memory, cache, assoc = _detach(memory), _detach(cache), _detach(assoc)
         state.segments_seen += 1
-    # truncation at the block boundary: the next call starts from detached memory
-    state.memory, state.cache, state.assoc = _detach(memory), _detach(cache), _detach(assoc)
+    state.memory, state.cache, state.assoc = memory, cache, assoc
     return LoopOutput(losses=losses, ntokens=ntokens, hidden=hidden)
 
 

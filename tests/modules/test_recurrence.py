@@ -62,6 +62,27 @@ def test_block_mode_reaches_back_to_the_block_start(K, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("K", [0, 1, None])
+def test_truncation_inside_a_call_and_between_calls(K, family):
+    """One call of 2K+3 segments (two blocks and part of a third; K None: every segment of the call, as the
+    per-sample tasks), then a call of one segment: a loss reaches back to the start of its block inside the
+    call, and never into the call before."""
+    model, S = _model(family)
+    gen = torch.Generator().manual_seed(1)
+    segs = [segment_tokens(j, gen) for j in range(S)]
+    target = torch.full((B, T), 3)
+    n = 2 * (K or 0) + 3
+    state = RecurrentState()
+    out = run_segments(model.decoder, torch.cat(segs[:n], dim=1), target.repeat(1, n), state, seg_len=T,
+                       bptt_unroll=K)
+    for j, loss in enumerate(out.losses):
+        start = 0 if K is None else j - j % (K + 1)
+        assert reached(model, loss, S) == [start <= i <= j for i in range(S)], (K, j)
+    out = run_segments(model.decoder, segs[n], target, state, seg_len=T, bptt_unroll=K)
+    assert reached(model, out.losses[0], S) == [i == n for i in range(S)], K
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_sliding_mode_reaches_back_exactly_K(K, family):
     model, S = _model(family)
