@@ -103,6 +103,7 @@ def plot(rows, title, num_classes, trained_tokens):
 
 def main(argv=None):
     from rmt_fairseq.cli.data import HelpFormatter, _Parser  # one-line `error:` messages, exit 2
+    from rmt_fairseq.modules.recurrence import SCHEDULES
 
     ap = _Parser(prog="rmt-extrapolate-classify", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--path", required=True, help="checkpoint trained with --task rmt_long_classification")
@@ -113,7 +114,7 @@ def main(argv=None):
     ap.add_argument("--num-docs", type=int, default=64, help="test documents per length")
     ap.add_argument("--batch-size", type=int, default=32, help="documents per batch")
     ap.add_argument("--chunk-segments", type=int, default=64, help="segments tokenized and run per step")
-    ap.add_argument("--inference-schedule", choices=["sequential", "diagonal"], default=None,
+    ap.add_argument("--inference-schedule", choices=SCHEDULES, default=None,
                     help="the checkpoint's by default; diagonal batches the layers of an ARMT (or memoryless) "
                     "encoder's segments by anti-diagonals (the same results), RMT's token memory stays sequential")
     a = ap.parse_args(argv)

@@ -37,7 +37,7 @@ from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.adaptive import DenseAdaptiveInput, adaptive_softmax_nll
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
-from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments, stack_layers
+from rmt_fairseq.modules.recurrence import SCHEDULES, RecurrentState, SegmentOutput, run_segments, stack_layers
 from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
 from rmt_fairseq.modules.transformer_xl import XLAdaptiveEmbedding, XLAdaptiveLogSoftmax, init_transformer_xl_
 
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 MEMORY_LAYOUTS = ChoiceEnum(["rmt", "mt"])
 STATE_DTYPES = ChoiceEnum(list(associative.STATE_DTYPES))
-SCHEDULES = ChoiceEnum(["sequential", "diagonal"])
+SCHEDULE_CHOICES = ChoiceEnum(list(SCHEDULES))  # the segment loop's schedules (modules/recurrence.py)
 INIT_SCHEMES = ChoiceEnum(["fairseq", "normal", "uniform"])
 EMBEDDING_IMPLS = ChoiceEnum(["fairseq", "transformer_xl"])
 
@@ -93,7 +93,7 @@ class AssociativeConfig(FairseqDataclass):
         metadata={"help": "--associative-memory: dtype the associative state is accumulated in: fp32 (also under "
                   "--bf16/--fp16) or model (the model's dtype)"},
     )
-    inference_schedule: SCHEDULES = field(
+    inference_schedule: SCHEDULE_CHOICES = field(
         default="sequential",
         metadata={"help": "without gradients (validation, eval-lm, generation's completed segments, "
                   "rmt-extrapolate*): sequential, or diagonal (Sivtsov et al. 2025: the (segment, layer) grid by "
