@@ -37,7 +37,14 @@ from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.adaptive import DenseAdaptiveInput, adaptive_softmax_nll
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
-from rmt_fairseq.modules.recurrence import SCHEDULES, RecurrentState, SegmentOutput, run_segments, stack_layers
+from rmt_fairseq.modules.recurrence import (
+    DEFAULT_SEGMENT_LEN,
+    SCHEDULES,
+    RecurrentState,
+    SegmentOutput,
+    run_segments,
+    stack_layers,
+)
 from rmt_fairseq.modules.relative_attention import PositionBias, RelativeDecoderLayer
 from rmt_fairseq.modules.transformer_xl import XLAdaptiveEmbedding, XLAdaptiveLogSoftmax, init_transformer_xl_
 
@@ -223,7 +230,8 @@ class RMTLanguageModelConfig(AssociativeConfig, TrainedWithConfig):
         default=None,
         metadata={"help": "per-sample recurrence under fairseq's own tasks (--task language_modeling): every sample "
                   "is split into segments of this many tokens, memory starts fresh per sample (default: the "
-                  "architecture's segment length, else 128). Under --task rmt_lm segments are --tokens-per-sample"},
+                  f"architecture's segment length, else {DEFAULT_SEGMENT_LEN}). Under --task rmt_lm segments are "
+                  "--tokens-per-sample"},
     )
     segment_bptt_unroll: Optional[int] = field(
         default=None,
@@ -263,7 +271,7 @@ class RMTDecoder(HasMemoryTokens, FairseqIncrementalDecoder):
         # XL's u and v (r_w_bias, r_r_bias), shared across layers as in the original (untie_r=False)
         self.pos_bias = PositionBias(H, head_dim)
         self.layouts = LayoutCache(C)
-        self.segment_len = int(cfg.tokens_per_sample or 128)  # for generation: the trained segment length
+        self.segment_len = int(cfg.tokens_per_sample or DEFAULT_SEGMENT_LEN)  # generation: the trained length
 
         self.adaptive_softmax = None
         self.output_projection = None
@@ -671,14 +679,14 @@ class RecurrentLM:
         trained = getattr(cfg, "trained_segment_len", None)
         if not self.per_sample:
             if getattr(task, "seg_len", 0) is None:  # rmt_algorithmic: each batch names its own segment length
-                return int(cfg.tokens_per_sample or trained or 128)
+                return int(cfg.tokens_per_sample or trained or DEFAULT_SEGMENT_LEN)
             given = getattr(task_cfg, "tokens_per_sample", None)
             flag = "--tokens-per-sample"
             # a checkpoint from before trained_segment_len: the --tokens-per-sample saved with its model config
-            T = int(given or trained or cfg.tokens_per_sample or 128)
+            T = int(given or trained or cfg.tokens_per_sample or DEFAULT_SEGMENT_LEN)
         else:
             given, flag = cfg.segment_len, "segment_len"  # --segment-len in training, --model-overrides after
-            T = int(given or trained or 128)
+            T = int(given or trained or DEFAULT_SEGMENT_LEN)
             check(T >= 1, f"--segment-len must be >= 1, got {T}")
         if trained is None:  # built for training (or an older checkpoint): what it trains with travels with it
             self.trained_with["trained_segment_len"] = T

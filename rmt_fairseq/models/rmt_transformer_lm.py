@@ -39,7 +39,13 @@ from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative, fairseq_layers
 from rmt_fairseq.modules.adaptive import make_dense
 from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
-from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments, stack_layers
+from rmt_fairseq.modules.recurrence import (
+    DEFAULT_SEGMENT_LEN,
+    RecurrentState,
+    SegmentOutput,
+    run_segments,
+    stack_layers,
+)
 
 from .rmt_lm import (
     AssociativeConfig,
@@ -65,8 +71,8 @@ class RMTTransformerLMConfig(TransformerLanguageModelConfig, AssociativeConfig, 
     segment_len: Optional[int] = field(
         default=None,
         metadata={"help": "per-sample recurrence under fairseq's own tasks (--task language_modeling): every sample "
-                  "is split into segments of this many tokens, memory fresh per sample (default 128). Under --task "
-                  "rmt_lm segments are --tokens-per-sample"},
+                  f"is split into segments of this many tokens, memory fresh per sample (default "
+                  f"{DEFAULT_SEGMENT_LEN}). Under --task rmt_lm segments are --tokens-per-sample"},
     )
     segment_bptt_unroll: Optional[int] = field(
         default=None,
@@ -86,7 +92,7 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
     def init_memory(self, mem_tokens: int, cfg=None) -> None:
         C = self.embed_dim if self.project_in_dim is None else self.project_in_dim.out_features
         self.memory = MemoryTokens(mem_tokens, C) if mem_tokens > 0 else None
-        self.segment_len = 128
+        self.segment_len = DEFAULT_SEGMENT_LEN
         self.layouts = LayoutCache(C)  # the mask of modules/memory.py, built once per segment layout
         self.associative = bool(getattr(cfg, "associative_memory", False))
         self.assoc_layers = (torch.nn.ModuleList(associative.AssociativeMemory(C, cfg.d_mem, cfg.dpfp_nu)

@@ -228,6 +228,7 @@ def split_segments(x: torch.Tensor, seg_len: int) -> List[torch.Tensor]:
 
 
 SCHEDULES = ("sequential", "diagonal")
+DEFAULT_SEGMENT_LEN = 128  # tokens per segment when neither the flags, the architecture nor a checkpoint set it
 
 
 def run_segments(

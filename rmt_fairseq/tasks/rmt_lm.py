@@ -32,7 +32,14 @@ from rmt_fairseq import checkpoints, compat, distributed, quiet
 from rmt_fairseq.data.streams import StreamDataset, flatten_indexed_dataset
 from rmt_fairseq.errors import RMTConfigError, check, install_excepthook
 from rmt_fairseq.modules.generation import unknown_prompt_message
-from rmt_fairseq.modules.recurrence import BPTT_MODES, RecurrentState, concat_states, num_streams, slice_state
+from rmt_fairseq.modules.recurrence import (
+    BPTT_MODES,
+    DEFAULT_SEGMENT_LEN,
+    RecurrentState,
+    concat_states,
+    num_streams,
+    slice_state,
+)
 
 logger = logging.getLogger(__name__)
 install_excepthook()
@@ -48,7 +55,7 @@ class RMTLMConfig(FairseqDataclass):
     tokens_per_sample: Optional[int] = field(
         default=None,
         metadata={"help": "segment length T (default: the architecture's: rmt_wt103 150, rmt_enwik8 512, "
-                  "rmt_tiny 32; otherwise 128)"},
+                  f"rmt_tiny 32; otherwise {DEFAULT_SEGMENT_LEN})"},
     )
     bptt_unroll: int = field(
         default=1,
@@ -96,7 +103,6 @@ class RMTLMConfig(FairseqDataclass):
     path: Optional[str] = II("common_eval.path")
 
 
-DEFAULT_TOKENS_PER_SAMPLE = 128
 
 # model fields that shape parameters: listed by name when a checkpoint does not fit the model of the flags
 STRUCTURAL_FIELDS = ["decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
@@ -264,7 +270,7 @@ class RMTLMTask(FairseqTask):
 
     @property
     def seg_len(self) -> int:
-        return self.cfg.tokens_per_sample or DEFAULT_TOKENS_PER_SAMPLE
+        return self.cfg.tokens_per_sample or DEFAULT_SEGMENT_LEN
 
     @property
     def bptt_unroll(self) -> int:
@@ -456,7 +462,7 @@ class RMTLMTask(FairseqTask):
         ranks = (_saved(state, "task", "data_parallel_size")
                  or _saved(state, "distributed_training", "distributed_world_size") or 1)
         saved = {"streams": (batch_size or 0) * ranks,
-                 "T": _saved(state, "task", "tokens_per_sample") or DEFAULT_TOKENS_PER_SAMPLE,
+                 "T": _saved(state, "task", "tokens_per_sample") or DEFAULT_SEGMENT_LEN,
                  "S": segments_per_batch(mode, unroll)}
         _, size = self._parallel()
         now = {"streams": (self.cfg.batch_size or 0) * size, "T": self.seg_len,

@@ -34,6 +34,7 @@ from rmt_fairseq.data.documents import (
 )
 from rmt_fairseq.data.memorization import LOCATIONS, min_length
 from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.modules.recurrence import DEFAULT_SEGMENT_LEN
 from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
 from rmt_fairseq.tasks.rmt_lm import _linked, bptt_summary, data_parallel_size, memory_summary, per_rank
 
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 class RMTLongClassificationConfig(CurriculumConfig):
     data: str = field(default="???", metadata={"help": "data directory: dict.txt and documents (see the task doc)"})
     tokens_per_sample: int = field(
-        default=128, metadata={"help": "segment length T (RoBERTa-base: up to 512 - --mem-tokens - 2)"}
+        default=DEFAULT_SEGMENT_LEN, metadata={"help": "segment length T (RoBERTa-base: up to 512 - --mem-tokens - 2)"}
     )
     num_segments: Optional[int] = field(
         default=None,
