@@ -1,0 +1,54 @@
+"""ARMT's write and read rules, each by a behaviour of its own (modules/associative.py; Rodkin et al. 2024 §3):
+the correction term gamma, the read's denominator, and phi's L2 normalisation. The reference test
+(tests/models/test_armt.py) checks the whole against the authors' code; these name which rule broke."""
+
+import torch
+
+from rmt_fairseq.modules.associative import feature, read, update
+
+NU, D, C = 3, 4, 5
+
+
+def _key(seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(1, 1, D, generator=g)  # B=1, M=1
+
+
+def _write(k, v, A=None, z=None):
+    return update(feature(k, NU), v, torch.ones(1, 1, 1), A, z)
+
+
+def test_rewriting_a_stored_key_replaces_its_value_and_leaves_the_normaliser():
+    """Correction term and delta rule: k -> v1, then k -> v2; z counts k once (gamma = 0 for a stored key), and a
+    read at k returns v2, not (v1 + v2) / 2 or v2 / 2."""
+    k, v1, v2 = _key(0), torch.randn(1, 1, C), torch.randn(1, 1, C)
+    A1, z1 = _write(k, v1)
+    A2, z2 = _write(k, v2, A1, z1)
+    assert torch.allclose(z2, z1, atol=1e-4)
+    got = read(torch.zeros(1, 1, C), feature(k, NU), A2, z2)
+    assert torch.allclose(got, v2, atol=1e-3), (got, v2)
+
+
+def test_a_new_key_counts_once_in_the_normaliser():
+    """gamma is 1 for a key nothing has been written to (phi of two different keys here barely overlap)."""
+    k1, k2 = _key(1), _key(2)
+    _, z1 = _write(k1, torch.randn(1, 1, C))
+    _, z2 = _write(k2, torch.randn(1, 1, C), *_write(k1, torch.randn(1, 1, C)))
+    gamma = 1 - (feature(k2, NU)[0, 0] @ z1[0] + 1e-5)
+    assert torch.allclose(z2[0] - z1[0], gamma * feature(k2, NU)[0, 0], atol=1e-5) and gamma > 0.5
+
+
+def test_the_read_divides_by_the_normaliser():
+    """A read is a normalised average of the stored values: scaling A and z together leaves it unchanged (q: a
+    stored key, so that z . phi(q) is far above eps)."""
+    q = feature(_key(4), NU)
+    A, z = _write(_key(4), torch.randn(1, 1, C), *_write(_key(5), torch.randn(1, 1, C)))
+    x = torch.zeros(1, 1, C)
+    assert torch.allclose(read(x, q, 4 * A, 4 * z), read(x, q, A, z), rtol=1e-3, atol=1e-6)
+
+
+def test_phi_is_unit_norm_so_a_keys_scale_does_not_change_what_it_writes():
+    k, v = _key(6), torch.randn(1, 1, C)
+    assert torch.allclose(feature(k, NU).norm(dim=-1), torch.ones(1, 1))
+    for a, b in zip(_write(k, v), _write(3 * k, v)):
+        assert torch.allclose(a, b, atol=1e-5)
