@@ -90,6 +90,13 @@ def fallback_for(path: str):
 
     if not _state["fallback"] or not _is_local(path) or _readable(path, torch):
         return None
+    return _newest_readable_beside(path)
+
+
+def _newest_readable_beside(path: str):
+    """The newest readable checkpoint*.pt in path's directory other than path (None: none reads)."""
+    import torch
+
     return next((c for c in _readable_candidates(path) if _readable(c, torch)), None)
 
 
@@ -142,7 +149,7 @@ def install() -> None:
                 raise  # the file reads: the error is about its contents (e.g. another architecture)
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             if _state["fallback"]:
-                cand = fallback_for(path)
+                cand = _newest_readable_beside(path)  # path is unreadable: found above
                 if cand is not None:
                     logger.warning(f"checkpoint {path} is truncated or corrupt ({reason}); --restore-fallback: "
                                    f"loading {cand} instead")

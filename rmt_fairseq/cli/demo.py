@@ -47,9 +47,11 @@ def _run(cmd, log_path, show=None, progress=None):
             if show and show(line):
                 print("    " + line.split("| INFO | ")[-1].rstrip(), flush=True)
                 last = time.time()
-            elif progress and time.time() - last >= PROGRESS_S and progress(line):
-                print("    " + progress(line), flush=True)
-                last = time.time()
+            elif progress and time.time() - last >= PROGRESS_S:
+                summary = progress(line)
+                if summary:
+                    print("    " + summary, flush=True)
+                    last = time.time()
         if p.wait() != 0:
             sys.exit(f"demo: {os.path.basename(cmd[0])} failed, see {log_path}:\n{''.join(lines[-20:])}")
     return "".join(lines)

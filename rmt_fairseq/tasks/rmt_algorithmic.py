@@ -42,10 +42,8 @@ from rmt_fairseq.tasks.rmt_lm import (
     RMTLMConfig,
     RMTLMTask,
     bptt_summary,
-    data_parallel_size,
     load_split,
-    memory_summary,
-    per_rank,
+    training_summary,
 )
 
 logger = logging.getLogger(__name__)
@@ -175,9 +173,8 @@ class RMTAlgorithmicTask(SegmentCurriculum, RMTLMTask):
     def run_summary(self, model) -> str:
         """As --task rmt_lm's, for independent samples: each starts with fresh memory."""
         layout = self.layout_text or f"{self.num_segments} segments per sample"
-        return "; ".join([f"memory: {memory_summary(model.decoder, fresh_per='sample')}", layout,
-                          per_rank(self.cfg.batch_size, "samples", data_parallel_size()),
-                          bptt_summary(model.decoder, self.bptt_unroll, self.bptt_mode)])
+        return training_summary(model.decoder, layout, self.cfg.batch_size, "samples",
+                                bptt_summary(model.decoder, self.bptt_unroll, self.bptt_mode), fresh_per="sample")
 
     def _record_segment_len(self) -> None:
         """The segment length the model trains with at the current stage, into the config its checkpoints keep

@@ -103,7 +103,6 @@ class RMTLMConfig(FairseqDataclass):
     path: Optional[str] = II("common_eval.path")
 
 
-
 # model fields that shape parameters: listed by name when a checkpoint does not fit the model of the flags
 STRUCTURAL_FIELDS = ["decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads",
                      "decoder_head_dim", "mem_tokens", "share_decoder_input_output_embed", "adaptive_input",
@@ -198,6 +197,21 @@ def per_rank(n: int, unit: str, ranks: int) -> str:
         f"{n} {unit} (--batch-size)"
 
 
+def training_summary(module, layout: str, batch_size: int, unit: str, bptt: str,
+                     fresh_per: Optional[str] = None) -> str:
+    """fairseq-train's one line on what trains, for every task of the plugin: memory kind, segment layout,
+    `batch_size` `unit`s per rank (and in all), and the BPTT text (bptt_summary)."""
+    return "; ".join([f"memory: {memory_summary(module, fresh_per)}", layout,
+                      per_rank(batch_size, unit, data_parallel_size()), bptt])
+
+
+def check_no_max_tokens(cfg, task: str, batch: str) -> None:
+    """fairseq's --max-tokens, which a task that batches whole streams or documents would ignore: one error line
+    (`batch`: what a batch of `task` is, and which flags size it)."""
+    value = _linked(cfg, "max_tokens")
+    check(value is None, f"--max-tokens {value}: not used by --task {task}, whose batch is {batch}")
+
+
 def segments_per_batch(bptt_mode, bptt_unroll) -> int:
     """Segments per training batch: block mode runs the K+1 segments of an unroll together, sliding one."""
     return (bptt_unroll or 0) + 1 if str(bptt_mode) == "block" else 1
@@ -233,9 +247,8 @@ class RMTLMTask(FairseqTask):
             check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
         if cfg.batch_size is not None:
             check(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
-        check(_linked(cfg, "max_tokens") is None,
-              f"--max-tokens {_linked(cfg, 'max_tokens')}: not used by --task rmt_lm, whose batch is --batch-size "
-              f"streams x --tokens-per-sample tokens per segment; size it with those two")
+        check_no_max_tokens(cfg, "rmt_lm", "--batch-size streams x --tokens-per-sample tokens per segment; size it "
+                                           "with those two")
         check(not getattr(cfg, "add_bos_token", False), "--add-bos-token does not apply to --task rmt_lm: its streams "
                                                         "are read as they are (use --task language_modeling)")
         self.states = {}  # split -> RecurrentState
@@ -310,10 +323,9 @@ class RMTLMTask(FairseqTask):
     def run_summary(self, model) -> str:
         """Memory kind, segment length, streams and BPTT unroll of the run, in one line ("memory: ...; ...")."""
         K = self.bptt_unroll or 0
-        return "; ".join([
-            f"memory: {memory_summary(model.decoder)}", f"segment {self.seg_len} tokens (--tokens-per-sample)",
-            per_rank(self.cfg.batch_size, "streams", data_parallel_size()),
-            bptt_summary(model.decoder, K, self.bptt_mode, segments_per_batch(self.bptt_mode, K))])
+        return training_summary(model.decoder, f"segment {self.seg_len} tokens (--tokens-per-sample)",
+                                self.cfg.batch_size, "streams",
+                                bptt_summary(model.decoder, K, self.bptt_mode, segments_per_batch(self.bptt_mode, K)))
 
     @staticmethod
     def _continue_as_trained(path: str, cfg) -> None:

@@ -36,7 +36,7 @@ from rmt_fairseq.data.memorization import LOCATIONS, min_length
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules.recurrence import DEFAULT_SEGMENT_LEN
 from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
-from rmt_fairseq.tasks.rmt_lm import _linked, bptt_summary, data_parallel_size, memory_summary, per_rank
+from rmt_fairseq.tasks.rmt_lm import bptt_summary, check_no_max_tokens, training_summary
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,7 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
         self.dictionary, self.labels, self.generator = dictionary, labels, generator
         self._train_docs = train_docs  # read once by setup_task (for the labels), handed to load_dataset
         check(cfg.tokens_per_sample >= 1, f"--tokens-per-sample must be >= 1, got {cfg.tokens_per_sample}")
-        check(_linked(cfg, "max_tokens") is None,
-              f"--max-tokens {_linked(cfg, 'max_tokens')}: not used by --task rmt_long_classification, whose batch "
-              f"is --batch-size documents; size it with --batch-size")
+        check_no_max_tokens(cfg, "rmt_long_classification", "--batch-size documents; size it with --batch-size")
         if cfg.num_segments is not None:
             check(cfg.num_segments >= 1, f"--num-segments must be >= 1, got {cfg.num_segments}")
         if cfg.bptt_unroll is not None:
@@ -162,10 +160,9 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
         if from_checkpoint:
             logger.info(self.layout_text)
         else:  # fairseq-train (rmt-deepspeed-train too): what trains, once, on rank 0
-            logger.info("training with %s", "; ".join([
-                f"memory: {memory_summary(model.encoder, fresh_per='document')}", self.layout_text,
-                per_rank(self.cfg.batch_size, "documents", data_parallel_size()),
-                bptt_summary(model.encoder, self.bptt_unroll, sample="document")]))
+            logger.info("training with %s", training_summary(
+                model.encoder, self.layout_text, self.cfg.batch_size, "documents",
+                bptt_summary(model.encoder, self.bptt_unroll, sample="document"), fresh_per="document"))
         return model
 
     def build_criterion(self, cfg, from_checkpoint=False):
