@@ -1,6 +1,8 @@
 """What the benchmark scripts share: a synthetic vocabulary, an RMT model of a given size, and running a CLI with
 its log kept."""
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +36,37 @@ def rmt_model(task, layers: int, dim: int, heads: int = 4, **overrides):
                decoder_ffn_embed_dim=4 * dim, dropout=0.0)
     cfg.update(overrides)
     return RMTLanguageModel.build_model(RMTLanguageModelConfig(**cfg), task)
+
+
+# another user's torch job: matrix products with torch's default threads (one per core), until killed
+BUSY = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(a @ a)\n"
+
+
+@contextlib.contextmanager
+def busy_job(on: bool = True):
+    """The block runs beside BUSY in a second process (started 2 s before, so that it computes from the block's
+    start, without the caller's thread settings); on False: alone."""
+    if not on:
+        yield
+        return
+    from rmt_fairseq.threads import OVERRIDES
+
+    env = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
+    other = subprocess.Popen([sys.executable, "-c", BUSY], env=env)
+    try:
+        time.sleep(2.0)  # its torch import
+        yield
+    finally:
+        other.kill()
+        other.wait()
+
+
+def save_json(result: dict, path: str) -> None:
+    """A benchmark's results (with their provenance) to `path`, its folder made; says where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
 
 
 def run(cmd, log_path):

@@ -10,7 +10,6 @@ also times N updates of the demo's training alone and beside the busy job with t
 """
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -20,26 +19,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import busy_job, save_json  # noqa: E402  (benchmarks/common.py)
+
 from rmt_fairseq.cli import console_script  # noqa: E402
 from rmt_fairseq.provenance import provenance  # noqa: E402
 from rmt_fairseq.threads import OVERRIDES, cpus_available  # noqa: E402
 
-BUSY = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(a @ a)\n"
-
 
 def timed(cmd, env, busy):
     """Wall seconds of cmd (its output kept for the caller), with the busy job running beside it if busy."""
-    other = subprocess.Popen([sys.executable, "-c", BUSY], env=env) if busy else None
-    try:
-        if other:
-            time.sleep(2.0)  # the busy job's torch import: it is computing when cmd starts
+    with busy_job(busy):
         t0 = time.perf_counter()
         p = subprocess.run(cmd, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
-    finally:
-        if other:
-            other.kill()
-            other.wait()
     if p.returncode != 0:
         sys.stderr.write((p.stdout + p.stderr)[-3000:])
         raise SystemExit(f"error: {' '.join(cmd[:2])} failed with exit status {p.returncode}")
@@ -82,10 +74,7 @@ def main(argv=None):
     print(f"demo beside a busy job / alone: {ratio:.2f}x (target: at most 3x)")
     result = {"cpus": cpus_available(), "demo_ratio_busy_to_alone": round(ratio, 2), "rows": rows,
               "provenance": provenance()}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {a.out}")
+    save_json(result, a.out)
     return 0
 
 

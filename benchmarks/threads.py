@@ -10,9 +10,6 @@ default threads, as another user's torch job would). Prints a table and writes J
 """
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 
@@ -21,7 +18,6 @@ import torch
 from rmt_fairseq import threads as rule
 from rmt_fairseq.provenance import provenance
 
-BUSY = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(a @ a)\n"
 # (name, layers, C, heads, FFN, streams B, segment T): rmt_tiny as the demo trains it, then larger
 SIZES = [("rmt_tiny (demo)", 2, 64, 2, 128, 32, 11), ("4 x 128", 4, 128, 4, 512, 16, 32),
          ("4 x 256", 4, 256, 4, 1024, 8, 64), ("8 x 512", 8, 512, 8, 2048, 8, 128)]
@@ -53,7 +49,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=6.0, help="seconds of steps per measurement")
     ap.add_argument("--out", default="benchmarks/results/threads.json")
     a = ap.parse_args(argv)
-    from common import rmt_model, vocab_task
+    from common import busy_job, rmt_model, save_json, vocab_task
 
     cpus = rule.cpus_available()
     seconds = 1.0 if a.quick else a.seconds
@@ -69,17 +65,9 @@ def main(argv=None):
         params = sum(p.numel() for p in model.parameters())
         ms = {}
         for busy in (False, True):
-            other = subprocess.Popen([sys.executable, "-c", BUSY], env={k: v for k, v in os.environ.items()
-                                                                        if k not in rule.OVERRIDES}) if busy else None
-            try:
-                if other:
-                    time.sleep(1.0)  # its torch import
+            with busy_job(busy):
                 for t in sorted({1, cpus}):
                     ms[(busy, t)] = 1e3 * step_seconds(model, t, B, T, seconds, vocab)
-            finally:
-                if other:
-                    other.kill()
-                    other.wait()
         row = {"model": name, "layers": L, "dim": C, "streams": B, "segment": T, "parameters": params,
                "alone_1_thread_ms": round(ms[(False, 1)], 2), "alone_all_threads_ms": round(ms[(False, cpus)], 2),
                "busy_1_thread_ms": round(ms[(True, 1)], 2), "busy_all_threads_ms": round(ms[(True, cpus)], 2),
@@ -90,10 +78,7 @@ def main(argv=None):
               flush=True)
     result = {"cpus": cpus, "threshold_parameters": rule.MIN_PARAMETERS_FOR_MORE_THREADS, "quick": a.quick,
               "seconds_per_measurement": seconds, "rows": rows, "provenance": provenance()}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {a.out}")
+    save_json(result, a.out)
     return 0
 
 
