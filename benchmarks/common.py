@@ -29,7 +29,8 @@ def rmt_model(task, layers: int, dim: int, heads: int = 4, **overrides):
     """An rmt_lm model (FFN 4 x dim, no dropout); overrides are RMTLanguageModelConfig fields."""
     import torch
 
-    from rmt_fairseq.models.rmt_lm import RMTLanguageModel, RMTLanguageModelConfig
+    from rmt_fairseq.models.rmt_lm import RMTLanguageModel
+    from rmt_fairseq.models.rmt_lm_config import RMTLanguageModelConfig
 
     torch.manual_seed(0)
     cfg = dict(decoder_layers=layers, decoder_embed_dim=dim, decoder_attention_heads=heads,

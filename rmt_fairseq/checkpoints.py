@@ -24,13 +24,19 @@ from rmt_fairseq.errors import RMTConfigError
 
 logger = logging.getLogger(__name__)
 
-_state = {"installed": False, "fallback": False, "last_loaded": None}
+_state = {"installed": False, "fallback": False}
 
 
-def last_loaded() -> str:
-    """The checkpoint file fairseq's loader read last (fairseq builds the model from it right after), for
-    error lines that name it; None before any."""
-    return _state["last_loaded"]
+def _record_source(state: dict, path: str) -> dict:
+    """The loaded checkpoint's model config names its file (`checkpoint_file`, models/config.py TrainedWithConfig),
+    for the error lines of the model build that follows; only configs of this plugin's families have the field."""
+    from omegaconf import OmegaConf, open_dict
+
+    model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
+    if OmegaConf.is_config(model_cfg) and "dictionary_fingerprint" in model_cfg:
+        with open_dict(model_cfg):
+            model_cfg.checkpoint_file = path
+    return state
 # what torch.load / fairseq's upgrade raise on a truncated or corrupt file
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError)
 
@@ -141,9 +147,8 @@ def install() -> None:
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         if _is_local(path) and not os.path.exists(path):
             raise RMTConfigError(f"checkpoint {path}: no such file")
-        _state["last_loaded"] = path
         try:
-            return original_load(path, arg_overrides, load_on_all_ranks)
+            return _record_source(original_load(path, arg_overrides, load_on_all_ranks), path)
         except LOAD_ERRORS as e:
             if isinstance(e, RMTConfigError) or not _is_local(path) or _readable(path, torch):
                 raise  # the file reads: the error is about its contents (e.g. another architecture)
@@ -153,7 +158,7 @@ def install() -> None:
                 if cand is not None:
                     logger.warning(f"checkpoint {path} is truncated or corrupt ({reason}); --restore-fallback: "
                                    f"loading {cand} instead")
-                    return original_load(cand, arg_overrides, load_on_all_ranks)
+                    return _record_source(original_load(cand, arg_overrides, load_on_all_ranks), cand)
                 raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}) and --restore-fallback "
                                      f"found no readable checkpoint*.pt beside it") from None
             raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}); resume from an earlier one "

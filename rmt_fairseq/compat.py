@@ -8,8 +8,8 @@ plugin is imported (like checkpoints.install and distributed.install):
 - fairseq-validate batches by --batch-size, which the stream task (validation streams: --batch-size-valid, saved in
   the checkpoint) did not see; a --batch-size given to fairseq-validate is used as --batch-size-valid.
 - fairseq-eval-lm takes --context-window off --tokens-per-sample before the task and model are built, so a
-  per-sample model's checks saw a sample length the user never gave; the value of --context-window is kept here
-  (`eval_context_window`) for those checks to name the user's flags.
+  per-sample model's checks saw a sample length the user never gave: they read --context-window from the run's
+  config the task's config belongs to (models/recurrent_lm.py `eval_context_window`) to name the user's flags.
 - fairseq-eval-lm's word-level scoring (--post-process "@@ " / subword_nmt) merges a word's pieces within one
   scored row only. Under --task rmt_lm a row is one segment of a stream, so a word split across two segments
   became two "words" (its first pieces scored as a word of their own). For stream batches the pieces are
@@ -34,12 +34,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-_state = {"installed": False, "context_window": 0}
-
-
-def eval_context_window() -> int:
-    """fairseq-eval-lm's --context-window of the running command (0 for every other tool)."""
-    return int(_state["context_window"] or 0)
+_state = {"installed": False}
 
 
 def install() -> None:
@@ -74,7 +69,8 @@ def _patch_build_model() -> None:
         if from_checkpoint and OmegaConf.is_config(cfg):
             # a checkpoint's rmt_lm config written before a field existed: the value it was trained with, set
             # before fairseq runs the --arch function (a preset would otherwise fill in today's preset value)
-            from rmt_fairseq.models.rmt_lm import RMTLanguageModel, with_legacy_values
+            from rmt_fairseq.models.rmt_lm import RMTLanguageModel
+            from rmt_fairseq.models.trained_with import with_legacy_values
 
             arch = getattr(cfg, "_name", None) or getattr(cfg, "arch", None)
             if isinstance(models.ARCH_MODEL_REGISTRY.get(arch), type) and \
@@ -219,7 +215,6 @@ def _patch_eval_lm(module) -> None:
     def main(cfg, **kwargs):
         eval_cfg = getattr(cfg, "eval_lm", None)
         context = getattr(eval_cfg, "context_window", None) or getattr(cfg, "context_window", 0) or 0
-        _state["context_window"] = context
         task = getattr(getattr(cfg, "task", None), "_name", None)
         if context and task in ("rmt_lm", "rmt_algorithmic"):  # before fairseq subtracts it from a None length
             from rmt_fairseq.errors import RMTConfigError
@@ -242,7 +237,7 @@ def _patch_eval_lm(module) -> None:
 
 
 def _is_stream_batch(sample) -> bool:
-    from rmt_fairseq.models.rmt_lm import StreamStates
+    from rmt_fairseq.models.recurrent_lm import StreamStates
 
     return isinstance((sample.get("net_input") or {}).get("rmt_state"), StreamStates)
 

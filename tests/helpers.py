@@ -10,7 +10,8 @@ from fairseq.data import Dictionary
 
 import user_dir  # noqa: F401  (registrations)
 from rmt_fairseq.distributed import free_port  # noqa: F401  (for --master_port: tests run side by side)
-from rmt_fairseq.models.rmt_lm import RMTLanguageModel, RMTLanguageModelConfig
+from rmt_fairseq.models.rmt_lm import RMTLanguageModel
+from rmt_fairseq.models.rmt_lm_config import RMTLanguageModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -39,17 +39,26 @@ from torch import nn
 from rmt_fairseq import threads
 from rmt_fairseq.data.documents import IGNORE
 from rmt_fairseq.errors import RMTConfigError, check
-from rmt_fairseq.modules import associative, fairseq_layers
-from rmt_fairseq.modules.memory import HasMemoryTokens, MemoryTokens
+from rmt_fairseq.models.config import (
+    ARMT_BASE,
+    ARMT_PRESET,
+    MemoryConfig,
+    TrainedWithConfig,
+    register_presets,
+    validate_memory,
+)
+from rmt_fairseq.models.trained_with import check_fingerprint, dictionary_fingerprint
+from rmt_fairseq.modules import fairseq_layers
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments, stack_layers
-
-from .rmt_lm import AssociativeConfig, validate_associative
+from rmt_fairseq.modules.schemes import SchemeModel, scheme_from
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RMTEncoderConfig(AssociativeConfig):
+class RMTEncoderConfig(MemoryConfig, TrainedWithConfig):
+    """The RoBERTa encoder's flags; memory and provenance fields are shared (models/config.py)."""
+
     encoder_layers: int = field(default=12, metadata={"help": "number of encoder layers"})
     encoder_embed_dim: int = field(default=768, metadata={"help": "model dimension C"})
     encoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "feed-forward inner dimension"})
@@ -66,9 +75,6 @@ class RMTEncoderConfig(AssociativeConfig):
     encoder_normalize_before: bool = field(
         default=False, metadata={"help": "pre-norm layers (RoBERTa: post-norm, with an embedding layer norm)"}
     )
-    mem_tokens: int = field(
-        default=10, metadata={"help": "RMT memory tokens M at the start of every segment; 0 = no memory"}
-    )
     roberta_path: Optional[str] = field(
         default=None,
         metadata={"help": "initialise the encoder from this fairseq RoBERTa checkpoint (model.pt); memory and "
@@ -77,7 +83,7 @@ class RMTEncoderConfig(AssociativeConfig):
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
 
-class RMTEncoder(HasMemoryTokens, FairseqEncoder):
+class RMTEncoder(SchemeModel, FairseqEncoder):
     """RoBERTa encoder + memory + head; implements the segment interface of modules/recurrence.py."""
 
     padding_idx = IGNORE  # the segment loop's "not scored" target value; the token pad is self.pad
@@ -94,25 +100,20 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         embed_tokens = nn.Embedding(len(dictionary), C, self.pad)
         self.sentence_encoder = TransformerEncoder(args, dictionary, embed_tokens)
         self.sentence_encoder.apply(init_bert_params)
-        self.memory = MemoryTokens(cfg.mem_tokens, C, init_std=0.02) if cfg.mem_tokens > 0 else None
+        # the memory scheme (modules/schemes.py), bidirectional: memory in its own slots after <s>, read and
+        # written there; its memory tokens drawn here, its other modules after the head (the order they always had)
+        scheme = scheme_from(cfg, causal=False)
+        self.install_scheme(scheme, C, args.encoder_layers, cfg, init_std=0.02, names=("memory",))
         self.classification_head = RobertaClassificationHead(C, C, num_classes, args.pooler_activation_fn,
                                                              args.pooler_dropout)
-        self.associative = bool(getattr(cfg, "associative_memory", False))
-        self.assoc_layers = (nn.ModuleList(associative.AssociativeMemory(C, cfg.d_mem, cfg.dpfp_nu)
-                                           for _ in range(args.encoder_layers)) if self.associative else None)
-        self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
+        self.install_scheme(scheme, C, args.encoder_layers, cfg, names=scheme.modules[1:])
         self.inference_schedule = str(getattr(cfg, "inference_schedule", "sequential"))
-
-    @property
-    def recurrent(self) -> bool:
-        """RMT's token memory (ARMT's memory tokens are learned, not carried)."""
-        return self.memory is not None and not self.associative
 
     # ---- the segment interface used by modules/recurrence.py -------------------------------------------
 
     def _segment_input(self, tokens: torch.Tensor, memory: Optional[torch.Tensor]):
-        """tokens B x T -> (src B x N: [<s> | M slots | tokens | </s>] ids, their embeddings B x N x C with the memory
-        in the slots, before the encoder's embed scale)."""
+        """tokens B x T -> (src B x N: [<s> | M slots | tokens | </s>] ids, their embeddings B x N x C with the
+        scheme's memory in the slots, before the encoder's embed scale; the memory read)."""
         B, T = tokens.shape
         M = self.num_mem_tokens
         bos = tokens.new_full((B, 1), self.bos)
@@ -121,30 +122,28 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         src = torch.cat([bos, tokens.new_full((B, M), self.bos), tokens, tokens.new_full((B, 1), self.eos)],
                         dim=1)  # B x N
         emb = self.sentence_encoder.embed_tokens(src)  # B x N x C
-        if M:
-            mem = memory if (memory is not None and self.recurrent) else self.memory(B)  # B x M x C
+        mem, _ = self.scheme.blocks(self, memory, B)  # B x M x C (bidirectional: every scheme's rows are before)
+        if mem is not None:
             # divided by the embedding scale the encoder multiplies with (1 for RoBERTa)
             emb = torch.cat([emb[:, :1], mem / self.sentence_encoder.embed_scale, emb[:, 1 + M :]], dim=1)
-        return src, emb
+        return src, emb, mem
 
     def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor], cache=None,
                         assoc=None) -> SegmentOutput:
         """tokens B x T (pad after a document's end) -> features B x N x C and the memory it writes (RMT), or the
         associative state [A_0 B x F x C, z_0 B x F, ...] it writes (ARMT, reading `assoc`)."""
-        M = self.num_mem_tokens
-        src, emb = self._segment_input(tokens, memory)
+        src, emb, read_mem = self._segment_input(tokens, memory)
+        scheme, written = self.scheme, self.scheme.written(1, tokens.size(1))  # the slots after <s>
         new_assoc, hooks = [], []
-        if self.associative:  # per layer, for this call only: read before the layer, write from its memory rows
+        if scheme.associative:  # per layer, for this call only: the scheme's read before the layer, write after it
             for i, layer in enumerate(self.sentence_encoder.layers):
-                A, z = associative.layer_state(assoc, i)
 
-                def read(module, args, kwargs, block=self.assoc_layers[i], A=A, z=z):  # args[0]: N x B x C
-                    return (block.read(args[0].transpose(0, 1), A, z, self.assoc_dtype).transpose(0, 1),
-                            *args[1:]), kwargs
+                def read(module, args, kwargs, i=i):  # args[0]: N x B x C
+                    return (scheme.read(self, i, args[0].transpose(0, 1), assoc).transpose(0, 1), *args[1:]), kwargs
 
-                def write(module, args, output, block=self.assoc_layers[i], A=A, z=z):
+                def write(module, args, output, i=i):
                     x = output[0] if isinstance(output, tuple) else output  # N x B x C
-                    new_assoc.extend(block.write(x[1 : 1 + M].transpose(0, 1), A, z, self.assoc_dtype))
+                    new_assoc.extend(scheme.write(self, i, x.transpose(0, 1), assoc, written))
 
                 hooks += [layer.register_forward_pre_hook(read, with_kwargs=True),
                           layer.register_forward_hook(write)]
@@ -157,8 +156,8 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
             for h in hooks:
                 h.remove()
         x = out["encoder_out"][0].transpose(0, 1)  # T x B x C -> B x N x C
-        return SegmentOutput(hidden=x, memory=x[:, 1 : 1 + M] if self.recurrent else None, cache=None,
-                             assoc=new_assoc if self.associative else None)
+        return SegmentOutput(hidden=x, memory=scheme.carry(self, x, written, read_mem), cache=None,
+                             assoc=new_assoc if scheme.associative else None)
 
     # ---- the diagonal schedule (modules/recurrence.py): the same computation, layers batched ------------
 
@@ -170,18 +169,18 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
 
     @property
     def diagonal_ok(self) -> bool:
-        """Exact for ARMT and without memory: layer l of a segment needs only layer l of the one before. Not for
-        RMT's token memory (the last layer's output is the next segment's input), nor under ZeRO-3, whose
-        partitioned weights are there only inside their module's forward."""
+        """Exact for schemes carrying no token memory (schemes.MemoryScheme.diagonal_exact: ARMT, MT, none): layer l
+        of a segment needs only layer l of the one before. Not under ZeRO-3, whose partitioned weights are there
+        only inside their module's forward."""
         layers = self.sentence_encoder.layers
-        return (not self.recurrent and all(fairseq_layers.plain(layer) for layer in layers)
+        return (self.scheme.diagonal_exact and all(fairseq_layers.plain(layer) for layer in layers)
                 and not any(hasattr(p, "ds_id") for p in layers.parameters()))
 
     def diagonal_begin(self, tokens: torch.Tensor, cache_len: int):
         """tokens B x T -> (the first layer's input B x N x C, the segment's key padding B x N bool or None), as
         fairseq's TransformerEncoder.forward computes them."""
         se = self.sentence_encoder
-        src, emb = self._segment_input(tokens, None)
+        src, emb, _ = self._segment_input(tokens, None)
         pad = src.eq(se.padding_idx)  # B x N
         x, _ = se.forward_embedding(src, emb)
         x = x * (1 - pad.unsqueeze(-1).type_as(x))
@@ -201,26 +200,19 @@ class RMTEncoder(HasMemoryTokens, FairseqEncoder):
         """Encoder layers first .. first+G-1, each on its own segment, as one batched call (eval mode: no dropout).
         hs G x B x N x C; tables: each segment's key padding (diagonal_begin); caches None (no XL cache); assoc
         [A G x B x F x C, z G x B x F] or None (the segments' first) -> (hs out, None, new [A, z] or None):
-        fairseq_layers.batched with the padded keys masked; ARMT's read and write are forward_segment's calls,
-        one per layer."""
+        fairseq_layers.batched with the padded keys masked; the scheme's read and write are forward_segment's
+        calls, one per layer."""
         G, B, N, C = hs.shape
         layers = self.sentence_encoder.layers
         w = {k: v[first : first + G] for k, v in weights.items()}  # G x ...
-        x = hs
-        blocks = self.assoc_layers[first : first + G] if self.associative else None
-        if self.associative:  # per layer, forward_segment's calls (associative.read_layers says why)
-            x, states = associative.read_layers(blocks, x, assoc, self.assoc_dtype)
+        x, states = self.scheme.read_layers(self, first, hs, assoc)
         mask = None
         if any(t is not None for t in tables):
             keep = torch.stack([~t if t is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
                                 for t in tables])  # G x B x N: True = a key to attend to
             mask = keep.reshape(G * B, 1, 1, N)
         x = fairseq_layers.batched(layers[first], w, x, mask)
-        new_assoc = None
-        if self.associative:  # the memory rows write each layer's state
-            M = self.num_mem_tokens
-            new_assoc = associative.write_layers(blocks, x[:, :, 1 : 1 + M], states, self.assoc_dtype)
-        return x, None, new_assoc
+        return x, None, self.scheme.write_layers(self, first, x, states, self.scheme.written(1, 0))
 
     def classify(self, hidden: torch.Tensor) -> torch.Tensor:
         """features B x N x C -> logits B x V (the head reads <s>, as RoBERTa's)."""
@@ -288,11 +280,11 @@ class RMTEncoderModel(FairseqEncoderModel):
 
 
 def validate_config(cfg: RMTEncoderConfig, task) -> None:
-    for flag, value, low in [("--mem-tokens", cfg.mem_tokens, 0), ("--encoder-layers", cfg.encoder_layers, 1),
+    for flag, value, low in [("--encoder-layers", cfg.encoder_layers, 1),
                              ("--encoder-embed-dim", cfg.encoder_embed_dim, 1),
                              ("--encoder-attention-heads", cfg.encoder_attention_heads, 1)]:
         check(value >= low, f"{flag} must be >= {low}, got {value}")
-    validate_associative(cfg)
+    validate_memory(cfg)
     check(cfg.encoder_embed_dim % cfg.encoder_attention_heads == 0,
           f"--encoder-embed-dim {cfg.encoder_embed_dim} is not divisible by --encoder-attention-heads "
           f"{cfg.encoder_attention_heads}")
@@ -366,46 +358,23 @@ def load_roberta(encoder: RMTEncoder, path: str, cfg: RMTEncoderConfig, dict_fil
                 path, len(backbone))
 
 
-# ---- architectures: size presets; every field stays overridable on the command line ---------------------
+# ---- architectures: size presets, one table; every field stays overridable on the command line ---------------
 
+BASE = dict(encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
+            max_positions=512, mem_tokens=10)
+LARGE = dict(encoder_layers=24, encoder_embed_dim=1024, encoder_ffn_embed_dim=4096, encoder_attention_heads=16,
+             max_positions=512, mem_tokens=10)
+TINY = dict(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=2,
+            max_positions=128, mem_tokens=4, dropout=0.0, attention_dropout=0.0)
 
-def _defaults(args, **values):
-    for k, v in values.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-
-
-@register_model_architecture("rmt_encoder", "rmt_encoder_base")
-def rmt_encoder_base(args):
-    """RoBERTa-base (12 x 768, 512 positions) with 10 memory tokens (the 1M-token report used BERT-base)."""
-    _defaults(args, encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
-              encoder_attention_heads=12, max_positions=512, mem_tokens=10)
-
-
-@register_model_architecture("rmt_encoder", "rmt_encoder_large")
-def rmt_encoder_large(args):
-    """RoBERTa-large (24 x 1024) with 10 memory tokens."""
-    _defaults(args, encoder_layers=24, encoder_embed_dim=1024, encoder_ffn_embed_dim=4096,
-              encoder_attention_heads=16, max_positions=512, mem_tokens=10)
-
-
-@register_model_architecture("rmt_encoder", "rmt_encoder_tiny")
-def rmt_encoder_tiny(args):
-    """2 layers, C=64, 4 memory tokens: for tests and CPU benchmarks."""
-    _defaults(args, encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
-              encoder_attention_heads=2, max_positions=128, mem_tokens=4, dropout=0.0, attention_dropout=0.0)
-
-
-@register_model_architecture("rmt_encoder", "armt_encoder_base")
-def armt_encoder_base(args):
-    """rmt_encoder_base with ARMT: 16 memory tokens writing a d_mem 64 associative memory per layer; the diagonal
-    schedule for inference."""
-    _defaults(args, associative_memory=True, d_mem=64, dpfp_nu=3, mem_tokens=16, inference_schedule="diagonal")
-    rmt_encoder_base(args)
-
-
-@register_model_architecture("rmt_encoder", "armt_encoder_tiny")
-def armt_encoder_tiny(args):
-    """rmt_encoder_tiny with ARMT: 4 memory tokens, d_mem 16; the diagonal schedule for inference."""
-    _defaults(args, associative_memory=True, d_mem=16, dpfp_nu=3, inference_schedule="diagonal")
-    rmt_encoder_tiny(args)
+PRESETS = {
+    "rmt_encoder_base": (BASE, "RoBERTa-base (12 x 768, 512 positions) with 10 memory tokens (the 1M-token report used "
+                         "BERT-base)."),
+    "rmt_encoder_large": (LARGE, "RoBERTa-large (24 x 1024) with 10 memory tokens."),
+    "rmt_encoder_tiny": (TINY, "2 layers, C=64, 4 memory tokens: for tests and CPU benchmarks."),
+    "armt_encoder_base": (dict(BASE, **ARMT_BASE), "rmt_encoder_base with ARMT: 16 memory tokens writing a d_mem 64 "
+                          "associative memory per layer; the diagonal schedule for inference."),
+    "armt_encoder_tiny": (dict(TINY, **ARMT_PRESET, d_mem=16), "rmt_encoder_tiny with ARMT: 4 memory tokens, d_mem 16; "
+                          "the diagonal schedule for inference."),
+}
+register_presets("rmt_encoder", PRESETS)

@@ -36,9 +36,21 @@ from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerL
 
 from rmt_fairseq import threads
 from rmt_fairseq.errors import RMTConfigError, check
-from rmt_fairseq.modules import associative, fairseq_layers
+from rmt_fairseq.models.config import (
+    ARMT_BASE,
+    MemoryConfig,
+    SegmentConfig,
+    TrainedWithConfig,
+    check_cutoffs,
+    register_presets,
+    validate_memory,
+    with_memory_defaults,
+)
+from rmt_fairseq.models.recurrent_lm import RecurrentLM, segment_nll
+from rmt_fairseq.models.trained_with import check_fingerprint, check_vocabulary, dictionary_fingerprint
+from rmt_fairseq.modules import fairseq_layers
 from rmt_fairseq.modules.adaptive import make_dense
-from rmt_fairseq.modules.memory import HasMemoryTokens, Layout, LayoutCache, MemoryTokens
+from rmt_fairseq.modules.memory import Layout, LayoutCache
 from rmt_fairseq.modules.recurrence import (
     DEFAULT_SEGMENT_LEN,
     RecurrentState,
@@ -46,39 +58,18 @@ from rmt_fairseq.modules.recurrence import (
     run_segments,
     stack_layers,
 )
-
-from .rmt_lm import (
-    AssociativeConfig,
-    RecurrentLM,
-    TrainedWithConfig,
-    check_cutoffs,
-    check_fingerprint,
-    check_vocabulary,
-    dictionary_fingerprint,
-    segment_nll,
-    validate_associative,
-)
+from rmt_fairseq.modules.schemes import SchemeModel, rows_around, scheme_from
 
 logger = logging.getLogger(__name__)
 
+# the memory scheme's parameters (modules/schemes.py), which a transformer_lm checkpoint lacks
+MEMORY_PREFIXES = ("decoder.memory.", "decoder.memory_gate.", "decoder.assoc_layers.")
+
 
 @dataclass
-class RMTTransformerLMConfig(TransformerLanguageModelConfig, AssociativeConfig, TrainedWithConfig):
-    mem_tokens: int = field(
-        default=10,
-        metadata={"help": "RMT memory tokens M (read block before, write block after each segment); 0 = none"},
-    )
-    segment_len: Optional[int] = field(
-        default=None,
-        metadata={"help": "per-sample recurrence under fairseq's own tasks (--task language_modeling): every sample "
-                  f"is split into segments of this many tokens, memory fresh per sample (default "
-                  f"{DEFAULT_SEGMENT_LEN}). Under --task rmt_lm segments are --tokens-per-sample"},
-    )
-    segment_bptt_unroll: Optional[int] = field(
-        default=None,
-        metadata={"help": "per-sample recurrence: memory detached every K+1 segments of a sample (default: "
-                  "gradient through the whole sample). Under --task rmt_lm: --bptt-unroll"},
-    )
+class RMTTransformerLMConfig(TransformerLanguageModelConfig, MemoryConfig, SegmentConfig, TrainedWithConfig):
+    """fairseq's transformer_lm flags, the shared memory, per-sample and provenance fields (models/config.py)."""
+
     lm_path: Optional[str] = field(
         default=None,
         metadata={"help": "start from this fairseq transformer_lm checkpoint: its decoder weights load unchanged, "
@@ -86,31 +77,23 @@ class RMTTransformerLMConfig(TransformerLanguageModelConfig, AssociativeConfig, 
     )
 
 
-class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
+class RMTTransformerDecoder(SchemeModel, TransformerDecoder):
     """fairseq's TransformerDecoder with the segment interface of modules/recurrence.py."""
 
-    def init_memory(self, mem_tokens: int, cfg=None) -> None:
+    def init_memory(self, cfg) -> None:
+        """The memory scheme of `cfg` (modules/schemes.py) and its modules, in the layers' dimension."""
         C = self.embed_dim if self.project_in_dim is None else self.project_in_dim.out_features
-        self.memory = MemoryTokens(mem_tokens, C) if mem_tokens > 0 else None
+        self.install_scheme(scheme_from(cfg), C, self.num_layers, cfg)
         self.segment_len = DEFAULT_SEGMENT_LEN
         self.layouts = LayoutCache(C)  # the mask of modules/memory.py, built once per segment layout
-        self.associative = bool(getattr(cfg, "associative_memory", False))
-        self.assoc_layers = (torch.nn.ModuleList(associative.AssociativeMemory(C, cfg.d_mem, cfg.dpfp_nu)
-                                                 for _ in range(self.num_layers)) if self.associative else None)
-        self.assoc_dtype = associative.state_dtype(getattr(cfg, "associative_state_dtype", "fp32"))
         self.inference_schedule = str(getattr(cfg, "inference_schedule", "sequential"))
-
-    @property
-    def recurrent(self) -> bool:
-        """RMT's token memory (ARMT's memory tokens are learned, not carried)."""
-        return self.memory is not None and not self.associative
 
     def _segment_input(self, tokens: torch.Tensor, memory: Optional[torch.Tensor]):
         """tokens B x T -> (the first layer's input B x N x C, the key padding B x N bool or None, the layout's
-        additive mask N x N), as TransformerDecoder.extract_features builds them."""
+        additive mask N x N, the memory read), as TransformerDecoder.extract_features builds them, with the scheme's
+        memory rows around the segment (no position embedding: they are told apart by their vectors and the mask)."""
         B, T = tokens.shape
-        M = self.num_mem_tokens
-        R = 0 if self.associative else M  # rows before the segment
+        R, W = self.scheme.before, self.scheme.after
         positions = self.embed_positions(tokens) if self.embed_positions is not None else None  # B x T x C
         x = self.embed_scale * self.embed_tokens(tokens.contiguous())
         if self.quant_noise is not None:
@@ -119,21 +102,17 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
             x = self.project_in_dim(x)
         if positions is not None:
             x = x + positions
-        if M and self.associative:
-            x = torch.cat([x, self.memory(B)], dim=1)  # B x (T+M) x C; memory without position embedding
-        elif M:
-            read = memory if memory is not None else self.memory(B)  # B x M x C
-            x = torch.cat([read, x, read], dim=1)  # B x (M+T+M) x C; memory without position embedding
+        x, read = rows_around(self.scheme, self, x, memory)  # B x N x C
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x = self.dropout_module(x)
         pad = tokens.eq(self.padding_idx)  # B x T
         self_attn_padding_mask = None
         if self.cross_self_attention or pad.any():
-            self_attn_padding_mask = torch.cat([pad.new_zeros(B, R), pad, pad.new_zeros(B, M)], dim=1)  # B x N
-        # [read | segment | write] mask, no cache; with M = 0 the causal mask of buffered_future_mask
-        mask = self.layouts.mask(Layout(0, R, T, M), x.device, x.dtype)
-        return x, self_attn_padding_mask, mask
+            self_attn_padding_mask = torch.cat([pad.new_zeros(B, R), pad, pad.new_zeros(B, W)], dim=1)  # B x N
+        # [read | segment | write] mask, no cache; without memory the causal mask of buffered_future_mask
+        mask = self.layouts.mask(Layout(0, R, T, W), x.device, x.dtype)
+        return x, self_attn_padding_mask, mask, read
 
     def forward_segment(self, tokens: torch.Tensor, memory: Optional[torch.Tensor],
                         cache: Optional[List[torch.Tensor]] = None,
@@ -141,25 +120,24 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         """TransformerDecoder.extract_features on [read | segment | write] (RMT) or [segment | write] (ARMT, whose
         state [A_0 B x F x C, z_0 B x F, ...] each layer reads before and writes after it); no encoder, no
         incremental state."""
-        M = self.num_mem_tokens
-        x, self_attn_padding_mask, mask = self._segment_input(tokens, memory)
-        R, T = (0 if self.associative else M), tokens.size(1)
+        x, self_attn_padding_mask, mask, read = self._segment_input(tokens, memory)
+        T, scheme = tokens.size(1), self.scheme
+        written = scheme.written(0, T)
         x = x.transpose(0, 1)  # B x N x C -> N x B x C (fairseq layers)
-        new_assoc = [] if self.associative else None
+        new_assoc = [] if scheme.associative else None
         for idx, layer in enumerate(self.layers):
             last = idx == self.num_layers - 1  # the stock call asks the last layer for attention weights
-            if self.associative:  # ARMT: read layer idx's associative memory (B x N x C view) before the layer
-                A, z = associative.layer_state(assoc, idx)
-                x = self.assoc_layers[idx].read(x.transpose(0, 1), A, z, self.assoc_dtype).transpose(0, 1)
+            # the scheme's read before the layer (ARMT: layer idx's associative memory), on a B x N x C view
+            x = scheme.read(self, idx, x.transpose(0, 1), assoc).transpose(0, 1)
             x, _, _ = layer(x, None, None, None, self_attn_mask=mask, self_attn_padding_mask=self_attn_padding_mask,
                             need_attn=last, need_head_weights=last)
-            if self.associative:  # ... and write it from the layer's output at the memory rows
-                new_assoc += self.assoc_layers[idx].write(x[R + T :].transpose(0, 1), A, z, self.assoc_dtype)
+            if new_assoc is not None:  # ... and its write from the layer's output at the memory rows
+                new_assoc += scheme.write(self, idx, x.transpose(0, 1), assoc, written)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         x = x.transpose(0, 1)  # N x B x C -> B x N x C
-        new_memory = x[:, M + T :] if self.recurrent else None  # B x M x C, in the input embedding space
-        hidden = x[:, R : R + T]  # B x T x C
+        new_memory = scheme.carry(self, x, written, read)  # B x M x C, in the input embedding space
+        hidden = x[:, scheme.segment(0, T)]  # B x T x C
         if self.project_out_dim is not None:
             hidden = self.project_out_dim(hidden)
         return SegmentOutput(hidden=hidden, memory=new_memory, cache=None, assoc=new_assoc)
@@ -173,17 +151,17 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
 
     @property
     def diagonal_ok(self) -> bool:
-        """Exact for ARMT and without memory: layer l of a segment needs only layer l of the one before. Not for
-        RMT's token memory (the last layer's output is the next segment's input), nor for layers
+        """Exact for schemes carrying no token memory (schemes.MemoryScheme.diagonal_exact: ARMT, MT, none): layer l of
+        a segment needs only layer l of the one before. Not for layers
         modules/fairseq_layers.py does not write (NormFormer's, cross self-attention), nor under ZeRO-3, whose
         partitioned weights are there only inside their module's forward."""
-        return (not self.recurrent and all(fairseq_layers.plain(layer) for layer in self.layers)
+        return (self.scheme.diagonal_exact and all(fairseq_layers.plain(layer) for layer in self.layers)
                 and not any(hasattr(p, "ds_id") for p in self.layers.parameters()))
 
     def diagonal_begin(self, tokens: torch.Tensor, cache_len: int):
         """tokens B x T -> (the first layer's input B x N x C, (T, the segment's additive mask with its padded keys
         at -inf: B x 1 x N x N, or N x N without padding))."""
-        x, pad, mask = self._segment_input(tokens, None)
+        x, pad, mask, _ = self._segment_input(tokens, None)
         if pad is not None:  # as F.multi_head_attention_forward merges key padding into the additive mask
             mask = mask + torch.zeros_like(pad, dtype=mask.dtype).masked_fill(pad, float("-inf"))[:, None, None, :]
         return x, (tokens.size(1), mask)
@@ -192,8 +170,7 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         """The decoder's final layer norm, the segment rows, project_out_dim, as forward_segment: B x T x C."""
         if self.layer_norm is not None:
             h = self.layer_norm(h)
-        R, T = (0 if self.associative else self.num_mem_tokens), tables[0]
-        hidden = h[:, R : R + T]
+        hidden = h[:, self.scheme.segment(0, tables[0])]
         return self.project_out_dim(hidden) if self.project_out_dim is not None else hidden
 
     def diagonal_weights(self):
@@ -205,22 +182,16 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
         """Decoder layers first .. first+G-1, each on its own segment, as one batched call (eval mode: no
         dropout). hs G x B x N x C; tables: each segment's (diagonal_begin); caches None (no XL cache); assoc
         [A G x B x F x C, z G x B x F] or None (the segments' first) -> (hs out, None, new [A, z] or None):
-        fairseq_layers.batched with each segment's mask; ARMT's read and write are forward_segment's calls, one
-        per layer."""
+        fairseq_layers.batched with each segment's mask; the scheme's read and write are forward_segment's calls,
+        one per layer."""
         G, B, N, C = hs.shape
         w = {k: v[first : first + G] for k, v in weights.items()}  # G x ...
-        x = hs
-        blocks = self.assoc_layers[first : first + G] if self.associative else None
-        if self.associative:  # per layer, forward_segment's calls (associative.read_layers says why)
-            x, states = associative.read_layers(blocks, x, assoc, self.assoc_dtype)
+        x, states = self.scheme.read_layers(self, first, hs, assoc)
         masks = [t[1] for t in tables]
         mask = (masks[0] if all(m.dim() == 2 for m in masks) and all(m is masks[0] for m in masks)
                 else torch.cat([m.expand(B, 1, N, N) for m in masks]))  # (G*B) x 1 x N x N
         x = fairseq_layers.batched(self.layers[first], w, x, mask)
-        new_assoc = None
-        if self.associative:  # the memory rows write each layer's state
-            new_assoc = associative.write_layers(blocks, x[:, :, tables[0][0] :], states, self.assoc_dtype)
-        return x, None, new_assoc
+        return x, None, self.scheme.write_layers(self, first, x, states, self.scheme.written(0, tables[0][0]))
 
     def token_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """B x T x C -> B x T x V log-probabilities."""
@@ -243,11 +214,8 @@ class RMTTransformerDecoder(HasMemoryTokens, TransformerDecoder):
 class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
-        check(args.mem_tokens >= 0, f"--mem-tokens must be >= 0, got {args.mem_tokens}")
-        for k, v in vars(AssociativeConfig()).items():  # a checkpoint from before ARMT, a preset without its fields
-            if not k.startswith("_") and getattr(args, k, None) is None:
-                setattr(args, k, v)
-        validate_associative(args)
+        with_memory_defaults(args)  # a checkpoint from before a memory field existed, a stock preset without them
+        validate_memory(args)
         # fairseq's adaptive modules assert on cutoffs beyond the vocabulary (a preset's, e.g. _wiki103's 20000,60000)
         input_cutoff = getattr(args, "adaptive_input_cutoff", None) if getattr(args, "adaptive_input", False) else None
         check_cutoffs(args, len(task.source_dictionary),
@@ -255,7 +223,7 @@ class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
                        ("--adaptive-input-cutoff", input_cutoff)], up_to_vocab=True)
         model = super().build_model(args, task)  # fairseq's own transformer_lm build
         model.decoder.__class__ = RMTTransformerDecoder  # same module and weights, plus the segment interface
-        model.decoder.init_memory(args.mem_tokens, args)
+        model.decoder.init_memory(args)
         make_dense(model.decoder.embed_tokens)  # adaptive input: every band on every call (modules/adaptive.py)
         model.setup_from_task(args, task)
         if args.lm_path:
@@ -269,7 +237,7 @@ class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
         super().upgrade_state_dict_named(state_dict, name)
         prefix = name + "." if name else ""
         for k, v in self.state_dict().items():
-            if k.startswith(("decoder.memory.", "decoder.assoc_layers.")) and prefix + k not in state_dict:
+            if k.startswith(MEMORY_PREFIXES) and prefix + k not in state_dict:
                 logger.info("%s is not in the checkpoint (a transformer_lm one?): new memory tokens", prefix + k)
                 state_dict[prefix + k] = v
 
@@ -311,7 +279,7 @@ def load_transformer_lm(model: RMTTransformerLanguageModel, path: str) -> None:
                                  f"in this model: use the checkpoint's architecture (--arch rmt_{arch} and its "
                                  f"--decoder-* flags)")
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith(("decoder.memory.", "decoder.assoc_layers."))]
+    missing = [k for k in missing if not k.startswith(MEMORY_PREFIXES)]
     if missing or unexpected:
         raise RMTConfigError(f"--lm-path {path} does not fit this model: missing {missing[:4]}, unexpected "
                              f"{unexpected[:4]} (use the checkpoint's architecture: --arch rmt_{arch})")
@@ -328,25 +296,10 @@ for _name, _model in list(ARCH_MODEL_REGISTRY.items()):
         register_model_architecture("rmt_transformer_lm", f"rmt_{_name}")(ARCH_CONFIG_REGISTRY[_name])
 
 
-# ---- ARMT presets: every transformer_lm preset with per-layer associative memory ---------------------------------
-# 16 memory tokens and d_mem 64 are this project's defaults (the ARMT authors' scripts set them per run).
+# ---- ARMT presets: every transformer_lm preset with per-layer associative memory (models/config.py ARMT_BASE) ------
 
-
-def _armt_preset(name):
-    stock = ARCH_CONFIG_REGISTRY[name]
-
-    def preset(args):
-        for k, v in dict(associative_memory=True, d_mem=64, dpfp_nu=3, mem_tokens=16,
-                         inference_schedule="diagonal").items():
-            if getattr(args, k, None) is None:
-                setattr(args, k, v)
-        stock(args)
-
-    preset.__doc__ = (f"fairseq's {name} preset with ARMT: 16 memory tokens, a d_mem 64 associative memory per layer, "
-                      "the diagonal schedule for inference")
-    return preset
-
-
-for _name, _model in list(ARCH_MODEL_REGISTRY.items()):
-    if _model is TransformerLanguageModel and f"armt_{_name}" not in ARCH_MODEL_REGISTRY:
-        register_model_architecture("rmt_transformer_lm", f"armt_{_name}")(_armt_preset(_name))
+register_presets("rmt_transformer_lm", {
+    f"armt_{name}": (ARMT_BASE, f"fairseq's {name} preset with ARMT: 16 memory tokens, a d_mem 64 associative memory "
+                                "per layer, the diagonal schedule for inference", ARCH_CONFIG_REGISTRY[name])
+    for name, model in list(ARCH_MODEL_REGISTRY.items())
+    if model is TransformerLanguageModel and f"armt_{name}" not in ARCH_MODEL_REGISTRY})

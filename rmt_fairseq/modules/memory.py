@@ -57,22 +57,6 @@ class MemoryTokens(nn.Module):
     initial = forward
 
 
-class HasMemoryTokens:
-    """The memory part of the segment interface (modules/recurrence.py) for a model whose `self.memory` is a
-    MemoryTokens or None. `recurrent`: the write block's output is carried to the next segment."""
-
-    @property
-    def num_mem_tokens(self) -> int:
-        return self.memory.num_tokens if self.memory is not None else 0
-
-    @property
-    def recurrent(self) -> bool:
-        return self.memory is not None
-
-    def initial_memory(self, batch_size: int):
-        return self.memory(batch_size) if self.recurrent else None  # B x M x C
-
-
 MEM_CACHE_RULES = ("none", "both", "write")  # which memory rows see the cache columns (module docstring)
 
 

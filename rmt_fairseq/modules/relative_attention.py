@@ -51,7 +51,7 @@ class RelativeMultiheadAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # B x N x C
+        x: torch.Tensor,  # B x N x C (G x B x N x C with stacked weights)
         cache: Optional[torch.Tensor],  # B x L x C (detached XL cache) or None
         pos_emb: torch.Tensor,  # P x C, sinusoids of the distances dmax, dmax-1, ..., dmin
         rel_index: torch.Tensor,  # N x K long, index into pos_emb of distance (i - j)
@@ -59,38 +59,44 @@ class RelativeMultiheadAttention(nn.Module):
         u: torch.Tensor,  # H x D content bias
         v: torch.Tensor,  # H x D position bias
         past: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,  # keys, values B x H x K' x D before x
+        ops: "Optional[StackedLayers]" = None,  # the weights of G layers (the diagonal schedule), or this module's
     ) -> torch.Tensor:
-        B, N, _ = x.shape
+        lead, N = x.shape[:-2], x.size(-2)  # (B,), or (G, B) with stacked weights
         H, D = self.num_heads, self.head_dim
-        q, k, val = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))  # each B x H x N x D
-        if cache is not None and cache.size(1) > 0:
-            ck, cv = self.project_kv(cache)  # B x H x L x D
-            k, val = torch.cat([ck, k], dim=2), torch.cat([cv, val], dim=2)  # B x H x K x D
+        linear = ops.linear if ops is not None else (lambda name, t: self.get_submodule(name)(t))
+
+        def heads(t):  # ... x n x H*D -> (prod ...) x H x n x D
+            return t.reshape(-1, t.size(-2), H, D).transpose(1, 2)
+
+        q, k, val = (heads(t) for t in linear("qkv", x).chunk(3, dim=-1))  # each (prod lead) x H x N x D
+        if cache is not None and cache.size(-2) > 0:
+            _, ck, cv = (heads(t) for t in linear("qkv", cache).chunk(3, dim=-1))  # (prod lead) x H x L x D
+            k, val = torch.cat([ck, k], dim=2), torch.cat([cv, val], dim=2)  # ... x H x K x D
         if past is not None:
             k, val = torch.cat([past[0], k], dim=2), torch.cat([past[1], val], dim=2)  # B x H x K x D
         Kn = k.size(2)
-        r = self.r_proj(pos_emb).view(-1, H, D)  # P x H x D
+        r = linear("r_proj", pos_emb.expand(*lead[:-1], *pos_emb.shape)).view(*lead[:-1], -1, H, D)  # ... P x H x D
 
         # position term (b)+(d): (q + v) . r_{i-j}, computed for every distance once, then gathered.
-        bd = torch.einsum("bhnd,phd->bhnp", q + v[None, :, None, :], r)  # B x H x N x P
-        bd = bd.gather(-1, rel_index.expand(B, H, N, Kn))  # B x H x N x K
-        bias = bd * self.scale + mask_bias  # B x H x N x K
-        if self.keep_attention:  # explicit softmax, for plots (modules/attention_plot.py); same result
+        qv = (q + v[None, :, None, :]).view(*lead, H, N, D)
+        bd = torch.einsum("...bhnd,...phd->...bhnp", qv, r)  # ... x B x H x N x P
+        bd = bd.gather(-1, rel_index.expand(*lead, H, N, Kn))  # ... x B x H x N x K
+        bias = (bd * self.scale + mask_bias).reshape(-1, H, N, Kn)  # (prod lead) x H x N x K
+        if self.keep_attention:  # explicit softmax, for plots (cli/plot_attention.py); same result
             probs = torch.softmax(torch.einsum("bhnd,bhkd->bhnk", q + u[None, :, None, :], k) * self.scale + bias,
                                   dim=-1)  # B x H x N x K
             self.last_attention = probs.detach()
             out = torch.einsum("bhnk,bhkd->bhnd", probs, val)  # B x H x N x D
-            return self.out_proj(out.transpose(1, 2).reshape(B, N, H * D))
-        out = F.scaled_dot_product_attention(
-            q + u[None, :, None, :],
-            k,
-            val,
-            attn_mask=bias.to(q.dtype),
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            scale=self.scale,
-        )  # B x H x N x D
-        out = out.transpose(1, 2).reshape(B, N, H * D)  # B x N x H*D
-        return self.out_proj(out)
+        else:
+            out = F.scaled_dot_product_attention(
+                q + u[None, :, None, :],
+                k,
+                val,
+                attn_mask=bias.to(q.dtype),
+                dropout_p=self.attention_dropout if self.training else 0.0,
+                scale=self.scale,
+            )  # (prod lead) x H x N x D
+        return linear("out_proj", out.transpose(1, 2).reshape(*lead, N, H * D))  # ... x N x C
 
 
 class PositionBias(nn.Module):
@@ -122,6 +128,40 @@ class RelativeDecoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, cache, pos_emb, rel_index, mask_bias, u, v, past=None):
-        x = self.attn_norm(x + self.dropout(self.attn(x, cache, pos_emb, rel_index, mask_bias, u, v, past)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+    def forward(self, x, cache, pos_emb, rel_index, mask_bias, u, v, past=None, ops=None):
+        """x B x N x C (with `ops`, StackedLayers: G x B x N x C through G layers shaped like this one, each with its
+        own weights; cache G x B x L x C) -> the same shape. The one implementation of the layer: the sequential
+        forward, generation's steps and the diagonal schedule all run it."""
+        linear = ops.linear if ops is not None else (lambda name, t: self.get_submodule(name)(t))
+        norm = ops.norm if ops is not None else (lambda name, t: self.get_submodule(name)(t))
+        attn_ops = ops.within("attn") if ops is not None else None
+        x = norm("attn_norm", x + self.dropout(self.attn(x, cache, pos_emb, rel_index, mask_bias, u, v, past,
+                                                         ops=attn_ops)))
+        f = linear("ffn.3", self.ffn[2](self.ffn[1](linear("ffn.0", x))))  # Linear, ReLU, Dropout, Linear
+        return norm("ffn_norm", x + self.dropout(f))
+
+
+class StackedLayers:
+    """The weights of G layers shaped like one module (recurrence.stack_layers: G x the parameter's shape, under the
+    module's parameter names) as the operations its forward calls: `linear(name, x)` (x G x ... x C_in, each layer's
+    rows times its own weight: one bmm / baddbmm, which rounds as F.linear's mm / addmm on one layer's rows) and
+    `norm(name, x)` (LayerNorm, one fused call per layer, as the module's own). For the diagonal schedule."""
+
+    def __init__(self, template: nn.Module, weights, prefix: str = ""):
+        self.template, self.w, self.prefix = template, weights, prefix
+
+    def within(self, name: str) -> "StackedLayers":
+        return StackedLayers(self.template.get_submodule(name), self.w, self.prefix + name + ".")
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.w[self.prefix + name + ".weight"], self.w.get(self.prefix + name + ".bias")
+        G = w.size(0)
+        flat = x.reshape(G, -1, x.size(-1))
+        y = torch.bmm(flat, w.transpose(-1, -2)) if b is None else torch.baddbmm(b.unsqueeze(1), flat,
+                                                                                    w.transpose(-1, -2))
+        return y.view(*x.shape[:-1], y.size(-1))
+
+    def norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.w[self.prefix + name + ".weight"], self.w[self.prefix + name + ".bias"]
+        eps, shape = self.template.get_submodule(name).eps, (x.size(-1),)
+        return torch.stack([F.layer_norm(x[g], shape, w[g], b[g], eps) for g in range(w.size(0))])

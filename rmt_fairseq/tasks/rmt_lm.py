@@ -336,7 +336,8 @@ class RMTLMTask(FairseqTask):
         from fairseq.models import ARCH_MODEL_REGISTRY
         from omegaconf import OmegaConf, open_dict
 
-        from rmt_fairseq.models.rmt_lm import LEGACY_VALUES, RMTLanguageModel
+        from rmt_fairseq.models.rmt_lm import RMTLanguageModel
+        from rmt_fairseq.models.trained_with import LEGACY_VALUES
 
         if "://" in path or not os.path.isfile(path) or not OmegaConf.is_config(cfg):
             return
@@ -397,7 +398,8 @@ class RMTLMTask(FairseqTask):
         do not match. An unreadable file is left to fairseq's loader (rmt_fairseq/checkpoints.py names it)."""
         from fairseq.models import ARCH_MODEL_REGISTRY
 
-        from rmt_fairseq.models.rmt_lm import RecurrentLM, check_fingerprint, check_vocabulary
+        from rmt_fairseq.models.recurrent_lm import RecurrentLM
+        from rmt_fairseq.models.trained_with import check_fingerprint, check_vocabulary
 
         if "://" in path:
             return
@@ -557,7 +559,7 @@ class RMTLMTask(FairseqTask):
                 f"--context-window {context_window} does not apply to --task rmt_lm: memory (and --mem-len "
                 f"cache) already carry context across segments"
             )
-        from rmt_fairseq.models.rmt_lm import StreamStates
+        from rmt_fairseq.models.recurrent_lm import StreamStates
 
         itr = self.get_batch_iterator(dataset, num_workers=num_workers, data_buffer_size=data_buffer_size
                                       ).next_epoch_itr(shuffle=False)

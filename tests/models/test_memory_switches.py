@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from helpers import _Task, dictionary, tiny_model
-from rmt_fairseq.models.rmt_lm import LEGACY_VALUES, RMTLanguageModel, RMTLanguageModelConfig, with_legacy_values
+from rmt_fairseq.models.rmt_lm import RMTLanguageModel
+from rmt_fairseq.models.rmt_lm_config import RMTLanguageModelConfig
+from rmt_fairseq.models.trained_with import LEGACY_VALUES, with_legacy_values
 from rmt_fairseq.modules.adaptive import DenseAdaptiveInput
 from rmt_fairseq.modules.memory import visibility
 from rmt_fairseq.modules.transformer_xl import XLAdaptiveLogSoftmax

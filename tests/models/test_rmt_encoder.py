@@ -403,9 +403,9 @@ def test_armt_encoder_carries_the_associative_state_with_gradient():
 
 def test_armt_encoder_presets_and_bad_flags():
     cfg = argparse.Namespace()
-    from rmt_fairseq.models.rmt_encoder import armt_encoder_tiny
+    from fairseq.models import ARCH_CONFIG_REGISTRY
 
-    armt_encoder_tiny(cfg)
+    ARCH_CONFIG_REGISTRY["armt_encoder_tiny"](cfg)
     assert (cfg.associative_memory, cfg.d_mem, cfg.mem_tokens, cfg.encoder_layers) == (True, 16, 4, 2)
     assert cfg.inference_schedule == "diagonal"
     with pytest.raises(RMTConfigError, match="--mem-tokens must be > 0, got 0"):

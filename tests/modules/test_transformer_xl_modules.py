@@ -310,7 +310,7 @@ def test_model_with_transformer_xl_embedding_trains_and_scores_consistently():
 def test_checkpoint_vocabulary_is_read_from_xl_embeddings(cutoff):
     """The checks that name a checkpoint trained on another vocabulary read its size from XL's embedding too."""
     from rmt_fairseq.errors import RMTConfigError
-    from rmt_fairseq.models.rmt_lm import check_vocabulary, vocabulary_size
+    from rmt_fairseq.models.trained_with import check_vocabulary, vocabulary_size
 
     model = tiny_model(vocab=40, embedding_impl="transformer_xl", adaptive_softmax_cutoff=cutoff, div_val=2,
                        share_decoder_input_output_embed=True)
