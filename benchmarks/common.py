@@ -21,6 +21,7 @@ def vocab_task(size: int):
 
     class Task:
         source_dictionary = target_dictionary = d
+        stream_level = True  # as --task rmt_lm: the model's forward carries the caller's state from call to call
 
     return Task()
 

@@ -39,16 +39,16 @@ def one(K, ckpt, layers, dim, T, B, M):
     import torch
     from common import rmt_model, vocab_task
 
-    from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+    from rmt_fairseq.modules.recurrence import RecurrentState
 
     # torch threads: rmt_fairseq/threads.py's rule, applied when the model is built (OMP_NUM_THREADS chooses)
     model = rmt_model(vocab_task(1000), layers, dim, mem_tokens=M, tokens_per_sample=T).train()
     x = torch.randint(4, 1000, (B, (K + 1) * T))
 
     def step():
-        out = run_segments(model.decoder, x, x, RecurrentState(), seg_len=T, bptt_unroll=K,
-                           checkpoint_segments=ckpt)
-        torch.stack(out.losses).sum().backward()
+        losses, _ = model(x, target=x, rmt_state=RecurrentState(), segment_len=T, bptt_unroll=K,
+                          checkpoint_segments=ckpt)
+        losses.sum().backward()
         model.zero_grad(set_to_none=False)
 
     base = _current_rss_kb()  # model, data and nothing else yet

@@ -30,7 +30,7 @@ def one(n_tokens: int, schedule: str, size: dict) -> dict:
     import torch
     from common import rmt_model, vocab_task
 
-    from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+    from rmt_fairseq.modules.recurrence import RecurrentState
 
     model = rmt_model(vocab_task(256), size["layers"], size["dim"], size["heads"], mem_tokens=size["mem_tokens"],
                       associative_memory=True, d_mem=size["d_mem"], tokens_per_sample=size["T"]).eval()
@@ -40,6 +40,7 @@ def one(n_tokens: int, schedule: str, size: dict) -> dict:
             block.v_proj.weight.copy_(torch.randn(block.v_proj.weight.shape, generator=gen) * 0.02)
     T, chunk = size["T"], size["T"] * size["per_call"]
     stream = torch.randint(4, 260, (1, 16 * chunk + 1), generator=gen)  # reused: generating 1M tokens is not the point
+    model.decoder.inference_schedule = schedule  # what --inference-schedule sets
     state, nll, done = RecurrentState(), 0.0, 0
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -47,8 +48,8 @@ def one(n_tokens: int, schedule: str, size: dict) -> dict:
             n = min(chunk, n_tokens - done)
             at = done % (16 * chunk)
             src, tgt = stream[:, at: at + n], stream[:, at + 1: at + n + 1]
-            out = run_segments(model.decoder, src, tgt, state, seg_len=T, schedule=schedule)
-            nll += float(torch.stack(out.losses).sum())
+            losses, _ = model(src, target=tgt, rmt_state=state, segment_len=T)
+            nll += float(losses.sum())
             done += n
     dt = time.perf_counter() - t0
     return {"tokens": done, "schedule": schedule, "seconds": dt, "tokens_per_s": done / dt, "nll": nll,

@@ -23,7 +23,7 @@ def one(n_tokens, T, layers, dim, M):
     import torch
     from common import rmt_model, vocab_task
 
-    from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+    from rmt_fairseq.modules.recurrence import RecurrentState
 
     # torch threads: rmt_fairseq/threads.py's rule, applied when the model is built (OMP_NUM_THREADS chooses)
     model = rmt_model(vocab_task(256), layers, dim, mem_tokens=M, tokens_per_sample=T).eval()
@@ -35,7 +35,7 @@ def one(n_tokens, T, layers, dim, M):
     with torch.no_grad():
         while done < n_tokens:
             seg = block[:, (done // T) % 64 * T : ((done // T) % 64 + 1) * T]
-            run_segments(model.decoder, seg, seg, state, seg_len=T)
+            model(seg, target=seg, rmt_state=state, segment_len=T)
             done += T
     dt = time.perf_counter() - t0
     return {"tokens": done, "us_per_token": 1e6 * dt / done,

@@ -38,7 +38,7 @@ def main(argv=None):
     from common import rmt_model, vocab_task
     from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
-    from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+    from rmt_fairseq.modules.recurrence import RecurrentState
 
     # torch threads: rmt_fairseq/threads.py's rule, applied when the model is built (OMP_NUM_THREADS chooses)
     L, C, H, T, B, M, V, steps = (2, 64, 2, 32, 2, 4, 200, 2) if a.quick else (4, 256, 4, 128, 8, 10, 10000, 6)
@@ -71,8 +71,8 @@ def main(argv=None):
                 out, _ = model(x[:, :T])
                 loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), x[:, :T].flatten())
             else:
-                o = run_segments(model.decoder, x, x, RecurrentState(), seg_len=T, bptt_unroll=K)
-                loss = torch.stack(o.losses).sum() / x.numel()
+                losses, _ = model(x, target=x, rmt_state=RecurrentState(), segment_len=T, bptt_unroll=K)
+                loss = losses.sum() / x.numel()
             loss.backward()
             opt.step()
 

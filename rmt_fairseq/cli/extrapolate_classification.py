@@ -48,27 +48,25 @@ def evaluate_length(task, model, n_seg: int, num_docs: int, batch_size: int, chu
     import torch
 
     from rmt_fairseq.data.documents import encode
-    from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+    from rmt_fairseq.modules.recurrence import RecurrentState
 
     ds = task.datasets["test"]
-    T, enc = task.cfg.tokens_per_sample, model.encoder
+    T = task.cfg.tokens_per_sample
     correct, tokens_seen, seconds, peak = 0, 0, 0.0, 0.0
     for b0 in range(0, num_docs, batch_size):
         docs = [ds.document(i, length=n_seg * T) for i in range(b0, min(b0 + batch_size, num_docs))]
         labels = torch.tensor([ds.label_index[d.label] for d in docs])
-        state, last = RecurrentState(), {}
+        state, logits = RecurrentState(), None
         for s0 in range(0, n_seg, chunk):
             s1 = min(s0 + chunk, n_seg)
             src = torch.stack([encode(task.dictionary, d.tokens(s0 * T, s1 * T)) for d in docs])  # B x c*T
             t0 = time.perf_counter()
-            with torch.no_grad():
-                run_segments(enc, src, None, state, seg_len=T, schedule=enc.inference_schedule,
-                             on_segment=lambda s, out: last.update(hidden=out.hidden))
+            with torch.no_grad():  # the model's forward, the documents' state carried from chunk to chunk
+                logits = model(src, segment_len=T, rmt_state=state)  # B x V, from each chunk's last segment
             seconds += time.perf_counter() - t0
             tokens_seen += src.numel()
             peak = max(peak, rss_mb())
-        with torch.no_grad():
-            correct += int((enc.classify(last["hidden"]).argmax(-1) == labels).sum())
+        correct += int((logits.argmax(-1) == labels).sum())
     return {"segments": n_seg, "tokens": n_seg * T, "documents": num_docs, "accuracy": 100.0 * correct / num_docs,
             "us_per_token": 1e6 * seconds / tokens_seen, "rss_mb": round(peak, 1)}
 
@@ -170,7 +168,7 @@ def main(argv=None):
                     n, row["tokens"], row["x_trained"], row["accuracy"], row["us_per_token"], row["rss_mb"])
         with open(os.path.join(a.out, "extrapolation.json"), "w") as f:  # rewritten after every length
             json.dump({"checkpoint": os.path.abspath(a.path), "task": task.generator["task"], "segment_len": T,
-                       "trained_segment_len": T, "trained_segments": trained, "num_classes": task.num_classes,
+                       "trained_segment_len": model.encoder.trained_segment_len, "trained_segments": trained, "num_classes": task.num_classes,
                        "chance": 100.0 / task.num_classes, "mem_tokens": model.encoder.num_mem_tokens,
                        "associative_memory": model.encoder.associative,
                        "schedule": model.encoder.inference_schedule if model.encoder.diagonal_ok else "sequential",

@@ -104,7 +104,7 @@ def main(argv=None):
     from fairseq import checkpoint_utils
 
     from rmt_fairseq.errors import RMTConfigError
-    from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+    from rmt_fairseq.modules.recurrence import RecurrentState
     from rmt_fairseq.tasks.rmt_algorithmic import trained_layout
 
     try:
@@ -147,14 +147,12 @@ def main(argv=None):
     written = []
 
     def plot(s, out):
-        M = getattr(dec, "read_rows", dec.num_mem_tokens)  # ARMT: no read rows, memory tokens write after
-        W = getattr(dec, "write_rows", M if dec.recurrent else 0)
+        M, W = dec.scheme.before, dec.scheme.after  # the memory scheme's rows (modules/schemes.py)
         seg = tokens[0, s * T : (s + 1) * T]
         for li, attn in enumerate(layers):
             w = attn.last_attention[0]  # H x N x K
             H, N, K = w.shape
-            layout = dec.layout(K - N, M, seg.numel(), W)
-            C, t = layout.cache, seg.numel()
+            C, t = K - N, seg.numel()  # cache columns, segment tokens
             labels = ([f"c{i}" for i in range(C)] + [f"r{i}" for i in range(M)] + [d[x] for x in seg.tolist()]
                       + [f"w{i}" for i in range(W)])
             blocks = [("cache", 0, C), ("read", C, C + M), ("segment", C + M, C + M + t),
@@ -169,7 +167,7 @@ def main(argv=None):
             written.append(path)
 
     with torch.no_grad():
-        run_segments(dec, tokens, None, RecurrentState(), seg_len=T, on_segment=lambda s, out: plot(s, out))
+        model(tokens, segment_len=T, rmt_state=RecurrentState(), on_segment=plot)  # the model's forward
     print(f"wrote {len(written)} plots to {os.path.normpath(a.out)} (segments of {T})")
     return 0
 

@@ -182,7 +182,7 @@ class RecurrentLM:
 
     def forward(self, src_tokens, src_lengths=None, segment_len: Optional[int] = None, target=None,
                 rmt_state=None, bptt_unroll: Optional[int] = None, bptt_mode: str = "block",
-                checkpoint_segments: bool = False, **kwargs):
+                checkpoint_segments: bool = False, on_segment=None, **kwargs):
         """Run src_tokens B x S*T through the segment loop (modules/recurrence.py).
 
         rmt_state: the streams' RecurrentState (stream-level tasks; updated and returned, moved to the model's
@@ -194,7 +194,8 @@ class RecurrentLM:
         per scored segment, fp32 S; extra) with extra["ntokens"] (scored targets), extra["memory_ok"] (bool S:
         whether the memory each segment wrote is finite; device tensor, no host sync) and extra["rmt_state"].
         bptt_unroll / bptt_mode / checkpoint_segments: truncation and recomputation (stream-level; per-sample
-        models use --segment-bptt-unroll)."""
+        models use --segment-bptt-unroll). on_segment(s, SegmentOutput): called after each segment (a tool's view
+        of the hidden states, e.g. rmt-plot-attention)."""
         if self.per_sample:
             state, bptt_unroll, bptt_mode = RecurrentState(), self.segment_bptt_unroll, "block"
         elif isinstance(rmt_state, StreamStates):
@@ -208,7 +209,7 @@ class RecurrentLM:
         schedule = getattr(self.decoder, "inference_schedule", "sequential")
         if target is None:
             out = run_segments(self.decoder, src_tokens, None, state, seg_len=seg_len, bptt_unroll=bptt_unroll,
-                               return_hidden=True, schedule=schedule)
+                               return_hidden=True, schedule=schedule, on_segment=on_segment)
             features = torch.cat(out.hidden, dim=1)  # B x S*T x C
             return self.decoder.output_layer(features), {"attn": None, "inner_states": None, "rmt_state": state}
         memory_ok = []  # per segment: is the memory it writes finite (device tensors: no sync here)
@@ -217,6 +218,8 @@ class RecurrentLM:
             written = ([o.memory] if o.memory is not None else []) + list(o.assoc or [])
             if written:
                 memory_ok.append(torch.stack([torch.isfinite(t).all() for t in written]).all())
+            if on_segment is not None:
+                on_segment(s, o)
 
         out = run_segments(
             self.decoder, src_tokens, target, state, seg_len=seg_len, bptt_unroll=bptt_unroll, bptt_mode=bptt_mode,

@@ -108,6 +108,7 @@ class RMTEncoder(SchemeModel, FairseqEncoder):
                                                              args.pooler_dropout)
         self.install_scheme(scheme, C, args.encoder_layers, cfg, names=scheme.modules[1:])
         self.inference_schedule = str(getattr(cfg, "inference_schedule", "sequential"))
+        self.segment_len = self.trained_segment_len = None  # set by the build (trained_with)
 
     # ---- the segment interface used by modules/recurrence.py -------------------------------------------
 
@@ -223,19 +224,21 @@ class RMTEncoder(SchemeModel, FairseqEncoder):
         target[:, 0], every other target is IGNORE (data/documents.py)."""
         return F.cross_entropy(self.classify(hidden).float(), target[:, 0], ignore_index=IGNORE, reduction="sum")
 
-    def forward(self, src_tokens, segment_len: int, target=None, bptt_unroll=None, checkpoint_segments=False,
-                **kwargs):
-        """src_tokens B x S*T, memory fresh per document.
+    def forward(self, src_tokens, segment_len: Optional[int] = None, target=None, bptt_unroll=None,
+                checkpoint_segments=False, rmt_state: Optional[RecurrentState] = None, **kwargs):
+        """src_tokens B x S*T, memory fresh per document, or continued from `rmt_state` (a RecurrentState the caller
+        keeps, updated in place: a document streamed in chunks, as rmt-extrapolate-classify reads it).
 
         Without target: logits B x V, each from its document's last non-empty segment. With target B x S*T (the
         label at the first position of a document's last segment, IGNORE elsewhere; the criterion's path):
         (summed NLL per segment, fp32 S; extra) with extra["ndocs"] (labelled documents) and extra["preds"]
         (B: the predicted class of each labelled document, -1 for the others and under checkpoint_segments,
-        which keeps no hidden states)."""
-        T = segment_len
+        which keeps no hidden states). segment_len: tokens per segment (default: the task's, set at the build)."""
+        T = int(segment_len or self.segment_len)
         if target is None:
             logits = []
-            run_segments(self, src_tokens, None, RecurrentState(), seg_len=T, schedule=self.inference_schedule,
+            state = rmt_state if rmt_state is not None else RecurrentState()
+            run_segments(self, src_tokens, None, state, seg_len=T, schedule=self.inference_schedule,
                          on_segment=lambda s, out: logits.append(self.classify(out.hidden)))
             n_seg = ((src_tokens.ne(self.pad).sum(1) + T - 1) // T).clamp(min=1)  # B
             logits = torch.stack(logits, dim=1)  # B x S x V
@@ -268,15 +271,41 @@ class RMTEncoderModel(FairseqEncoderModel):
             load_roberta(encoder, cfg.roberta_path, cfg,
                          os.path.join(data, "dict.txt") if isinstance(data, str) else "the data's dict.txt")
         model = cls(encoder)
+        model.trained_with = trained_with(cfg, task, encoder)
         threads.configure(model)  # torch's intra-op threads for a CPU run (rmt_fairseq/threads.py)
         return model
 
-    def forward(self, src_tokens, segment_len: int, **kwargs):
+    def forward(self, src_tokens, segment_len: Optional[int] = None, **kwargs):
         """See RMTEncoder.forward: the one door for training, validation and inference."""
         return self.encoder(src_tokens, segment_len=segment_len, **kwargs)
 
     def max_positions(self):
         return None
+
+
+def trained_with(cfg: RMTEncoderConfig, task, encoder: RMTEncoder) -> dict:
+    """What the encoder records when built for training (written into the config fairseq saves by
+    rmt_fairseq/compat.py, as for the LM families): the dictionary's fingerprint and the segment length. A model
+    built from a checkpoint is checked against the data's dict.txt (one line naming both) and runs at the task's
+    segment length (the checkpoint's own task config unless a tool gives --tokens-per-sample), with a warning when
+    that is not the trained one. -> the values to record (none for a checkpoint that has them)."""
+    record = {}
+    data = getattr(task.cfg, "data", None)
+    dict_file = os.path.join(data.split(os.pathsep)[0], "dict.txt") if isinstance(data, str) else "the data's dict.txt"
+    saved = getattr(cfg, "dictionary_fingerprint", None)
+    loaded = getattr(cfg, "checkpoint_file", None)
+    check_fingerprint(saved, task.source_dictionary, f"the checkpoint {loaded}" if loaded else "the checkpoint",
+                      dict_file)
+    if saved is None:
+        record["dictionary_fingerprint"] = dictionary_fingerprint(task.source_dictionary)
+    T, trained = int(task.cfg.tokens_per_sample), getattr(cfg, "trained_segment_len", None)
+    if trained is None:
+        record["trained_segment_len"] = T
+    elif T != trained:
+        logger.warning("segment length %d (--tokens-per-sample), not the %d the model was trained with: this run uses "
+                       "%d", T, trained, T)
+    encoder.segment_len, encoder.trained_segment_len = T, trained or T
+    return record
 
 
 def validate_config(cfg: RMTEncoderConfig, task) -> None:

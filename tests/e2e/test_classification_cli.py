@@ -41,6 +41,9 @@ def test_memorization_curriculum_validate_and_extrapolate(tmp_path):
     assert len(_accuracies(log)) >= 3
     state = torch.load(save / "checkpoint_last.pt", weights_only=False)
     assert state["extra_state"]["RMTLongClassificationTask"] == {"num_segments": 3}
+    # what the encoder was trained with travels in its checkpoint, as for the LM families (issue 28)
+    assert state["cfg"]["model"]["trained_segment_len"] == 16
+    assert len(state["cfg"]["model"]["dictionary_fingerprint"]) == 16
 
     v = cli("fairseq-validate", data, *CLS[:4], *CLS[6:8], "--path", save / "checkpoint_last.pt",
             "--valid-subset", "test", "--batch-size", 16, "--cpu", "--tokens-per-sample", 16, "--num-workers", 0)

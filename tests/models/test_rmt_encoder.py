@@ -510,3 +510,32 @@ def test_fairseqs_nan_detector_runs_on_the_encoder_and_names_the_module(over, ca
     hook.remove()
     assert not torch.isfinite(losses).all()
     assert any("NaN detected in output of encoder.sentence_encoder.layers.1" in r.getMessage() for r in caplog.records)
+
+
+# ---- what the encoder records when built for training, and checks when built from a checkpoint (issue 28) ---------
+
+
+def test_the_encoder_records_its_dictionary_and_segment_length_and_checks_them_when_loaded(caplog):
+    from rmt_fairseq.models.trained_with import dictionary_fingerprint
+
+    model = build()
+    assert model.trained_with == {"dictionary_fingerprint": dictionary_fingerprint(DICT), "trained_segment_len": T}
+    assert model.encoder.segment_len == T
+    x = torch.randint(FIRST, FIRST + WORDS, (2, 3 * T))
+    with torch.no_grad():  # the forward's segment length defaults to the recorded one
+        assert torch.equal(model(x), model(x, segment_len=T))
+    # built again from that record (a checkpoint's config): nothing new to record, the same data passes
+    again = build(dictionary_fingerprint=dictionary_fingerprint(DICT), trained_segment_len=T)
+    assert again.trained_with == {} and again.encoder.trained_segment_len == T
+    # another dictionary (the same size, two tokens swapped): one line naming the checkpoint and the data
+    other = make_dictionary()
+    other.symbols[FIRST], other.symbols[FIRST + 1] = other.symbols[FIRST + 1], other.symbols[FIRST]
+    with pytest.raises(RMTConfigError, match=r"the checkpoint /x/checkpoint_last.pt was trained with another "
+                                             r"dictionary than the data's dict.txt"):
+        build(task=make_task(dictionary=other), dictionary_fingerprint=dictionary_fingerprint(DICT),
+              checkpoint_file="/x/checkpoint_last.pt")
+    # another segment length: it runs at the task's and says so
+    with caplog.at_level("WARNING"):
+        shorter = build(task=make_task(tokens_per_sample=T // 2), trained_segment_len=T)
+    assert shorter.encoder.segment_len == T // 2 and shorter.encoder.trained_segment_len == T
+    assert f"segment length {T // 2} (--tokens-per-sample), not the {T} the model was trained with" in caplog.text

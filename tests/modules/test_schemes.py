@@ -1,0 +1,109 @@
+"""The memory scheme (modules/schemes.py): chosen from the flags for every family, and the gated write, a variant
+added as one scheme (no family code of its own), behaving as its rule says in each of the three families."""
+
+import types
+
+import pytest
+import torch
+from helpers import dictionary, tiny_model, tiny_wrapper
+
+from rmt_fairseq.models.rmt_encoder import RMTEncoderConfig, RMTEncoderModel
+from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
+from rmt_fairseq.modules.schemes import ARMT, MT, RMT, GatedRMT, MemoryScheme, scheme_from
+
+T = 8
+
+
+def encoder(**overrides):
+    torch.manual_seed(0)
+    cfg = dict(encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=2,
+               max_positions=64, dropout=0.0, attention_dropout=0.0, mem_tokens=3, tokens_per_sample=T)
+    cfg.update(overrides)
+    task = types.SimpleNamespace(source_dictionary=dictionary(40), num_classes=3,
+                                 cfg=types.SimpleNamespace(tokens_per_sample=T))
+    return RMTEncoderModel.build_model(RMTEncoderConfig(**cfg), task)
+
+
+FAMILIES = {"rmt_lm": lambda **k: tiny_model(**k).decoder, "rmt_transformer_lm": lambda **k: tiny_wrapper(**k).decoder,
+            "rmt_encoder": lambda **k: encoder(**k).encoder}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("flags,kind", [(dict(mem_tokens=0), MemoryScheme), (dict(), RMT),
+                                        (dict(memory_layout="mt"), MT), (dict(memory_layout="gated"), GatedRMT),
+                                        (dict(associative_memory=True), ARMT)])
+def test_every_family_takes_its_scheme_from_the_flags(family, flags, kind):
+    module = FAMILIES[family](**flags)
+    assert type(module.scheme) is kind
+    assert module.recurrent == kind.carries_tokens and module.associative == kind.associative
+    assert module.diagonal_ok == (not kind.carries_tokens)
+    names = {n.split(".")[0] for n, _ in module.named_parameters()}
+    assert ("memory_gate" in names) == (kind is GatedRMT) and ("assoc_layers" in names) == (kind is ARMT)
+
+
+def _memories(module, x, n):
+    """The memory carried after each of the first n segments of x (one call per segment, no gradient)."""
+    state, out = RecurrentState(), []
+    with torch.no_grad():
+        for s in range(n):
+            run_segments(module, x[:, s * T : (s + 1) * T], None, state, seg_len=T)
+            out.append(state.memory)
+    return out
+
+
+def _gate_bias(module, value):
+    with torch.no_grad():
+        module.memory_gate.bias.fill_(value)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_closed_gate_keeps_the_initial_memory_and_an_open_one_is_rmt(family):
+    """z = sigmoid(b) with W_z = 0: b = -30 gives z = 0 exactly (the memory never changes from the learned initial
+    one), b = +30 gives z = 1 (the written memory, as RMT carries it: the same weights without the gate compute it
+    bitwise)."""
+    gated, plain = FAMILIES[family](memory_layout="gated"), FAMILIES[family]()
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if not k.startswith("memory_gate.")})
+    gated.eval(), plain.eval()
+    x = torch.randint(4, 40, (2, 3 * T))
+    _gate_bias(gated, -30.0)
+    init = gated.initial_memory(2).detach()
+    for m in _memories(gated, x, 3):
+        assert torch.equal(m, init)
+    _gate_bias(gated, 30.0)
+    for a, b in zip(_memories(gated, x, 3), _memories(plain, x, 3)):
+        assert torch.equal(a, b)
+    assert not torch.equal(_memories(plain, x, 1)[0], init)  # RMT's memory does change
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_half_open_gate_mixes_the_written_and_the_read_memory(family):
+    """At the start (W_z = 0, b_z = 0) z = 1/2: the carried memory is the mean of what the write rows produce (the
+    open gate's memory from the same entering memory) and the memory read."""
+    gated = FAMILIES[family](memory_layout="gated").eval()
+    x = torch.randint(4, 40, (2, 2 * T))
+    first = _memories(gated, x, 1)[0]
+    _gate_bias(gated, 30.0)
+    written = _memories(gated, x, 1)[0]  # z = 1: the written rows themselves
+    init = gated.initial_memory(2).detach()
+    torch.testing.assert_close(first, 0.5 * written + 0.5 * init, rtol=0, atol=1e-6)
+
+
+def test_the_gate_learns_through_the_carried_memory():
+    model = tiny_model(memory_layout="gated").train()
+    x = torch.randint(4, 40, (2, 3 * T))
+    losses, _ = model(x, target=x, rmt_state=RecurrentState(), bptt_unroll=2)
+    losses.sum().backward()
+    gate = model.decoder.memory_gate
+    assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0 and gate.bias.grad.abs().sum() > 0
+
+
+def test_scheme_from_any_config():
+    cfg = types.SimpleNamespace(mem_tokens=4, memory_layout="rmt", associative_memory=False, mem_len=6,
+                                associative_state_dtype="fp32")
+    s = scheme_from(cfg)
+    assert (type(s), s.before, s.after, s.mem_len) == (RMT, 4, 4, 6)
+    s = scheme_from(cfg, causal=False)
+    assert (s.before, s.after, s.written(1, 8)) == (4, 0, slice(1, 5))
+    cfg.associative_memory = True
+    s = scheme_from(cfg)
+    assert (type(s), s.before, s.after, s.written(0, 8)) == (ARMT, 0, 4, slice(8, 12))
