@@ -237,7 +237,7 @@ def run_segments(
     target: Optional[torch.Tensor],  # B x S*T, or None to skip the loss
     state: RecurrentState,
     seg_len: int,
-    bptt_unroll: Optional[int] = 0,
+    bptt_unroll: Optional[int] = None,
     bptt_mode: str = "block",
     checkpoint_segments: bool = False,
     return_hidden: bool = False,

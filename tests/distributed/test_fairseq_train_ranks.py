@@ -33,6 +33,12 @@ CONFIGS = {
     "adaptive-one-rank-band": [*WT103_SHAPED, "--bptt-unroll", 1],
     # the paper presets' Transformer-XL conventions: XL's adaptive embedding and softmax (bands of 64/32/16, output
     # biases, tied), XL's init, LM-RMT's memory/cache switch, XL's same-length attention and distance clamp
+    # without weight tying the last band's softmax weights get gradient only from the softmax: a rank whose streams
+    # never reach that band must still run it (modules/adaptive.py), or the ranks' reductions differ (issue 28)
+    "adaptive-untied-one-rank-band": ["--adaptive-input", "--adaptive-softmax-cutoff", "20,32",
+                                      "--adaptive-softmax-factor", 2, "--adaptive-input-factor", 2, "--bptt-unroll", 1],
+    "adaptive-xl-untied-one-rank-band": ["--embedding-impl", "transformer_xl", "--adaptive-softmax-cutoff", "20,32",
+                                         "--div-val", 2, "--init", "normal", "--bptt-unroll", 1],
     "adaptive-xl-one-rank-band": ["--embedding-impl", "transformer_xl", "--adaptive-softmax-cutoff", "20,32",
                                   "--div-val", 2, "--tie-adaptive-weights", "--tie-adaptive-proj", "--init", "normal",
                                   "--mem-len", 8, "--read-mem-from-cache", "--same-length", "--clamp-len", 6,
