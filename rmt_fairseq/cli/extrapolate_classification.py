@@ -168,7 +168,8 @@ def main(argv=None):
                     n, row["tokens"], row["x_trained"], row["accuracy"], row["us_per_token"], row["rss_mb"])
         with open(os.path.join(a.out, "extrapolation.json"), "w") as f:  # rewritten after every length
             json.dump({"checkpoint": os.path.abspath(a.path), "task": task.generator["task"], "segment_len": T,
-                       "trained_segment_len": model.encoder.trained_segment_len, "trained_segments": trained, "num_classes": task.num_classes,
+                       "trained_segment_len": model.encoder.trained_segment_len, "trained_segments": trained,
+                       "num_classes": task.num_classes,
                        "chance": 100.0 / task.num_classes, "mem_tokens": model.encoder.num_mem_tokens,
                        "associative_memory": model.encoder.associative,
                        "schedule": model.encoder.inference_schedule if model.encoder.diagonal_ok else "sequential",

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from fairseq.models import FairseqEncoder, FairseqEncoderModel, register_model, register_model_architecture
+from fairseq.models import FairseqEncoder, FairseqEncoderModel, register_model
 from fairseq.models.roberta.model import RobertaClassificationHead
 from fairseq.models.roberta.model import base_architecture as roberta_defaults
 from fairseq.models.transformer import TransformerEncoder

@@ -33,7 +33,7 @@ its last layer: not so for schemes that carry token memory (rmt, gated).
 Adding a variant: a subclass here, its name in LAYOUTS, and its presets in the families' preset tables.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn

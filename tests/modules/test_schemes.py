@@ -5,8 +5,8 @@ import types
 
 import pytest
 import torch
-from helpers import dictionary, tiny_model, tiny_wrapper
 
+from helpers import dictionary, tiny_model, tiny_wrapper
 from rmt_fairseq.models.rmt_encoder import RMTEncoderConfig, RMTEncoderModel
 from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
 from rmt_fairseq.modules.schemes import ARMT, MT, RMT, GatedRMT, MemoryScheme, scheme_from
