@@ -9,9 +9,10 @@ for local paths only:
 - torch_persistent_save: write to a temporary file in the same directory, flush and fsync, os.replace, fsync
   the directory (fairseq's own rename, plus durability);
 - PathManager.copy: the same for the checkpoint_last/best copies, so they too are complete or absent;
-- load_checkpoint_to_cpu: an unreadable file raises RMTConfigError naming it (one `error:` line, exit 2); with
-  `--restore-fallback` (task rmt_lm) the newest readable checkpoint*.pt in the same directory is used instead,
-  with a warning naming both files.
+- load_checkpoint_to_cpu: an unreadable file raises RMTConfigError naming it (one `error:` line, exit 2);
+- Trainer.load_checkpoint (the resume): with `--restore-fallback` in the trainer's task config (task rmt_lm) an
+  unreadable checkpoint is replaced by the newest readable checkpoint*.pt in the same directory, with a warning
+  naming both files (`fallback_for` picks it, for the task's checks too).
 """
 
 import glob
@@ -24,7 +25,7 @@ from rmt_fairseq.errors import RMTConfigError
 
 logger = logging.getLogger(__name__)
 
-_state = {"installed": False, "fallback": False}
+_state = {"installed": False}
 
 
 def _record_source(state: dict, path: str) -> dict:
@@ -39,11 +40,6 @@ def _record_source(state: dict, path: str) -> dict:
     return state
 # what torch.load / fairseq's upgrade raise on a truncated or corrupt file
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError)
-
-
-def set_fallback(enabled: bool) -> None:
-    """--restore-fallback: on an unreadable checkpoint, load the newest readable one in its directory."""
-    _state["fallback"] = bool(enabled)
 
 
 def _is_local(path) -> bool:
@@ -88,13 +84,14 @@ def _readable_candidates(path: str):
     return sorted(files, key=lambda f: os.path.getmtime(f), reverse=True)
 
 
-def fallback_for(path: str):
-    """With --restore-fallback, the file loaded in place of an unreadable checkpoint `path`: the newest readable
-    checkpoint*.pt beside it. None when the fallback is off, `path` reads, or no file beside it reads. The loader
-    and the task's checks (tasks/rmt_lm.py check_checkpoint) both take the file from here."""
+def fallback_for(path: str, enabled: bool):
+    """With --restore-fallback (`enabled`), the file loaded in place of an unreadable checkpoint `path`: the newest
+    readable checkpoint*.pt beside it. None when the fallback is off, `path` reads, or no file beside it reads. The
+    resume (Trainer.load_checkpoint) and the task's checks (tasks/rmt_lm.py build_model) both take the file from
+    here."""
     import torch
 
-    if not _state["fallback"] or not _is_local(path) or _readable(path, torch):
+    if not enabled or not _is_local(path) or _readable(path, torch):
         return None
     return _newest_readable_beside(path)
 
@@ -121,6 +118,7 @@ def install() -> None:
         torch.serialization.add_safe_globals([argparse.Namespace])
     from fairseq import checkpoint_utils
     from fairseq.file_io import PathManager
+    from fairseq.trainer import Trainer
 
     original_save = checkpoint_utils.torch_persistent_save
     original_copy = PathManager.copy
@@ -153,27 +151,42 @@ def install() -> None:
             if isinstance(e, RMTConfigError) or not _is_local(path) or _readable(path, torch):
                 raise  # the file reads: the error is about its contents (e.g. another architecture)
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            if _state["fallback"]:
-                cand = _newest_readable_beside(path)  # path is unreadable: found above
-                if cand is not None:
-                    logger.warning(f"checkpoint {path} is truncated or corrupt ({reason}); --restore-fallback: "
-                                   f"loading {cand} instead")
-                    return _record_source(original_load(cand, arg_overrides, load_on_all_ranks), cand)
-                raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}) and --restore-fallback "
-                                     f"found no readable checkpoint*.pt beside it") from None
             raise RMTConfigError(f"checkpoint {path} is truncated or corrupt ({reason}); resume from an earlier one "
                                  f"with --restore-file PATH, or pass --restore-fallback to load the newest readable "
                                  f"checkpoint in {os.path.dirname(os.path.abspath(path))}") from None
 
+    original_resume = Trainer.load_checkpoint
+
+    def resume(self, filename, *args, **kwargs):
+        """--restore-fallback, read from this trainer's task config: an unreadable checkpoint to resume from is
+        replaced by the newest readable one beside it (a warning names both; none readable: one error line)."""
+        if getattr(self.cfg.task, "restore_fallback", False) and _is_local(filename) and os.path.exists(filename):
+            reason = _unreadable_reason(filename, torch)
+            if reason is not None:
+                cand = _newest_readable_beside(filename)
+                if cand is None:
+                    raise RMTConfigError(f"checkpoint {filename} is truncated or corrupt ({reason}) and "
+                                         f"--restore-fallback found no readable checkpoint*.pt beside it")
+                logger.warning(f"checkpoint {filename} is truncated or corrupt ({reason}); --restore-fallback: "
+                               f"loading {cand} instead")
+                filename = cand
+        return original_resume(self, filename, *args, **kwargs)
+
     checkpoint_utils.torch_persistent_save = torch_persistent_save
     PathManager.copy = staticmethod(copy)
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    Trainer.load_checkpoint = resume
+
+
+def _unreadable_reason(path: str, torch):
+    """Why torch cannot read the file ("Type: first line of the message"), None when it reads (a zip archive with
+    every record intact)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=False)
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
 def _readable(path: str, torch) -> bool:
-    """Whether torch can read the file at all (a zip archive with every record intact)."""
-    try:
-        torch.load(path, map_location="cpu", weights_only=False, mmap=False)
-        return True
-    except Exception:
-        return False
+    return _unreadable_reason(path, torch) is None

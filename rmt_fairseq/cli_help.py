@@ -55,22 +55,25 @@ class _DefaultsShown(argparse.HelpFormatter):
 
 
 def _show_architecture_values(parser: argparse.ArgumentParser, argv: list) -> None:
-    """Model flags have no parser default (fairseq suppresses them so the --arch preset fills them in): show the
-    value the chosen preset gives each one."""
+    """Model flags have no parser default (fairseq suppresses them so the --arch preset fills them in), nor have the
+    task flags a preset sets (rmt_lm's --tokens-per-sample): show the value the chosen preset gives each one."""
     from fairseq.models import ARCH_CONFIG_REGISTRY
 
     only_arch = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     only_arch.add_argument("--arch", "-a")
-    arch = only_arch.parse_known_args(argv)[0].arch
+    only_arch.add_argument("--task")
+    known = only_arch.parse_known_args(argv)[0]
+    arch = known.arch
     if arch not in ARCH_CONFIG_REGISTRY:
         return
-    preset = argparse.Namespace()
+    preset = argparse.Namespace(task=known.task)
     try:
         ARCH_CONFIG_REGISTRY[arch](preset)
     except Exception:
         return
     for action in parser._actions:
-        if action.default is argparse.SUPPRESS and action.dest in vars(preset) and action.help:
+        if action.default in (argparse.SUPPRESS, None) and action.dest in vars(preset) and action.dest != "task" \
+                and getattr(preset, action.dest) is not None and action.help:
             value = str(getattr(preset, action.dest)).replace("%", "%%")
             action.help = f"{action.help} (--arch {arch}: {value})"
 

@@ -141,8 +141,9 @@ class MemoryScheme:
     def diagonal_exact(self) -> bool:
         return not self.carries_tokens
 
-    def describe(self) -> str:
-        return "no memory tokens"
+    def describe(self, owner) -> Optional[str]:
+        """What the scheme carries, with the flags that set it (the training summary line); None: nothing."""
+        return None
 
 
 class MT(MemoryScheme):
@@ -157,8 +158,8 @@ class MT(MemoryScheme):
     def blocks(self, owner, memory, batch_size):
         return owner.memory(batch_size), None
 
-    def describe(self) -> str:
-        return f"MT: {self.M} learned memory tokens before every segment, nothing carried (--memory-layout mt)"
+    def describe(self, owner):
+        return f"{self.M} memory tokens (--mem-tokens, --memory-layout mt), not carried"
 
 
 class RMT(MemoryScheme):
@@ -183,8 +184,8 @@ class RMT(MemoryScheme):
     def carry(self, owner, h, rows, read):
         return h[:, rows]
 
-    def describe(self) -> str:
-        return f"RMT, {self.M} memory tokens (--mem-tokens)"
+    def describe(self, owner):
+        return f"RMT, {self.M} memory tokens (--mem-tokens) whose outputs are the next segment's memory"
 
 
 class GatedRMT(RMT):
@@ -208,8 +209,9 @@ class GatedRMT(RMT):
         z = torch.sigmoid(owner.memory_gate(torch.cat([w, read.to(w.dtype)], dim=-1)))  # B x M x C
         return z * w + (1 - z) * read.to(w.dtype)
 
-    def describe(self) -> str:
-        return f"RMT with a gated write, {self.M} memory tokens (--mem-tokens, --memory-layout gated)"
+    def describe(self, owner):
+        return (f"RMT with a gated write, {self.M} memory tokens (--mem-tokens, --memory-layout gated) whose outputs "
+                f"the next segment's memory mixes with the memory read")
 
 
 class ARMT(MemoryScheme):
@@ -253,8 +255,10 @@ class ARMT(MemoryScheme):
         return associative.write_layers(owner.assoc_layers[first : first + x.size(0)], x[:, :, rows], states,
                                         self.state_dtype)
 
-    def describe(self) -> str:
-        return f"ARMT, {self.M} memory tokens (--mem-tokens) writing an associative memory in each layer"
+    def describe(self, owner):
+        blocks = owner.assoc_layers
+        return (f"ARMT, an associative memory of d_mem {blocks[0].d_mem} (--d-mem) in each of {len(blocks)} layers, "
+                f"written by {self.M} memory tokens (--mem-tokens)")
 
 
 SCHEMES = {"none": MemoryScheme, "mt": MT, "rmt": RMT, "gated": GatedRMT, "armt": ARMT}

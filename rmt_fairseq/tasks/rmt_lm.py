@@ -54,8 +54,8 @@ class RMTLMConfig(FairseqDataclass):
     data: str = field(default="???", metadata={"help": "path to the fairseq-preprocess'ed data directory"})
     tokens_per_sample: Optional[int] = field(
         default=None,
-        metadata={"help": "segment length T (default: the architecture's: rmt_wt103 150, rmt_enwik8 512, "
-                  f"rmt_tiny 32; otherwise {DEFAULT_SEGMENT_LEN})"},
+        metadata={"help": "segment length T (default: the --arch preset's, which --help with --arch shows; a "
+                  f"loaded checkpoint's trained one; otherwise {DEFAULT_SEGMENT_LEN})"},
     )
     bptt_unroll: int = field(
         default=1,
@@ -152,15 +152,8 @@ def carries_memory(decoder) -> bool:
 def memory_summary(module, fresh_per: Optional[str] = None) -> str:
     """What a model (its decoder or encoder) carries from segment to segment, with the flags that set it;
     `fresh_per` ("sample"): the task starts it afresh for every sample."""
-    M, L = getattr(module, "num_mem_tokens", 0), getattr(module, "mem_len", 0) or 0
-    kinds = []
-    if getattr(module, "associative", False):
-        kinds.append(f"ARMT, an associative memory of d_mem {module.assoc_layers[0].d_mem} (--d-mem) in each of "
-                     f"{len(module.assoc_layers)} layers, written by {M} memory tokens (--mem-tokens)")
-    elif getattr(module, "recurrent", False):
-        kinds.append(f"RMT, {M} memory tokens (--mem-tokens) whose outputs are the next segment's memory")
-    elif M:
-        kinds.append(f"{M} memory tokens (--mem-tokens, --memory-layout mt), not carried")
+    L = getattr(module, "mem_len", 0) or 0
+    kinds = [k for k in [module.scheme.describe(module)] if k is not None]  # the memory scheme's own words
     if L:
         kinds.append(f"Transformer-XL cache of {L} tokens (--mem-len), detached")
     if not kinds:
@@ -237,7 +230,6 @@ class RMTLMTask(FairseqTask):
     def __init__(self, cfg: RMTLMConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
-        checkpoints.set_fallback(getattr(cfg, "restore_fallback", False))
         check((cfg.bptt_unroll is None and self.allow_full_bptt) or (cfg.bptt_unroll or 0) >= 0,
               f"--bptt-unroll must be >= 0, got {cfg.bptt_unroll}")
         check(str(cfg.bptt_mode) in BPTT_MODES, f"--bptt-mode must be one of {BPTT_MODES}, got {cfg.bptt_mode}")
@@ -297,7 +289,8 @@ class RMTLMTask(FairseqTask):
         # the model resolves the segment length (the trained one from its checkpoint unless --tokens-per-sample is
         # given) and sets it here when the flag was not given: batches are cut to what the model runs
         resume = None if from_checkpoint else self._resume_checkpoint()
-        fallback = checkpoints.fallback_for(resume[0]) if resume is not None else None
+        fallback = (checkpoints.fallback_for(resume[0], getattr(self.cfg, "restore_fallback", False))
+                    if resume is not None else None)
         if fallback is not None:  # the file fairseq's loader will load in place of an unreadable one: checked as it
             resume = (fallback, f"{fallback} (--restore-fallback's choice for the unreadable {resume[0]})", resume[2])
         if resume is not None:

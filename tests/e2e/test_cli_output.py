@@ -40,7 +40,8 @@ def test_help_lists_the_plugin_flags(cmd, args, flags):
         assert re.search(rf"^\s+{flag}\b", p.stdout, re.M), f"{cmd} --help does not list {flag}"
     if "--arch" in args:
         # the model flags show what the chosen preset sets (fairseq gives them no parser default)
-        assert re.search(r"--mem-tokens MEM_TOKENS\s+RMT memory tokens.{0,200}?\(--arch rmt_tiny: 4\)", p.stdout, re.S)
+        assert re.search(r"--mem-tokens MEM_TOKENS\s+memory tokens M per segment.{0,200}?\(--arch rmt_tiny: 4\)",
+                         p.stdout, re.S)
         assert re.search(r"--decoder-layers DECODER_LAYERS\s+[^-]{0,100}?\(--arch rmt_tiny: 2\)", p.stdout, re.S)
 
 

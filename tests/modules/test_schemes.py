@@ -107,3 +107,21 @@ def test_scheme_from_any_config():
     cfg.associative_memory = True
     s = scheme_from(cfg)
     assert (type(s), s.before, s.after, s.written(0, 8)) == (ARMT, 0, 4, slice(8, 12))
+
+
+def test_the_gated_preset_trains_from_fairseq_train_and_scores_with_eval_lm(recall_data, tmp_path):
+    """The variant as a user runs it: its preset, fairseq-train's summary line naming it, its gate saved in the
+    checkpoint, fairseq-eval-lm on that checkpoint."""
+    from helpers import cli
+
+    p = cli("fairseq-train", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_gated_tiny",
+            "--criterion", "rmt_cross_entropy", "--tokens-per-sample", T, "--batch-size", 4, "--optimizer", "adam",
+            "--lr", "1e-3", "--cpu", "--max-update", 6, "--num-workers", 0, "--log-format", "simple",
+            "--disable-validation", "--no-epoch-checkpoints", "--save-dir", tmp_path)
+    log = p.stdout + p.stderr
+    assert "training with memory: RMT with a gated write, 4 memory tokens (--mem-tokens, --memory-layout gated)" in log
+    state = torch.load(tmp_path / "checkpoint_last.pt", weights_only=False)
+    assert state["cfg"]["model"]["memory_layout"] == "gated" and "decoder.memory_gate.weight" in state["model"]
+    e = cli("fairseq-eval-lm", recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--path",
+            tmp_path / "checkpoint_last.pt", "--batch-size", 4, "--cpu", "--num-workers", 0)
+    assert "Loss (base 2)" in e.stdout + e.stderr
