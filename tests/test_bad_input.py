@@ -224,6 +224,8 @@ CASES = {
     # ARMT's fields shape parameters too: named, not a parameter's shape (issue 28)
     "rmt checkpoint, armt flags": train("--restore-file", "{ckpts}/rmt.pt", "--associative-memory",
                                         names=["--restore-file {ckpts}/rmt.pt", "--associative-memory False vs True"]),
+    "rmt checkpoint, gated flags": train("--restore-file", "{ckpts}/rmt.pt", "--memory-layout", "gated",
+                                         names=["--restore-file {ckpts}/rmt.pt", "--memory-layout rmt vs gated"]),
     "other architecture": train("--restore-file", "{ckpts}/rmt.pt", "--decoder-layers", 3,
                                 names=["--restore-file {ckpts}/rmt.pt", "--decoder-layers 2 vs 3"]),
     "rmt_algorithmic checkpoint": train("--restore-file", "{ckpts}/algo.pt",

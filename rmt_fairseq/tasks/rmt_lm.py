@@ -108,7 +108,7 @@ STRUCTURAL_FIELDS = ["decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_d
                      "decoder_head_dim", "mem_tokens", "share_decoder_input_output_embed", "adaptive_input",
                      "adaptive_input_cutoff", "adaptive_input_factor", "adaptive_softmax_cutoff",
                      "adaptive_softmax_factor", "tie_adaptive_weights", "tie_adaptive_proj", "embedding_impl",
-                     "div_val", "associative_memory", "d_mem", "dpfp_nu"]
+                     "div_val", "associative_memory", "d_mem", "dpfp_nu", "memory_layout"]
 
 
 def _linked(cfg, key):
@@ -439,7 +439,9 @@ class RMTLMTask(FairseqTask):
         if mine != theirs:
             cfg = getattr(model, "cfg", None)
             diffs = [f"--{k.replace('_', '-')} {_saved(state, 'model', k)} vs {getattr(cfg, k, None)}"
-                     for k in STRUCTURAL_FIELDS if _saved(state, "model", k) != getattr(cfg, k, None)]
+                     for k in STRUCTURAL_FIELDS
+                     # a field the checkpoint predates (None) says nothing about what differs
+                     if _saved(state, "model", k) is not None and _saved(state, "model", k) != getattr(cfg, k, None)]
             if not diffs:
                 key = sorted(set(mine) ^ set(theirs)) or [k for k in sorted(mine) if mine[k] != theirs[k]]
                 diffs = [f"parameter {key[0]} {theirs.get(key[0])} vs {mine.get(key[0])}"]
