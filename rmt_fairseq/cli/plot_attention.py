@@ -120,7 +120,11 @@ def main(argv=None):
     dec, d = model.decoder, task.source_dictionary
     unknown = [t for t in a.input.split() if d.index(t) == d.unk()]
     if unknown:
-        ap.error(f"--input has tokens not in {a.data}/dict.txt: {' '.join(unknown[:10])}")
+        from rmt_fairseq.modules.generation import SPACE, dictionary_level
+
+        hint = (f"; this dictionary is character level: give --input as space-separated characters with {SPACE} for "
+                f"a space, e.g. \"F i r s t {SPACE} C i t i z e n\"" if dictionary_level(d) == "char" else "")
+        ap.error(f"--input has tokens not in {a.data}/dict.txt: {' '.join(unknown[:10])}{hint}")
     tokens = torch.tensor([[d.index(t) for t in a.input.split()]])
     # rmt_algorithmic records the segment length its samples gave; other tasks' models resolve it on loading
     trained = trained_layout(state, a.data)["segment_len"] if task_name == "rmt_algorithmic" else \

@@ -178,7 +178,9 @@ class RecurrentLM:
             if S == T and getattr(self.decoder, "recurrent", False):
                 logger.warning("--segment-len %d equals --tokens-per-sample: one segment per sample, memory "
                                "tokens never carry anything to a next segment; use a shorter --segment-len", T)
-        logger.info("per-sample recurrence (%s): segments of %d tokens, memory fresh per sample", name, T)
+        described = self.decoder.scheme.describe(self.decoder) if hasattr(self.decoder, "scheme") else None
+        logger.info("per-sample recurrence (%s): segments of %d tokens, memory fresh per sample: %s", name, T,
+                    described or "no memory tokens (--mem-tokens 0)")
 
     def forward(self, src_tokens, src_lengths=None, segment_len: Optional[int] = None, target=None,
                 rmt_state=None, bptt_unroll: Optional[int] = None, bptt_mode: str = "block",

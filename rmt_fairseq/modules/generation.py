@@ -56,6 +56,18 @@ def greedy_decode(step: Step, tokens: torch.Tensor, prompt_len: int, end: int, s
 SPACE = "\u2581"  # "▁": sentencepiece's word-start mark, char-level data's space (examples/custom-corpus)
 
 
+def dictionary_level(dictionary) -> str:
+    """The level a fairseq Dictionary's symbols are at: "char" (every symbol one character), "sentencepiece" (pieces
+    marked with a leading "▁") or "word"."""
+    symbols = [dictionary[i] for i in range(dictionary.nspecial, len(dictionary))]
+    symbols = [s for s in symbols if not s.startswith("madeupword")]  # fairseq-preprocess's padding entries
+    if symbols and all(len(s) == 1 for s in symbols):
+        return "char"
+    if any(len(s) > 1 and s.startswith(SPACE) for s in symbols):
+        return "sentencepiece"
+    return "word"
+
+
 def unknown_prompt_message(prompts: Sequence[torch.Tensor], dictionary) -> Optional[str]:
     """One line saying how many tokens of `prompts` (token id tensors, as fairseq-interactive and the hub's
     sample()/score() encode them) are <unk>, and how to encode prompts as the training data was; None if none are.
@@ -69,12 +81,11 @@ def unknown_prompt_message(prompts: Sequence[torch.Tensor], dictionary) -> Optio
     if n_unk == 0:
         return None
     total = sum(int(p.numel()) for p in prompts)
-    symbols = [dictionary[i] for i in range(dictionary.nspecial, len(dictionary))]
-    symbols = [s for s in symbols if not s.startswith("madeupword")]  # fairseq-preprocess's padding entries
-    if symbols and all(len(s) == 1 for s in symbols):
+    level = dictionary_level(dictionary)
+    if level == "char":
         hint = ("this dictionary is character level: pass --bpe characters (the hub: bpe='characters'); with it, "
                 "the <unk>s are characters the training data never has")
-    elif any(len(s) > 1 and s.startswith(SPACE) for s in symbols):
+    elif level == "sentencepiece":
         hint = ("this dictionary holds sentencepiece pieces: pass --bpe sentencepiece --sentencepiece-model "
                 "<the model that made the data> (examples/custom-corpus/prepare.sh writes OUT/spm.model; the hub: "
                 "bpe='sentencepiece', sentencepiece_model=...)")

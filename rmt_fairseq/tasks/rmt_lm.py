@@ -445,9 +445,10 @@ class RMTLMTask(FairseqTask):
             if not diffs:
                 key = sorted(set(mine) ^ set(theirs)) or [k for k in sorted(mine) if mine[k] != theirs[k]]
                 diffs = [f"parameter {key[0]} {theirs.get(key[0])} vs {mine.get(key[0])}"]
-            raise RMTConfigError(f"{source} (--arch {arch}) does not fit the model of these flags (--arch "
-                                 f"{getattr(cfg, '_name', None)}): {', '.join(diffs)} (checkpoint vs flags); pass "
-                                 f"the checkpoint's values, or {again}")
+            flags_arch = getattr(cfg, "_name", None)
+            raise RMTConfigError(f"{source} (--arch {arch}) does not fit the model of these flags"
+                                 f"{f' (--arch {flags_arch})' if flags_arch != arch else ''}: {', '.join(diffs)} "
+                                 f"(checkpoint vs flags); pass the checkpoint's values, or {again}")
         if resume and self.resumes_streams:
             self._check_stream_position(state, source, model)
 
@@ -534,9 +535,9 @@ class RMTLMTask(FairseqTask):
             segments_per_batch=self.segments_per_batch(split), split=split, shard_id=rank, num_shards=size, owner=data,
         )
         ranks = f" on each of {size} ranks ({B * size} streams in all)" if size > 1 else ""
-        logger.info("%s: %d streams%s x %d tokens, %d batches of %d segments of %d", split, B, ranks,
-                    self.datasets[split].stream_len, len(self.datasets[split]), self.segments_per_batch(split),
-                    self.seg_len)
+        S = self.segments_per_batch(split)
+        logger.info("%s: %d streams%s x %d tokens, %d batches of %d segment%s of %d", split, B, ranks,
+                    self.datasets[split].stream_len, len(self.datasets[split]), S, "" if S == 1 else "s", self.seg_len)
 
     def get_batch_iterator(self, dataset, num_workers=0, epoch=1, data_buffer_size=0,
                            skip_remainder_batch=False, **kwargs):
