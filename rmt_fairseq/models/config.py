@@ -99,20 +99,22 @@ class MemoryConfig(FairseqDataclass):
     )
 
 
-# the fields of MemoryConfig (a checkpoint or a stock preset that lacks one gets its default: `with_memory_defaults`)
-MEMORY_FIELDS = tuple(k for k in vars(MemoryConfig()) if not k.startswith("_"))
-
-
-def with_memory_defaults(cfg):
-    """cfg (argparse Namespace or OmegaConf) with every MemoryConfig field it lacks (or has as None) set to its
-    default: a checkpoint from before a field existed, a stock fairseq preset that knows none of them."""
+def with_field_defaults(cfg, dataclass_type, fill_none: bool = False):
+    """cfg (argparse Namespace or OmegaConf) with every field of `dataclass_type` it lacks set to the field's default
+    (with `fill_none`, also those it holds as None; interpolations such as II("task.x") are left out): a checkpoint
+    written before a field existed, a stock fairseq preset that knows none of this plugin's fields. fairseq merges
+    dataclass defaults only when --arch is the model's name, not for presets."""
     from omegaconf import OmegaConf, open_dict
 
-    defaults = MemoryConfig()
-    missing = {k: getattr(defaults, k) for k in MEMORY_FIELDS if getattr(cfg, k, None) is None}
-    if not missing:
-        return cfg
-    if OmegaConf.is_config(cfg):
+    is_config = OmegaConf.is_config(cfg)
+
+    def lacks(k):
+        absent = k not in cfg if is_config else not hasattr(cfg, k)
+        return absent or (fill_none and getattr(cfg, k, None) is None)
+
+    missing = {k: v for k, v in vars(dataclass_type()).items()
+               if not k.startswith("_") and not (isinstance(v, str) and v.startswith("${")) and lacks(k)}
+    if is_config:
         with open_dict(cfg):
             for k, v in missing.items():
                 cfg[k] = v

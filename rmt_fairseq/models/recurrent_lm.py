@@ -6,14 +6,13 @@ Legend: B batch (streams), S segments, T segment tokens, C model dim, V vocabula
 """
 
 import logging
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from rmt_fairseq.errors import RMTConfigError, check
-from rmt_fairseq.models.trained_with import check_fingerprint, check_vocabulary, dictionary_fingerprint
+from rmt_fairseq.models.trained_with import check_or_record_dictionary, check_vocabulary, data_dictionary_file
 from rmt_fairseq.modules.adaptive import adaptive_softmax_nll
 from rmt_fairseq.modules.recurrence import DEFAULT_SEGMENT_LEN, RecurrentState, run_segments
 from rmt_fairseq.modules.transformer_xl import XLAdaptiveLogSoftmax
@@ -73,21 +72,14 @@ class RecurrentLM:
         differs), stream-level or per-sample recurrence, and the segment length."""
         # fairseq's language_modeling is a legacy task: its config is `args`, not `cfg`
         task_cfg = getattr(task, "cfg", None) or getattr(task, "args", None)
-        data = getattr(task_cfg, "data", None)
-        self.dictionary_file = (os.path.join(data.split(os.pathsep)[0], "dict.txt")
-                                if isinstance(data, str) and data not in ("", "???") else None)
+        self.dictionary_file = data_dictionary_file(getattr(task_cfg, "data", None))
         # what the model is trained with travels in its config (saved in every checkpoint): recorded here when
         # built for training (rmt_fairseq.compat writes it into the config fairseq saves), checked / used when a
         # checkpoint's config comes back
         self.trained_with = {}
         dictionary = getattr(task, "source_dictionary", None)
         if dictionary is not None and hasattr(dictionary, "symbols"):
-            saved = getattr(cfg, "dictionary_fingerprint", None)
-            loaded = getattr(cfg, "checkpoint_file", None)  # set by the loader (rmt_fairseq/checkpoints.py)
-            source = f"the checkpoint {loaded}" if loaded else "the checkpoint"
-            check_fingerprint(saved, dictionary, source, self.dictionary_file or "the data's dict.txt")
-            if saved is None:
-                self.trained_with["dictionary_fingerprint"] = dictionary_fingerprint(dictionary)
+            self.trained_with.update(check_or_record_dictionary(cfg, dictionary, self.dictionary_file))
         self.per_sample = not getattr(task, "stream_level", False)
         self.segment_bptt_unroll = getattr(cfg, "segment_bptt_unroll", None)
         if self.segment_bptt_unroll is not None:

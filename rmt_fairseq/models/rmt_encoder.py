@@ -47,7 +47,7 @@ from rmt_fairseq.models.config import (
     register_presets,
     validate_memory,
 )
-from rmt_fairseq.models.trained_with import check_fingerprint, dictionary_fingerprint
+from rmt_fairseq.models.trained_with import check_or_record_dictionary, data_dictionary_file
 from rmt_fairseq.modules import fairseq_layers
 from rmt_fairseq.modules.recurrence import RecurrentState, SegmentOutput, run_segments, stack_layers
 from rmt_fairseq.modules.schemes import SchemeModel, scheme_from
@@ -162,7 +162,6 @@ class RMTEncoder(SchemeModel, FairseqEncoder):
 
     # ---- the diagonal schedule (modules/recurrence.py): the same computation, layers batched ------------
 
-    mem_len = 0  # no XL cache
 
     @property
     def num_layers(self) -> int:
@@ -267,9 +266,8 @@ class RMTEncoderModel(FairseqEncoderModel):
         validate_config(cfg, task)
         encoder = RMTEncoder(cfg, task.source_dictionary, task.num_classes)
         if cfg.roberta_path and not from_checkpoint:
-            data = getattr(task.cfg, "data", None)
             load_roberta(encoder, cfg.roberta_path, cfg,
-                         os.path.join(data, "dict.txt") if isinstance(data, str) else "the data's dict.txt")
+                         data_dictionary_file(getattr(task.cfg, "data", None)) or "the data's dict.txt")
         model = cls(encoder)
         model.trained_with = trained_with(cfg, task, encoder)
         threads.configure(model)  # torch's intra-op threads for a CPU run (rmt_fairseq/threads.py)
@@ -289,15 +287,8 @@ def trained_with(cfg: RMTEncoderConfig, task, encoder: RMTEncoder) -> dict:
     built from a checkpoint is checked against the data's dict.txt (one line naming both) and runs at the task's
     segment length (the checkpoint's own task config unless a tool gives --tokens-per-sample), with a warning when
     that is not the trained one. -> the values to record (none for a checkpoint that has them)."""
-    record = {}
-    data = getattr(task.cfg, "data", None)
-    dict_file = os.path.join(data.split(os.pathsep)[0], "dict.txt") if isinstance(data, str) else "the data's dict.txt"
-    saved = getattr(cfg, "dictionary_fingerprint", None)
-    loaded = getattr(cfg, "checkpoint_file", None)
-    check_fingerprint(saved, task.source_dictionary, f"the checkpoint {loaded}" if loaded else "the checkpoint",
-                      dict_file)
-    if saved is None:
-        record["dictionary_fingerprint"] = dictionary_fingerprint(task.source_dictionary)
+    dict_file = data_dictionary_file(getattr(task.cfg, "data", None))
+    record = check_or_record_dictionary(cfg, task.source_dictionary, dict_file)
     T, trained = int(task.cfg.tokens_per_sample), getattr(cfg, "trained_segment_len", None)
     if trained is None:
         record["trained_segment_len"] = T

@@ -33,9 +33,9 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from rmt_fairseq import threads
 from rmt_fairseq.errors import check
-from rmt_fairseq.models.config import ARMT_BASE, ARMT_PRESET, cutoffs_of, register_presets
+from rmt_fairseq.models.config import ARMT_BASE, ARMT_PRESET, cutoffs_of, register_presets, with_field_defaults
 from rmt_fairseq.models.recurrent_lm import RecurrentLM, segment_nll
-from rmt_fairseq.models.rmt_lm_config import RMTLanguageModelConfig, validate_config, with_defaults
+from rmt_fairseq.models.rmt_lm_config import RMTLanguageModelConfig, validate_config
 from rmt_fairseq.modules.adaptive import DenseAdaptiveInput
 from rmt_fairseq.modules.memory import Layout, LayoutCache
 from rmt_fairseq.modules.recurrence import (
@@ -59,7 +59,6 @@ class RMTDecoder(SchemeModel, FairseqIncrementalDecoder):
         super().__init__(dictionary)
         C, H = cfg.decoder_embed_dim, cfg.decoder_attention_heads
         self.embed_dim, self.num_layers = C, cfg.decoder_layers
-        self.mem_len = cfg.mem_len
         self.checkpoint_activations = cfg.checkpoint_activations
         self.padding_idx = dictionary.pad()
         self.embed_tokens = embed_tokens
@@ -153,10 +152,10 @@ class RMTDecoder(SchemeModel, FairseqIncrementalDecoder):
             hidden = self.dropout(h[:, seg])  # B x T x C
         return hidden, self.scheme.carry(self, h, self.scheme.written(0, T), read)
 
-    def _tables(self, cache_len: int, rows_before: int, T: int, rows_after: int, like: torch.Tensor):
-        """(pos_emb P x C, rel_index N x K, mask_bias N x K) of a segment's layout (modules/memory.py)."""
-        layout = Layout(cache_len, rows_before, T, rows_after, mem_cache=self.mem_cache_rule,
-                        same_length=self.mem_len if self.same_length else 0, clamp_len=self.clamp_len)
+    def _tables(self, cache_len: int, T: int, like: torch.Tensor):
+        """(pos_emb P x C, rel_index N x K, mask_bias N x K) of a segment of T tokens after cache_len cached ones,
+        the scheme's memory rows around it (modules/memory.py; built once per layout)."""
+        layout = self.layout(cache_len, self.scheme.before, T, self.scheme.after)
         return self.layouts.get(layout, like.device, like.dtype)
 
     def _layers(self, h: torch.Tensor, tables, T: int, cache=None, assoc=None, kv=None):
@@ -198,7 +197,7 @@ class RMTDecoder(SchemeModel, FairseqIncrementalDecoder):
         T = tokens.size(1)
         h, mem_drop, read = self._segment_input(tokens, memory)
         L = cache[0].size(1) if cache is not None else 0
-        pos_emb, rel_index, mask_bias = self._tables(L, self.scheme.before, T, self.scheme.after, h)
+        pos_emb, rel_index, mask_bias = self._tables(L, T, h)
         h, new_cache, new_assoc = self._layers(h, (self.dropout(pos_emb), rel_index, mask_bias), T, cache, assoc)
         hidden, new_memory = self._segment_output(h, T, mem_drop, read)
         return SegmentOutput(hidden=hidden, memory=new_memory, cache=new_cache, assoc=new_assoc)
@@ -209,7 +208,7 @@ class RMTDecoder(SchemeModel, FairseqIncrementalDecoder):
         """tokens B x T -> (layer-0 input B x N x C, the segment's geometry)."""
         T = tokens.size(1)
         h, mem_drop, _ = self._segment_input(tokens, None)
-        pos_emb, rel_index, mask_bias = self._tables(cache_len, self.scheme.before, T, self.scheme.after, h)
+        pos_emb, rel_index, mask_bias = self._tables(cache_len, T, h)
         return h, (T, mem_drop, self.dropout(pos_emb), rel_index, mask_bias)
 
     def diagonal_end(self, h: torch.Tensor, tables) -> torch.Tensor:
@@ -277,7 +276,7 @@ class RMTDecoder(SchemeModel, FairseqIncrementalDecoder):
         L = st["state"].cache[0].size(1) if st["state"].cache is not None else 0
         R = self.scheme.before
         w = next(self.parameters())  # the model's device and dtype (a half/bf16 model generates in half/bf16)
-        return L, R, self._tables(L, R, self.segment_len, self.scheme.after, w)
+        return L, R, self._tables(L, self.segment_len, w)
 
     def _start_segment(self, st, B):
         """Keys/values of the XL cache and of the scheme's rows before the segment, per layer (rows 0..R-1)."""
@@ -337,7 +336,7 @@ class RMTLanguageModel(RecurrentLM, FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg: RMTLanguageModelConfig, task):
-        cfg = with_defaults(cfg)
+        cfg = with_field_defaults(cfg, RMTLanguageModelConfig)  # a checkpoint from before a field existed
         validate_config(cfg, len(task.source_dictionary))
         dictionary = task.source_dictionary
         C = cfg.decoder_embed_dim

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum
-from omegaconf import II, OmegaConf, open_dict
+from omegaconf import II
 
 from rmt_fairseq.errors import check
 from rmt_fairseq.models.config import (
@@ -120,19 +120,6 @@ class RMTLanguageModelConfig(MemoryConfig, SegmentConfig, TrainedWithConfig):
     )
     tokens_per_sample: Optional[int] = II("task.tokens_per_sample")
 
-
-def with_defaults(cfg):
-    """Fields added after a checkpoint was written get their defaults, so old checkpoints stay loadable (fairseq
-    merges dataclass defaults only when --arch is the model name, not for the presets)."""
-    if not OmegaConf.is_config(cfg):
-        return cfg
-    missing = {k: v for k, v in vars(RMTLanguageModelConfig()).items() if k not in cfg and not k.startswith("_")
-               and not (isinstance(v, str) and v.startswith("${"))}
-    if missing:
-        with open_dict(cfg):
-            for k, v in missing.items():
-                cfg[k] = v
-    return cfg
 
 
 def validate_config(cfg, vocab_size: int) -> None:

@@ -44,7 +44,7 @@ from rmt_fairseq.models.config import (
     check_cutoffs,
     register_presets,
     validate_memory,
-    with_memory_defaults,
+    with_field_defaults,
 )
 from rmt_fairseq.models.recurrent_lm import RecurrentLM, segment_nll
 from rmt_fairseq.models.trained_with import check_fingerprint, check_vocabulary, dictionary_fingerprint
@@ -147,7 +147,6 @@ class RMTTransformerDecoder(SchemeModel, TransformerDecoder):
 
     # ---- the diagonal schedule (modules/recurrence.py): the same computation, layers batched ------------
 
-    mem_len = 0  # no XL cache
 
     @property
     def diagonal_ok(self) -> bool:
@@ -214,7 +213,8 @@ class RMTTransformerDecoder(SchemeModel, TransformerDecoder):
 class RMTTransformerLanguageModel(RecurrentLM, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
-        with_memory_defaults(args)  # a checkpoint from before a memory field existed, a stock preset without them
+        # a checkpoint from before a memory field existed, a stock preset without them
+        with_field_defaults(args, MemoryConfig, fill_none=True)
         validate_memory(args)
         # fairseq's adaptive modules assert on cutoffs beyond the vocabulary (a preset's, e.g. _wiki103's 20000,60000)
         input_cutoff = getattr(args, "adaptive_input_cutoff", None) if getattr(args, "adaptive_input", False) else None

@@ -3,6 +3,7 @@ the vocabulary size of a saved state dict, and the values a checkpoint written b
 with (`LEGACY_VALUES`). Used by every family and every tool that loads a checkpoint.
 """
 
+import os
 import re
 from typing import Optional
 
@@ -32,6 +33,23 @@ def check_vocabulary(state_dict, built: int, source: str, dict_file: str) -> Non
           f"{source} was trained with a vocabulary of {saved} types, but {dict_file} has {built}: the data was "
           f"binarized with another dictionary; binarize it with the checkpoint's (fairseq-preprocess --srcdict "
           f"<its data>/dict.txt)")
+
+
+def data_dictionary_file(data) -> Optional[str]:
+    """The dict.txt of a task's --data (its first path); None when --data is not a path."""
+    return os.path.join(data.split(os.pathsep)[0], "dict.txt") if isinstance(data, str) and data not in ("", "???") \
+        else None
+
+
+def check_or_record_dictionary(cfg, dictionary, dict_file: Optional[str]) -> dict:
+    """Every family's dictionary provenance: a model built from a checkpoint (its config's dictionary_fingerprint)
+    is checked against the data's dictionary (one line naming the checkpoint file, cfg.checkpoint_file, and
+    dict_file); a model built for training has none yet -> {"dictionary_fingerprint": ...} to record (compat.py
+    writes it into the config fairseq saves), else {}."""
+    saved, loaded = getattr(cfg, "dictionary_fingerprint", None), getattr(cfg, "checkpoint_file", None)
+    check_fingerprint(saved, dictionary, f"the checkpoint {loaded}" if loaded else "the checkpoint",
+                      dict_file or "the data's dict.txt")
+    return {} if saved is not None else {"dictionary_fingerprint": dictionary_fingerprint(dictionary)}
 
 
 def dictionary_fingerprint(dictionary) -> str:

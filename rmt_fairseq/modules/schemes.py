@@ -311,6 +311,11 @@ class SchemeModel:
         return self.scheme.associative
 
     @property
+    def mem_len(self) -> int:
+        """Transformer-XL's cache length L (0: none; only rmt_lm has the flag)."""
+        return self.scheme.mem_len
+
+    @property
     def assoc_dtype(self) -> Optional[torch.dtype]:
         """ARMT's state dtype (None: the model's); set it to change the scheme's."""
         return self.scheme.state_dtype
