@@ -33,6 +33,7 @@ FAMILIES = {
     "xl": TINY + STREAM + ["--mem-tokens", 0, "--mem-len", 8],
     "rmt_xl": TINY + STREAM + ["--mem-len", 4],
     "mt": TINY + STREAM + ["--memory-layout", "mt"],
+    "gated": TINY + STREAM + ["--memory-layout", "gated"],  # the memory scheme added by issue 28
     "no_memory": TINY + STREAM + ["--mem-tokens", 0],
     "adaptive_softmax": TINY + STREAM + ["--adaptive-softmax-cutoff", 12],
     # the WikiText-103 preset's Transformer-XL conventions (XL's adaptive softmax with biases, XL's init, dropout as
