@@ -5,7 +5,8 @@ it was trained on, streamed segment by segment with constant memory ("Scaling Tr
 
 DATA is the generated data directory the checkpoint was trained on (rmt-data memorization: the task, noise
 and dictionary). Documents come from the test split's stream at each length; only the memory state and one
-chunk of --chunk-segments segments are held at a time, so memory does not grow with the length. The default
+chunk of --chunk-segments segments are held at a time (--subset valid: the
+validation split's documents, to choose a recipe without looking at test), so memory does not grow with the length. The default
 lengths are N, 2N, 8N, 32N, ... segments (N: the curriculum stage the checkpoint reached), then the first length
 reaching --max-tokens. Segments are the --tokens-per-sample the checkpoint was trained with (read from its
 config; there is no flag to change it). Prints a table (accuracy, time per token, resident memory) to stdout,
@@ -42,15 +43,16 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def evaluate_length(task, model, n_seg: int, num_docs: int, batch_size: int, chunk: int) -> dict:
-    """Accuracy over the first num_docs test documents of n_seg segments, streamed chunk by chunk (in the
-    encoder's --inference-schedule)."""
+def evaluate_length(task, model, n_seg: int, num_docs: int, batch_size: int, chunk: int,
+                    subset: str = "test") -> dict:
+    """Accuracy over the first num_docs documents of the `subset` split at n_seg segments, streamed chunk by chunk
+    (in the encoder's --inference-schedule)."""
     import torch
 
     from rmt_fairseq.data.documents import encode
     from rmt_fairseq.modules.recurrence import RecurrentState
 
-    ds = task.datasets["test"]
+    ds = task.datasets[subset]
     T = task.cfg.tokens_per_sample
     correct, tokens_seen, seconds, peak = 0, 0, 0.0, 0.0
     for b0 in range(0, num_docs, batch_size):
@@ -109,7 +111,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--segments", help="comma-separated lengths in segments (default: N, 2N, 8N, ... see above)")
     ap.add_argument("--max-tokens", type=int, default=1_000_000, help="the longest default length, in tokens")
-    ap.add_argument("--num-docs", type=int, default=64, help="test documents per length")
+    ap.add_argument("--num-docs", type=int, default=64, help="documents per length")
+    ap.add_argument("--subset", choices=["test", "valid"], default="test",
+                    help="the split the documents come from: choose recipes on valid, report test")
     ap.add_argument("--batch-size", type=int, default=32, help="documents per batch")
     ap.add_argument("--chunk-segments", type=int, default=64, help="segments tokenized and run per step")
     ap.add_argument("--inference-schedule", choices=SCHEDULES, default=None,
@@ -150,7 +154,10 @@ def main(argv=None):
         ap.error(f"--path {a.path} was not trained with --task rmt_long_classification on generated data")
     # the curriculum stage the run reached (fairseq keeps the task's checkpoint dict in extra_state)
     task.set_checkpoint_dict((state.get("extra_state") or {}).get(type(task).__name__, {}))
-    task.load_dataset("test")
+    try:
+        task.load_dataset(a.subset)
+    except Exception as e:  # a generator.json without that split
+        ap.error(f"--subset {a.subset}: {e}")
     T = task.cfg.tokens_per_sample
     trained = task.num_segments or 1
     lengths = lengths or default_lengths(trained, T, a.max_tokens)
@@ -161,7 +168,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for n in lengths:
-        row = evaluate_length(task, model, n, a.num_docs, a.batch_size, a.chunk_segments)
+        row = evaluate_length(task, model, n, a.num_docs, a.batch_size, a.chunk_segments, a.subset)
         row["x_trained"] = n / trained
         rows.append(row)
         logger.info("%8d segments %10d tokens (%.0fx trained): accuracy %6.2f%%  %.2f us/token  RSS %.0f MB",
@@ -169,7 +176,7 @@ def main(argv=None):
         with open(os.path.join(a.out, "extrapolation.json"), "w") as f:  # rewritten after every length
             json.dump({"checkpoint": os.path.abspath(a.path), "task": task.generator["task"], "segment_len": T,
                        "trained_segment_len": model.encoder.trained_segment_len, "trained_segments": trained,
-                       "num_classes": task.num_classes,
+                       "num_classes": task.num_classes, "subset": a.subset,
                        "chance": 100.0 / task.num_classes, "mem_tokens": model.encoder.num_mem_tokens,
                        "associative_memory": model.encoder.associative,
                        "schedule": model.encoder.inference_schedule if model.encoder.diagonal_ok else "sequential",

@@ -20,6 +20,7 @@ the loss of a document is taken on the segment that ends it (rmt_encoder.segment
 import json
 import math
 import os
+import random
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -151,11 +152,14 @@ class TextDocumentDataset(_DocumentDataset):
 
 
 class GeneratedDocumentDataset(_DocumentDataset):
-    """Memorization documents of exactly num_segments x T tokens, generated when indexed."""
+    """Memorization documents of exactly num_segments x T tokens, generated when indexed; with `mix`
+    (--curriculum-mix), document i has n_i x T tokens, n_i drawn uniformly from 1..num_segments by a generator
+    seeded with (split seed, i, num_segments), so a batch mixes lengths (collate pads it to the longest)."""
 
     def __init__(self, spec: dict, split: str, labels: List[str], dictionary, seg_len: int, num_segments: int,
-                 noise: Noise):
+                 noise: Noise, mix: bool = False):
         super().__init__(seg_len, dictionary.pad(), num_segments)
+        self.mix = mix
         self.spec, self.split, self.dictionary, self.noise = spec, split, dictionary, noise
         self.label_index = {lab: i for i, lab in enumerate(labels)}
         self.count = int(spec["sizes"][split])
@@ -164,8 +168,14 @@ class GeneratedDocumentDataset(_DocumentDataset):
     def document(self, i: int, length: Optional[int] = None):
         return sample(self.spec["task"], i, self.seed, length or self.num_segments * self.seg_len, self.noise)
 
+    def segments_of(self, i: int) -> int:
+        """Document i's length in segments: the stage's, or with `mix` its own draw from 1..stage."""
+        if not self.mix:
+            return self.num_segments
+        return 1 + random.Random(f"mix/{self.seed}/{i}/{self.num_segments}").randrange(self.num_segments)
+
     def __getitem__(self, i):
-        doc = self.document(i)
+        doc = self.document(i, self.segments_of(i) * self.seg_len)
         return {"id": i, "tokens": encode(self.dictionary, doc.tokens()), "label": self.label_index[doc.label]}
 
     def __len__(self):

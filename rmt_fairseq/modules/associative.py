@@ -7,14 +7,17 @@ D --d-mem, F = 2 nu D the DPFP feature dimension (nu = --dpfp-nu).
 
 Per layer l, with A_l (B x F x C) and z_l (B x F) the layer's associative state (zero at a stream's start):
 
-  read (every row x of the layer's input, before the layer):      x <- x + A_l^T phi(q) / (z_l . phi(q) + eps)
+  read (every row x of the layer's input, before the layer):      x <- x + A_l^T phi(q) / max(z_l . phi(q) + eps, f)
         q = W_Q x                                                   (eq. 5)
   write (the layer's output at the M memory-token rows m_j):
         k_j = W_K m_j,  v_j = W_V m_j,  beta_j = sigmoid(w_b . m_j + b_b)
-        vbar_j = A_l^T phi(k_j) / (z_l . phi(k_j) + eps)          the value already stored at k_j (0 at the start)
+        vbar_j = A_l^T phi(k_j) / max(z_l . phi(k_j) + eps, f)    the value already stored at k_j (0 at the start)
         gamma_j = clip(1 - (z_l . phi(k_j) + eps) / |phi(k_j)|^2, 0, 1), not differentiated   (correction term)
         A_l <- A_l + sum_j beta_j phi(k_j) (v_j - vbar_j)^T        (delta rule, eq. 3)
         z_l <- z_l + sum_j gamma_j phi(k_j)                        (eq. 4; gamma_j = 1 at the stream's start)
+
+f = DEN_FLOOR (1e-2) keeps the read bounded where z . phi(q) = 0 but A . phi(q) != 0 (see DEN_FLOOR); the paper's
+denominator is z . phi + eps, which the floor leaves unchanged wherever it is >= f.
 
 phi is DPFP with nu (Schlag et al. 2021): [relu(x), relu(-x)] (2D) times its 1..nu rolls, F = 2 nu D values, then
 L2-normalised as in the authors' code (|phi|^2 = 1, so the normaliser ratio is unchanged and eps is relative).
@@ -33,6 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-5  # the authors' denominator epsilon
+# The read's and vbar's denominator z . phi + eps is floored here. The paper's formula divides by eps where the
+# normaliser z has not seen the query's features (z . phi(q) = 0) while A has (keys written with gamma = 0 leave A's
+# support wider than z's): a read of |A^T phi(q)| / 1e-5, about 2e4 in the memorization run, whose backward went
+# non-finite at lr 1e-3 (issue 29). With unit-norm features and z the sum of the written ones, z . phi is O(1)
+# wherever the memory knows the query; the floor bounds the read by |A^T phi(q)| / DEN_FLOOR and leaves the formula
+# unchanged wherever z . phi(q) + eps >= DEN_FLOOR. gamma (the correction term) keeps the unfloored denominator.
+DEN_FLOOR = 1e-2
 STATE_DTYPES = {"fp32": torch.float32, "model": None}  # None: the model's own dtype
 
 
@@ -110,7 +120,7 @@ def read(x: torch.Tensor, mq: torch.Tensor, A: Optional[torch.Tensor], z: Option
     if A is None:
         return x + 0.0 * mq.sum(-1, keepdim=True).to(x.dtype)
     num = _bmm(mq, A)  # ... x N x C
-    den = _bmm(mq, z.unsqueeze(-1)) + EPS  # ... x N x 1
+    den = (_bmm(mq, z.unsqueeze(-1)) + EPS).clamp_min(DEN_FLOOR)  # ... x N x 1
     return x + (num / den).to(x.dtype)
 
 
@@ -124,7 +134,7 @@ def update(mk: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: Optional[to
         z = mk.new_zeros(*mk.shape[:-2], mk.size(-1))
     else:
         den = _bmm(mk, z.unsqueeze(-1)) + EPS  # ... x M x 1
-        delta = v - _bmm(mk, A) / den  # ... x M x C: v_j - vbar_j
+        delta = v - _bmm(mk, A) / den.clamp_min(DEN_FLOOR)  # ... x M x C: v_j - vbar_j
         gamma = (1 - den / mk.pow(2).sum(-1, keepdim=True)).clamp(0, 1).detach()  # ... x M x 1
     A = A + _bmm((beta * mk).transpose(-1, -2).contiguous(), delta)  # ... x F x C
     z = z + (gamma * mk).sum(-2)  # ... x F

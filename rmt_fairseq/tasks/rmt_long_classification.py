@@ -52,6 +52,13 @@ class RMTLongClassificationConfig(CurriculumConfig):
         metadata={"help": "generated documents: their length in segments (default 1); raw-text documents: keep "
                   "the first N segments (default: all). The curriculum's starting stage"},
     )
+    curriculum_mix: bool = field(
+        default=False,
+        metadata={"help": "generated data: each training document gets a length of 1 to the current stage's "
+                  "--num-segments segments, drawn uniformly per document, instead of the stage's length only (the "
+                  "BABILong authors' advice: generate on the fly with a curriculum). Validation stays at the stage's "
+                  "length, so the curriculum still advances on it"},
+    )
     bptt_unroll: Optional[int] = field(
         default=None,
         metadata={"help": "K: memory detached every K+1 segments from the document start (default: never, "
@@ -85,10 +92,17 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
                   f"a {generator['task']} document needs at least {need} tokens (its facts and question), but "
                   f"--num-segments {stage} x --tokens-per-sample {cfg.tokens_per_sample} = "
                   f"{stage * cfg.tokens_per_sample}: raise one of them")
+            check(not cfg.curriculum_mix or cfg.tokens_per_sample >= need,
+                  f"--curriculum-mix draws documents of one segment, but a {generator['task']} document needs at "
+                  f"least {need} tokens and --tokens-per-sample is {cfg.tokens_per_sample}")
+        check(not cfg.curriculum_mix or generator, f"--curriculum-mix needs generated data (rmt-data memorization); "
+                                                   f"{cfg.data} has raw-text documents")
         # logged when the model is built (fairseq-train: in the run's summary line)
         self.layout_text = f"segment length {cfg.tokens_per_sample} ({self._documents()})"
         if cfg.segment_curriculum:
             self.layout_text += f"; --segment-curriculum grows them to {cfg.max_num_segments} segments"
+        if cfg.curriculum_mix:
+            self.layout_text += "; --curriculum-mix: training documents of 1 to the stage's segments"
 
     def _documents(self) -> str:
         """What a document is at the current stage, in segments and tokens."""
@@ -140,7 +154,8 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
                 raise RMTConfigError(f"{self.cfg.data}/generator.json has no {split!r} split (has "
                                      f"{sorted(self.generator['sizes'])})")
             self.datasets[split] = GeneratedDocumentDataset(self.generator, split, self.labels, self.dictionary, T,
-                                                            self.num_segments, self.noise)
+                                                            self.num_segments, self.noise,
+                                                            mix=self.cfg.curriculum_mix and split == "train")
             return
         docs = self._train_docs if split == "train" and self._train_docs is not None else \
             read_documents(self.cfg.data, split)

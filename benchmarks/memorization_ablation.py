@@ -1,0 +1,169 @@
+"""What makes memory hold beyond its trained length (issue 29): one recipe at a time against memorization.py's
+RMT baseline, each scored at the trained length N, at 2N, 8N, 32N segments and at 1,000,000 tokens.
+
+    python benchmarks/memorization_ablation.py --recipes rmt,rmt_gated [--task fact_memorization] [--seed 1] \\
+        [--subset valid] [--out benchmarks/results/memorization_ablation.json] [--png PNG] [--workdir DIR]
+
+Every recipe is memorization.py's run (rmt-data memorization on the tinyshakespeare noise, fairseq-train of
+rmt_encoder_tiny with the segment curriculum 1 -> N, T = 32, 3000 updates, batch 32, lr 1e-3 unless the recipe
+says otherwise) plus the recipe's flags, then rmt-extrapolate-classify of checkpoint_last.pt on 64 documents per
+length of --subset (valid by default: recipes are chosen on validation; the headline rows are re-run with
+--subset test and two seeds). Rows accumulate in --out, one per (task, recipe, seed, subset), each with its own
+command, commit and machine; a recipe whose training stops is a row too (its error line). --render re-draws the
+PNG from --out without training.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+from common import run
+from memorization import SHAKESPEARE, last_valid
+
+from rmt_fairseq.cli import console_script
+from rmt_fairseq.provenance import provenance
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RMT = ["--mem-tokens", "4"]
+ARMT = ["--mem-tokens", "4", "--associative-memory", "--d-mem", "16", "--dpfp-nu", "3", "--inference-schedule",
+        "diagonal"]
+# name -> (what it changes against its base, flags after the shared ones; later flags override earlier ones)
+RECIPES = {
+    "rmt": ("baseline: RMT, 4 memory tokens (memorization.py's)", RMT),
+    "rmt_gated": ("gated write (--memory-layout gated)", RMT + ["--memory-layout", "gated"]),
+    "rmt_mix": ("lengths 1..stage per document (--curriculum-mix)", RMT + ["--curriculum-mix"]),
+    "rmt_mem16": ("16 memory tokens", ["--mem-tokens", "16"]),
+    "rmt_8seg": ("curriculum to 8 segments, 6000 updates", RMT + ["--max-num-segments", "8", "--max-update", "6000"]),
+    "rmt_gated_mix": ("gated write + --curriculum-mix", RMT + ["--memory-layout", "gated", "--curriculum-mix"]),
+    "armt_lr5e-4": ("ARMT, lr 5e-4 (memorization.py's)", ARMT + ["--lr", "5e-4"]),
+    "armt": ("ARMT at the shared lr 1e-3 (denominator floored)", ARMT),
+    "armt_mix": ("ARMT + --curriculum-mix", ARMT + ["--curriculum-mix"]),
+    "armt_gated_mix": ("ARMT with a gated token memory + --curriculum-mix",
+                       ARMT + ["--memory-layout", "gated", "--curriculum-mix"]),
+}
+MAX_TOKENS = 1_000_000
+
+
+def lengths_of(N: int, T: int):
+    """N, 2N, 8N, 32N segments and the first length reaching 1M tokens."""
+    return [N, 2 * N, 8 * N, 32 * N, math.ceil(MAX_TOKENS / T)]
+
+
+def train_and_score(name, a, data, bindir, T, N):
+    flags = RECIPES[name][1]
+    n_max = int(flags[flags.index("--max-num-segments") + 1]) if "--max-num-segments" in flags else N
+    work = os.path.join(a.workdir, f"{a.task}_{name}_s{a.seed}")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    cmd = [os.path.join(bindir, "fairseq-train"), data, "--user-dir", os.path.join(REPO, "user_dir"),
+           "--task", "rmt_long_classification", "--arch", "rmt_encoder_tiny", "--criterion", "rmt_classification",
+           "--tokens-per-sample", str(T), "--num-segments", "1", "--segment-curriculum", "--max-num-segments", str(N),
+           "--curriculum-threshold", "95", "--batch-size", "32", "--optimizer", "adam", "--lr", "1e-3",
+           "--clip-norm", "1.0", "--max-update", str(a.max_update), "--max-epoch", "1000",
+           "--validate-interval-updates", "100", "--validate-interval", "1000", "--no-epoch-checkpoints",
+           "--no-save-optimizer-state", "--seed", str(a.seed), "--num-workers", "0", "--log-format", "json",
+           "--log-interval", "50", "--cpu", "--save-dir", os.path.join(work, "ckpt")] + flags
+    row = {"task": a.task, "recipe": name, "change": RECIPES[name][0], "flags": flags, "seed": a.seed,
+           "subset": a.subset}
+    try:
+        log, secs = run(cmd, os.path.join(work, "train.log"))
+    except SystemExit as e:
+        with open(os.path.join(work, "train.log")) as f:
+            log = f.read()
+        upd, acc, stages = last_valid(log)
+        err = [ln for ln in log.splitlines() if "Error" in ln and not ln.startswith(" ")]
+        row.update(training_stopped=str(e), last_error_line=err[-1] if err else None, last_valid_update=upd,
+                   last_valid_accuracy=acc, curriculum_stage_reached=1 + len(stages))
+        return row
+    upd, acc, stages = last_valid(log)
+    row.update(train_seconds=round(secs, 1), updates=upd, final_valid_accuracy=acc,
+               curriculum_stage_reached=1 + len(stages), trained_to=n_max)
+    out = os.path.join(work, "extrapolate")
+    run([os.path.join(bindir, "rmt-extrapolate-classify"), "--path", os.path.join(work, "ckpt", "checkpoint_last.pt"),
+         "--data", data, "--out", out, "--num-docs", str(a.num_docs), "--subset", a.subset,
+         "--segments", ",".join(str(n) for n in lengths_of(1 + len(stages), T))],
+        os.path.join(work, "extrapolate.log"))
+    with open(os.path.join(out, "extrapolation.json")) as f:
+        rep = json.load(f)
+    row["rows"] = [{k: r[k] for k in ("segments", "tokens", "accuracy", "us_per_token")} for r in rep["rows"]]
+    row["chance"] = rep["chance"]
+    return row
+
+
+def plot(rows, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in rows:
+            if r["task"] != task or "rows" not in r:
+                continue
+            x = [e["segments"] / r["curriculum_stage_reached"] for e in r["rows"]]
+            ax.plot(x, [e["accuracy"] for e in r["rows"]], "o-", label=f"{r['recipe']} s{r['seed']} ({r['subset']})")
+        ax.axhline(100 / 6, ls="--", c="gray", label="chance")
+        ax.set(xscale="log", xlabel="length / trained length", ylabel="accuracy (%)", ylim=(0, 105), title=task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", default="rmt", help="comma-separated, from: " + ", ".join(RECIPES))
+    ap.add_argument("--task", default="fact_memorization", choices=["fact_memorization", "fact_detection",
+                                                                      "reasoning"])
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--subset", default="valid", choices=["valid", "test"])
+    ap.add_argument("--max-segments", type=int, default=5, help="the curriculum's last stage N (a recipe may raise it)")
+    ap.add_argument("--max-update", type=int, default=3000)
+    ap.add_argument("--num-docs", type=int, default=64)
+    ap.add_argument("--out", default="benchmarks/results/memorization_ablation.json")
+    ap.add_argument("--png", default="benchmarks/results/memorization_ablation.png")
+    ap.add_argument("--workdir", default="/tmp/rmt_ablation")
+    ap.add_argument("--render", action="store_true", help="only re-draw --png from --out")
+    a = ap.parse_args(argv)
+    results = {"rows": []}
+    if os.path.isfile(a.out):
+        with open(a.out) as f:
+            results = json.load(f)
+    if a.render:
+        plot(results["rows"], a.png)
+        return
+    names = a.recipes.split(",")
+    for n in names:
+        if n not in RECIPES:
+            sys.exit(f"error: --recipes: unknown recipe {n!r} (known: {', '.join(RECIPES)})")
+    T, N = 32, a.max_segments
+    bindir = os.path.dirname(console_script("fairseq-train"))
+    data = os.path.join(a.workdir, f"data_{a.task}")
+    if not os.path.isfile(os.path.join(data, "generator.json")):
+        os.makedirs(a.workdir, exist_ok=True)
+        run([os.path.join(bindir, "rmt-data"), "memorization", a.task, "--out", data, "--train-size", "20000",
+             "--valid-size", "256", "--test-size", "64", "--noise-file", SHAKESPEARE],
+            os.path.join(a.workdir, f"data_{a.task}.log"))
+    for name in names:
+        row = train_and_score(name, a, data, bindir, T, N)
+        row["provenance"] = provenance()
+        key = (row["task"], row["recipe"], row["seed"], row["subset"])
+        results["rows"] = [r for r in results["rows"] if (r["task"], r["recipe"], r["seed"], r["subset"]) != key]
+        results["rows"].append(row)
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+        acc = " / ".join(f"{e['accuracy']:.1f}" for e in row.get("rows", []))
+        print(f"{a.task} {name} seed {a.seed}: stage {row.get('curriculum_stage_reached')}, "
+              f"{row.get('train_seconds', 'stopped')} s; {a.subset} accuracy at "
+              f"{[e['segments'] for e in row.get('rows', [])]} segments: "
+              f"{acc or row.get('last_error_line')}", flush=True)
+    plot(results["rows"], a.png)
+
+
+if __name__ == "__main__":
+    main()
