@@ -14,7 +14,9 @@ the K segments before it), so all configurations see the same characters in the 
 
 Configurations (names for --configs): none (no memory), xl40 (Transformer-XL cache 40), rmt{M}_k{K} for M in
 5, 10 and K in 0, 1, 2 (M memory tokens, gradient through memory across K segments), armt{M}_k{K} (the same M
-memory tokens writing ARMT's per-layer associative memory, d_mem 64: issue 17; armt5_k0 and armt5_k1 by default).
+memory tokens writing ARMT's per-layer associative memory, d_mem 64: issue 17; armt5_k1 by default; K = 0 is
+refused for ARMT, issue 29), and any memory configuration with _rN appended: the training streams' memory started
+afresh every N segments (--memory-reset-interval N; e.g. armt5_k1_r32).
 Prints a table, writes JSON; --png draws validation bpc against updates. --merge adds the rows run now to the
 --out JSON of an earlier run with the same setup (replacing rows of the same configuration; each row keeps the
 provenance of the run that measured it), so one configuration can be added without retraining the others.
@@ -34,8 +36,8 @@ from rmt_fairseq.cli import console_script  # noqa: E402
 from rmt_fairseq.provenance import provenance  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_CONFIGS = ["none", "xl40", "rmt5_k0", "rmt5_k1", "rmt5_k2", "rmt10_k0", "rmt10_k1", "rmt10_k2", "armt5_k0",
-               "armt5_k1"]
+ALL_CONFIGS = ["none", "xl40", "rmt5_k0", "rmt5_k1", "rmt5_k2", "rmt10_k0", "rmt10_k1", "rmt10_k2", "armt5_k1",
+               "armt5_k1_r32"]
 QUICK_CONFIGS = ["none", "xl40", "rmt5_k1"]
 
 
@@ -45,12 +47,14 @@ def config_flags(name: str):
         return ["--mem-tokens", "0", "--mem-len", "0", "--bptt-unroll", "0"]
     if name.startswith("xl"):
         return ["--mem-tokens", "0", "--mem-len", name[2:], "--bptt-unroll", "0"]
-    m = re.fullmatch(r"(a?)rmt(\d+)_k(\d+)", name)
+    m = re.fullmatch(r"(a?)rmt(\d+)_k(\d+)(?:_r(\d+))?", name)
     if not m:
-        raise SystemExit(f"error: --configs: unknown configuration {name!r} (known: {', '.join(ALL_CONFIGS)})")
-    armt, mem, k = m.groups()
+        raise SystemExit(f"error: --configs: unknown configuration {name!r} (known: {', '.join(ALL_CONFIGS)}; "
+                         f"_rN after any memory one: --memory-reset-interval N)")
+    armt, mem, k, reset = m.groups()
     return ["--mem-tokens", mem] + (["--associative-memory"] if armt else []) + \
-        ["--mem-len", "0", "--bptt-unroll", k] + (["--bptt-mode", "sliding"] if k != "0" else [])
+        ["--mem-len", "0", "--bptt-unroll", k] + (["--bptt-mode", "sliding"] if k != "0" else []) + \
+        (["--memory-reset-interval", reset] if reset else [])
 
 
 def split_bounds(n: int):

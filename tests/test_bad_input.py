@@ -128,6 +128,9 @@ CASES = {
     "heads do not divide dim": train("--decoder-embed-dim", 30, "--decoder-attention-heads", 4,
                                      names=["--decoder-embed-dim 30", "--decoder-attention-heads 4"]),
     "dropout out of range": train("--dropout", 1.5, names=["--dropout", "1.5"]),
+    # ARMT's W_V starts at zero and gets no gradient at K = 0: a memory that could never move is refused (issue 29)
+    "armt at bptt unroll 0": train("--associative-memory", "--bptt-unroll", 0,
+                                   names=["--bptt-unroll 0", "--associative-memory", "--bptt-unroll >= 1"]),
     "mt layout without memory": train("--memory-layout", "mt", "--mem-tokens", 0,
                                       names=["--memory-layout mt", "--mem-tokens 0"]),
     # fairseq-train starts 2 CPU ranks (rmt_fairseq/distributed.py): a rank's error is still one line
@@ -303,6 +306,10 @@ CASES = {
     "segment beyond positions": classify("--tokens-per-sample", 200,
                                          names=["--tokens-per-sample 200", "--max-positions is 128"]),
     "documents shorter than their facts": classify(names=["reasoning", "--num-segments 1 x --tokens-per-sample 16"]),
+    "armt encoder at bptt unroll 0": classify("--tokens-per-sample", 32, "--associative-memory", "--bptt-unroll", 0,
+                                              names=["--bptt-unroll 0", "--associative-memory"]),
+    "curriculum mix shorter than facts": classify("--num-segments", 4, "--curriculum-mix",
+                                                  names=["--curriculum-mix", "reasoning", "--tokens-per-sample is 16"]),
     "classification without dict.txt": classify(data="{data}/tsv_no_dict",
                                                 names=["{data}/tsv_no_dict/dict.txt", "rmt-data classification-dict"]),
     "tsv line without a tab": classify(data="{data}/bad_tsv", names=["{data}/bad_tsv/train.tsv, line 2",

@@ -72,14 +72,14 @@ def test_char_lm_quick_runs_the_real_clis(tmp_path):
 
     # --merge: another setup is refused before anything trains, the results untouched; the same setup adds a row
     base = [sys.executable, "benchmarks/char_lm.py", "--quick", "--data", str(tmp_path / "input.txt"), "--out",
-            str(out), "--workdir", str(tmp_path / "w2"), "--configs", "armt5_k0", "--merge"]
+            str(out), "--workdir", str(tmp_path / "w2"), "--configs", "armt5_k1", "--merge"]
     before = out.read_text()
     p = subprocess.run(base + ["--max-update", "8"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "error: --merge:" in p.stderr and "max_update: 6 vs 8" in p.stderr
-    assert out.read_text() == before and not (tmp_path / "w2" / "train_armt5_k0.log").exists()
+    assert out.read_text() == before and not (tmp_path / "w2" / "train_armt5_k1.log").exists()
     subprocess.run(base, cwd=REPO, check=True, capture_output=True, timeout=300)
     merged = json.loads(out.read_text())
-    assert [r["config"] for r in merged["rows"]] == ["none", "xl40", "rmt5_k1", "armt5_k0"]
+    assert [r["config"] for r in merged["rows"]] == ["none", "xl40", "rmt5_k1", "armt5_k1"]
     assert merged["rows"][:3] == res["rows"] and "--associative-memory" in merged["rows"][3]["flags"]
     assert merged["rows"][3]["provenance"]["command"] and merged["provenance"] == res["provenance"]
 

@@ -4,12 +4,12 @@ it was trained on, streamed segment by segment with constant memory ("Scaling Tr
     rmt-extrapolate-classify --path CKPT --data DATA --out DIR [--max-tokens 1000000] [--segments 1,2,8,...]
 
 DATA is the generated data directory the checkpoint was trained on (rmt-data memorization: the task, noise
-and dictionary). Documents come from the test split's stream at each length; only the memory state and one
-chunk of --chunk-segments segments are held at a time (--subset valid: the
-validation split's documents, to choose a recipe without looking at test), so memory does not grow with the length. The default
-lengths are N, 2N, 8N, 32N, ... segments (N: the curriculum stage the checkpoint reached), then the first length
-reaching --max-tokens. Segments are the --tokens-per-sample the checkpoint was trained with (read from its
-config; there is no flag to change it). Prints a table (accuracy, time per token, resident memory) to stdout,
+and dictionary). Documents come from the test split's stream at each length (--subset valid: the validation
+split's, to choose a recipe without looking at test); only the memory state and one chunk of --chunk-segments
+segments are held at a time, so memory does not grow with the length. The default lengths are N, 2N, 8N,
+32N, ... segments (N: the curriculum stage the checkpoint reached), then the first length reaching --max-tokens.
+Segments are the --tokens-per-sample the checkpoint was trained with (read from its config; there is no flag to
+change it). Prints a table (accuracy, time per token, resident memory) to stdout,
 progress and fairseq's logs to stderr, and writes DIR/extrapolation.json (rows, the trained segment length and
 number of segments, the chance level 100 / classes) and DIR/extrapolation.png (accuracy with the chance level
 and the trained length marked; time per token and resident memory).

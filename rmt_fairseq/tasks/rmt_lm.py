@@ -62,6 +62,14 @@ class RMTLMConfig(FairseqDataclass):
         metadata={"help": "K: gradient flows through memory across K segments (0 = every segment detached, "
                   "so write memory gets no gradient)"},
     )
+    memory_reset_interval: Optional[int] = field(
+        default=None,
+        metadata={"help": "training streams only: start their memory (and cache) afresh once every N segments, "
+                  "so the model keeps learning to work from the empty memory that validation and fairseq-eval-lm "
+                  "start each stream with. Without it a training stream's memory is reset only at the start of "
+                  "an epoch; ARMT's associative memory then holds values written by long-gone parameters (issue "
+                  "29). Default: never (an ARMT preset sets its own, which --help with --arch shows)"},
+    )
     eval_segments_per_batch: int = field(
         default=1,
         metadata={"help": "validation and eval-lm batches hold this many consecutive segments of every stream (the "
@@ -149,6 +157,16 @@ def carries_memory(decoder) -> bool:
     return bool(getattr(decoder, "recurrent", False) or getattr(decoder, "associative", False))
 
 
+def check_memory_can_learn(module, bptt_unroll: Optional[int]) -> None:
+    """Refuse a training run whose memory can never move: ARMT's write projection W_V starts at zero and reaches a
+    loss only through a later segment's read, so at --bptt-unroll 0 it gets no gradient and the associative memory
+    stores nothing, ever (issue 29). `module`: the model's decoder or encoder."""
+    check(not (getattr(module, "associative", False) and bptt_unroll == 0),
+          "--bptt-unroll 0 with --associative-memory: ARMT's write (W_V, zero at the start) reaches a loss only "
+          "through the next segment, so at K = 0 it gets no gradient and the memory never stores anything; use "
+          "--bptt-unroll >= 1")
+
+
 def memory_summary(module, fresh_per: Optional[str] = None) -> str:
     """What a model (its decoder or encoder) carries from segment to segment, with the flags that set it;
     `fresh_per` ("sample"): the task starts it afresh for every sample."""
@@ -233,6 +251,8 @@ class RMTLMTask(FairseqTask):
         check((cfg.bptt_unroll is None and self.allow_full_bptt) or (cfg.bptt_unroll or 0) >= 0,
               f"--bptt-unroll must be >= 0, got {cfg.bptt_unroll}")
         check(str(cfg.bptt_mode) in BPTT_MODES, f"--bptt-mode must be one of {BPTT_MODES}, got {cfg.bptt_mode}")
+        R = getattr(cfg, "memory_reset_interval", None)
+        check(R is None or R >= 1, f"--memory-reset-interval must be >= 1 segments, got {R}")
         check(getattr(cfg, "eval_segments_per_batch", 1) >= 1,
               f"--eval-segments-per-batch must be >= 1, got {getattr(cfg, 'eval_segments_per_batch', 1)}")
         if cfg.tokens_per_sample is not None:
@@ -304,6 +324,8 @@ class RMTLMTask(FairseqTask):
             check(decoder is not None and carries_memory(decoder),
                   f"--bptt-mode sliding needs recurrent memory (--mem-tokens > 0 with --memory-layout rmt, or "
                   f"--associative-memory), got --mem-tokens {getattr(cfg, 'mem_tokens', 0)}")
+        if not from_checkpoint:
+            check_memory_can_learn(decoder, self.bptt_unroll)
         if carries_memory(decoder) and self.bptt_unroll == 0:
             logger.warning("--bptt-unroll 0 with memory tokens: write memory receives no gradient; use >= 1")
         if resume is not None:
@@ -574,10 +596,13 @@ class RMTLMTask(FairseqTask):
 
     def state_for(self, sample, mode: str) -> RecurrentState:
         """The state of `mode` ("train" or "valid") on the sample's split, reset on the first batch of a pass
-        (batch_index 0). Keyed by both, so validating on the training split (--valid-subset train) never
-        touches the training streams' memory."""
+        (batch_index 0) and, for training with --memory-reset-interval N, at the first batch once N segments
+        have run since the last reset. Keyed by both, so validating on the training split (--valid-subset train)
+        never touches the training streams' memory."""
         key = (mode, sample["split"])
-        if sample["batch_index"] == 0 or key not in self.states:
+        R = getattr(self.cfg, "memory_reset_interval", None)
+        if sample["batch_index"] == 0 or key not in self.states or \
+                (mode == "train" and R and self.states[key].segments_seen >= R):
             self.states[key] = RecurrentState()
         return self.states[key]
 

@@ -36,7 +36,7 @@ from rmt_fairseq.data.memorization import LOCATIONS, min_length
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules.recurrence import DEFAULT_SEGMENT_LEN
 from rmt_fairseq.tasks.curriculum import CurriculumConfig, SegmentCurriculum
-from rmt_fairseq.tasks.rmt_lm import bptt_summary, check_no_max_tokens, training_summary
+from rmt_fairseq.tasks.rmt_lm import bptt_summary, check_memory_can_learn, check_no_max_tokens, training_summary
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ class RMTLongClassificationTask(SegmentCurriculum, FairseqTask):
         if from_checkpoint:
             logger.info(self.layout_text)
         else:  # fairseq-train (rmt-deepspeed-train too): what trains, once, on rank 0
+            check_memory_can_learn(model.encoder, self.bptt_unroll)
             logger.info("training with %s", training_summary(
                 model.encoder, self.layout_text, self.cfg.batch_size, "documents",
                 bptt_summary(model.encoder, self.bptt_unroll, sample="document"), fresh_per="document"))

@@ -15,6 +15,7 @@ from rmt_fairseq.data.documents import (
     GeneratedDocumentDataset,
     TextDocumentDataset,
     collate,
+    encode,
     generator_noise,
     read_documents,
     read_generator,
@@ -206,3 +207,25 @@ def test_classification_dict_without_a_train_split(tmp_path, capsys):
         rmt_data(["classification-dict", str(tmp_path)])
     assert e.value.code == 2 and "train" in capsys.readouterr().err
     assert not (tmp_path / "dict.txt").exists()
+
+
+def test_curriculum_mix_draws_each_training_document_a_length_up_to_the_stage(tmp_path):
+    """--curriculum-mix: document i of the training split has 1..stage segments (its own draw, the same every
+    time it is read), the labels sit on each document's own last segment, and the fact is still in it."""
+    out = str(tmp_path / "mem")
+    rmt_data(["memorization", "fact_memorization", "--out", out, "--train-size", "200", "--valid-size", "5"])
+    spec, d = read_generator(out), Dictionary.load(os.path.join(out, "dict.txt"))
+    noise, T = generator_noise(spec, out), 16
+    mixed = GeneratedDocumentDataset(spec, "train", LOCATIONS, d, T, 4, noise, mix=True)
+    plain = GeneratedDocumentDataset(spec, "train", LOCATIONS, d, T, 4, noise)
+    n_seg = [len(mixed[i]["tokens"]) // T for i in range(200)]
+    assert [len(mixed[i]["tokens"]) % T for i in range(200)] == [0] * 200
+    assert set(n_seg) == {1, 2, 3, 4} and all(n_seg.count(k) > 25 for k in range(1, 5))  # about uniform
+    assert n_seg == [len(mixed[i]["tokens"]) // T for i in range(200)]  # deterministic per document
+    assert all(len(plain[i]["tokens"]) == 4 * T for i in range(20))  # without the flag: the stage's length
+    # a document's own segments are the unmixed document's at that length (the same fact, question, label)
+    i = n_seg.index(2)
+    assert mixed[i]["tokens"].tolist() == encode(d, plain.document(i, 2 * T).tokens()).tolist()
+    batch = mixed.collater([mixed[j] for j in range(8)])
+    assert batch["num_segments"] == max(n_seg[:8])
+    assert [int((batch["target"][b] != IGNORE).nonzero()) for b in range(8)] == [(n - 1) * T for n in n_seg[:8]]

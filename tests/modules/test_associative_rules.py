@@ -4,7 +4,7 @@ the correction term gamma, the read's denominator, and phi's L2 normalisation. T
 
 import torch
 
-from rmt_fairseq.modules.associative import feature, read, update
+from rmt_fairseq.modules.associative import DEN_FLOOR, feature, read, update
 
 NU, D, C = 3, 4, 5
 
@@ -52,3 +52,45 @@ def test_phi_is_unit_norm_so_a_keys_scale_does_not_change_what_it_writes():
     assert torch.allclose(feature(k, NU).norm(dim=-1), torch.ones(1, 1))
     for a, b in zip(_write(k, v), _write(3 * k, v)):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def _orthogonal_state():
+    """A != 0 where z = 0: feature index 0 carries a value in A but nothing in z (what a key written with
+    gamma = 0 leaves behind); q = e_0 so z . phi(q) = 0 and A^T phi(q) = A[0]."""
+    F_ = 2 * NU * D
+    A = torch.zeros(1, F_, C)
+    A[0, 0] = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
+    z = torch.zeros(1, F_)
+    z[0, 1:] = 1.0
+    q = torch.zeros(1, 1, F_)
+    q[0, 0, 0] = 1.0
+    return q, A, z
+
+
+def test_the_read_stays_bounded_where_the_normaliser_has_not_seen_the_query():
+    """z . phi(q) = 0 with A^T phi(q) != 0: the paper's formula would add A[0] / eps (3e5 here); the floored
+    denominator adds A[0] / DEN_FLOOR, and its gradient is finite."""
+    q, A, z = _orthogonal_state()
+    A.requires_grad_(True)
+    got = read(torch.zeros(1, 1, C), q, A, z)
+    assert torch.allclose(got[0, 0], A[0, 0] / DEN_FLOOR)
+    assert float(got.abs().max()) <= 3.0 / DEN_FLOOR + 1e-3
+    got.pow(2).sum().backward()
+    assert torch.isfinite(A.grad).all()
+    # the write's vbar uses the same floor: the delta stays within |v| + |A[0]| / DEN_FLOOR
+    v = torch.zeros(1, 1, C)
+    A2, _ = update(q, v, torch.ones(1, 1, 1), A.detach(), z)
+    assert torch.allclose(A2[0, 0], A[0, 0].detach() - A[0, 0].detach() / DEN_FLOOR)
+
+
+def test_the_floor_leaves_the_papers_formula_where_the_query_is_known():
+    """Wherever z . phi(q) + eps >= DEN_FLOOR the read is A^T phi(q) / (z . phi(q) + eps) exactly (float64)."""
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(1, 3, D, generator=g, dtype=torch.float64)
+    A, z = update(feature(k, NU), torch.randn(1, 3, C, generator=g, dtype=torch.float64),
+                  torch.ones(1, 3, 1, dtype=torch.float64), None, None)
+    q = feature(torch.randn(1, 6, D, generator=g, dtype=torch.float64), NU)
+    den = q @ z.unsqueeze(-1) + 1e-5
+    assert bool((den >= DEN_FLOOR).all()), den  # the case this test is about
+    x = torch.zeros(1, 6, C, dtype=torch.float64)
+    assert torch.equal(read(x, q, A, z), (q @ A) / den)

@@ -76,3 +76,31 @@ def test_training_state_is_saved_and_restored():
     st2.load_state_dict(torch.load(buf, weights_only=True))  # loadable under torch's safe default
     assert torch.equal(st2.memory, st.memory) and torch.equal(st2.cache[0], st.cache[0])
     assert st2.segments_seen == 7 and st2.window[0].memory is None
+
+
+@pytest.mark.parametrize("interval", [None, 3])
+def test_memory_reset_interval_restarts_the_training_streams_only(recall_data, interval):
+    """--memory-reset-interval N: a training batch gets a fresh state once N segments have run since the last
+    reset (2 segments a batch here: 2, 4, fresh, 2, 4, ...); validation streams (1 segment a batch) are never
+    reset mid-pass."""
+    from helpers import build_from_cli_args
+
+    flags = [] if interval is None else ["--memory-reset-interval", interval]
+    cfg, task, model, criterion = build_from_cli_args([
+        recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "rmt_tiny", "--criterion",
+        "rmt_cross_entropy", "--tokens-per-sample", 8, "--batch-size", 2, "--bptt-unroll", 1, "--cpu", *flags])
+    for mode, split in (("train", "train"), ("valid", "valid")):
+        task.load_dataset(split)
+        seen, fresh_in = [], []
+        for i, sample in enumerate(task.get_batch_iterator(task.dataset(split)).next_epoch_itr(shuffle=False)):
+            if i == 6:
+                break
+            state_in = task.state_for(sample, mode)
+            fresh_in.append(state_in.memory is None)
+            task.run_step(mode, sample, lambda: criterion(model, sample))
+            seen.append(task.states[(mode, split)].segments_seen)
+        if mode == "train" and interval == 3:
+            assert seen == [2, 4, 2, 4, 2, 4] and fresh_in == [True, False, True, False, True, False]
+        else:  # training: 2 segments a batch (--bptt-unroll 1, block); validation: 1
+            per = 2 if mode == "train" else 1
+            assert seen == [per * (i + 1) for i in range(6)] and fresh_in == [True] + [False] * 5
