@@ -414,3 +414,32 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def render_memorization_ablation(data: dict) -> str:
+    """benchmarks/memorization_ablation.py: accuracy at N, 2N, 8N, 32N segments and 1M tokens per recipe and seed
+    (rows that stopped training say so), one table per task, each row with its own commit."""
+    lines = []
+    for task in sorted({r["task"] for r in data["rows"]}):
+        rows = [r for r in data["rows"] if r["task"] == task]
+        lines += [f"**{task}**", "", "| recipe | what changes | seed | scored on | curriculum reached | N | 2N | 8N | "
+                  "32N | 1M tokens | commit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            commit = (r.get("provenance", {}).get("commit") or "?")[:7]
+            head = f"| {r['recipe']} | {r['change']} | {r['seed']} | {r['subset']} |"
+            if "rows" not in r:
+                lines.append(f"{head} training stopped at stage {r.get('curriculum_stage_reached')}: "
+                             f"{r.get('last_error_line') or r.get('training_stopped')} | | | | | | {commit} |")
+                continue
+            accs = " | ".join(f"{e['accuracy']:.1f}" for e in r["rows"])
+            lines.append(f"{head} {r['curriculum_stage_reached']} of {r.get('trained_to', '?')} "
+                         f"({r['final_valid_accuracy']:.1f}% valid) | {accs} | {commit} |")
+        lines.append("")
+    p = data["rows"][-1].get("provenance") if data["rows"] else None
+    lines.append("Accuracy (%) of 64 documents per length; N = the curriculum stage reached; chance 16.7. "
+                 + _source({"provenance": p}, "benchmarks/results/memorization_ablation.json")
+                 + " Each row was measured by its own run of the script (commit column).")
+    return "\n".join(lines)
+
+
+REGISTRY["memorization_ablation"] = ("benchmarks/results/memorization_ablation.json", render_memorization_ablation)

@@ -35,6 +35,9 @@ ARMT = ["--mem-tokens", "4", "--associative-memory", "--d-mem", "16", "--dpfp-nu
 RECIPES = {
     "rmt": ("baseline: RMT, 4 memory tokens (memorization.py's)", RMT),
     "rmt_gated": ("gated write (--memory-layout gated)", RMT + ["--memory-layout", "gated"]),
+    "rmt_gated_hard": ("hard gated write (--memory-layout gated_hard)", RMT + ["--memory-layout", "gated_hard"]),
+    "rmt_gated_hard_mix": ("hard gated write + --curriculum-mix",
+                           RMT + ["--memory-layout", "gated_hard", "--curriculum-mix"]),
     "rmt_mix": ("lengths 1..stage per document (--curriculum-mix)", RMT + ["--curriculum-mix"]),
     "rmt_mem16": ("16 memory tokens", ["--mem-tokens", "16"]),
     "rmt_8seg": ("curriculum to 8 segments, 6000 updates", RMT + ["--max-num-segments", "8", "--max-update", "6000"]),
@@ -45,6 +48,13 @@ RECIPES = {
     "armt_gated_mix": ("ARMT with a gated token memory + --curriculum-mix",
                        ARMT + ["--memory-layout", "gated", "--curriculum-mix"]),
 }
+WIDE = ["--encoder-layers", "4", "--encoder-embed-dim", "128", "--encoder-ffn-embed-dim", "256",
+        "--encoder-attention-heads", "4"]
+RECIPES.update({
+    "rmt_wide": ("4 layers, C 128 (rmt_encoder_tiny's 2 x 64 widened)", RMT + WIDE),
+    "rmt_wide_lr5e-4": ("4 layers, C 128, lr 5e-4", RMT + WIDE + ["--lr", "5e-4"]),
+    "rmt_wide_mix": ("4 layers, C 128, --curriculum-mix", RMT + WIDE + ["--curriculum-mix"]),
+})
 MAX_TOKENS = 1_000_000
 
 
@@ -68,7 +78,7 @@ def train_and_score(name, a, data, bindir, T, N):
            "--no-save-optimizer-state", "--seed", str(a.seed), "--num-workers", "0", "--log-format", "json",
            "--log-interval", "50", "--cpu", "--save-dir", os.path.join(work, "ckpt")] + flags
     row = {"task": a.task, "recipe": name, "change": RECIPES[name][0], "flags": flags, "seed": a.seed,
-           "subset": a.subset}
+           "subset": a.subset, "num_docs": a.num_docs}
     try:
         log, secs = run(cmd, os.path.join(work, "train.log"))
     except SystemExit as e:

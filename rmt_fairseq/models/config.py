@@ -72,7 +72,8 @@ class MemoryConfig(FairseqDataclass):
         metadata={"help": "rmt: memory read before each segment and written after it, carried to the next (an "
                   "encoder reads and writes the same slots); mt: memory tokens read only, nothing carried (the "
                   "paper's MT ablation); gated: rmt with a learned update gate mixing the written memory with "
-                  "the memory read (modules/schemes.py)"},
+                  "the memory read; gated_hard: the same with a hard-sigmoid gate, so a closed slot keeps its memory "
+                  "exactly over any length (modules/schemes.py)"},
     )
     associative_memory: bool = field(
         default=False,

@@ -21,6 +21,10 @@ Schemes (`scheme_from(cfg)` picks one from the flags; `LAYOUTS` are --memory-lay
                                             r the memory read, z = sigmoid(W_z [w; r] + b_z) per slot and channel
                                             (a GRU-style update gate: memory kept where z is small). W_z starts at
                                             zero, so z = sigmoid(b_z) = 1/2 before training
+  gated_hard the gated write, a hard gate       z = hardsigmoid(W_z [w; r] + b_z) = clamp(a / 6 + 1/2, 0, 1)
+                                            (torch's): exactly 0 where a <= -3, so a slot the gate closes keeps its
+                                            memory bit for bit over any number of segments (issue 29: a sigmoid
+                                            gate only leaks slower); 1/2 before training as above
   armt   ARMT (Rodkin et al. 2024)          causal: [segment T | memory M], bidirectional: [memory M | segment T];
                                             learned tokens, not carried; per layer an associative matrix read by
                                             every row before the layer and written by the memory rows after it
@@ -41,7 +45,7 @@ from torch import nn
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.memory import MemoryTokens
 
-LAYOUTS = ("rmt", "mt", "gated")  # --memory-layout (ARMT: --associative-memory on the rmt layout)
+LAYOUTS = ("rmt", "mt", "gated", "gated_hard")  # --memory-layout (ARMT: --associative-memory on the rmt layout)
 
 
 class MemoryScheme:
@@ -204,14 +208,23 @@ class GatedRMT(RMT):
         nn.init.zeros_(gate.bias)
         return gate
 
+    gate = staticmethod(torch.sigmoid)
+
     def carry(self, owner, h, rows, read):
         w = h[:, rows]  # B x M x C
-        z = torch.sigmoid(owner.memory_gate(torch.cat([w, read.to(w.dtype)], dim=-1)))  # B x M x C
+        z = self.gate(owner.memory_gate(torch.cat([w, read.to(w.dtype)], dim=-1)))  # B x M x C
         return z * w + (1 - z) * read.to(w.dtype)
 
     def describe(self, owner):
-        return (f"RMT with a gated write, {self.M} memory tokens (--mem-tokens, --memory-layout gated) whose outputs "
-                f"the next segment's memory mixes with the memory read")
+        return (f"RMT with a gated write, {self.M} memory tokens (--mem-tokens, --memory-layout {self.name}) whose "
+                f"outputs the next segment's memory mixes with the memory read")
+
+
+class HardGatedRMT(GatedRMT):
+    """GatedRMT with torch's hard sigmoid as the gate (module docstring): a closed slot keeps its memory exactly."""
+
+    name = "gated_hard"
+    gate = staticmethod(nn.functional.hardsigmoid)
 
 
 class ARMT(MemoryScheme):
@@ -261,7 +274,7 @@ class ARMT(MemoryScheme):
                 f"written by {self.M} memory tokens (--mem-tokens)")
 
 
-SCHEMES = {"none": MemoryScheme, "mt": MT, "rmt": RMT, "gated": GatedRMT, "armt": ARMT}
+SCHEMES = {"none": MemoryScheme, "mt": MT, "rmt": RMT, "gated": GatedRMT, "gated_hard": HardGatedRMT, "armt": ARMT}
 
 
 def scheme_name(cfg) -> str:

@@ -9,7 +9,7 @@ import torch
 from helpers import dictionary, tiny_model, tiny_wrapper
 from rmt_fairseq.models.rmt_encoder import RMTEncoderConfig, RMTEncoderModel
 from rmt_fairseq.modules.recurrence import RecurrentState, run_segments
-from rmt_fairseq.modules.schemes import ARMT, MT, RMT, GatedRMT, MemoryScheme, scheme_from
+from rmt_fairseq.modules.schemes import ARMT, MT, RMT, GatedRMT, HardGatedRMT, MemoryScheme, scheme_from
 
 T = 8
 
@@ -31,6 +31,7 @@ FAMILIES = {"rmt_lm": lambda **k: tiny_model(**k).decoder, "rmt_transformer_lm":
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("flags,kind", [(dict(mem_tokens=0), MemoryScheme), (dict(), RMT),
                                         (dict(memory_layout="mt"), MT), (dict(memory_layout="gated"), GatedRMT),
+                                        (dict(memory_layout="gated_hard"), HardGatedRMT),
                                         (dict(associative_memory=True), ARMT)])
 def test_every_family_takes_its_scheme_from_the_flags(family, flags, kind):
     module = FAMILIES[family](**flags)
@@ -38,7 +39,7 @@ def test_every_family_takes_its_scheme_from_the_flags(family, flags, kind):
     assert module.recurrent == kind.carries_tokens and module.associative == kind.associative
     assert module.diagonal_ok == (not kind.carries_tokens)
     names = {n.split(".")[0] for n, _ in module.named_parameters()}
-    assert ("memory_gate" in names) == (kind is GatedRMT) and ("assoc_layers" in names) == (kind is ARMT)
+    assert ("memory_gate" in names) == issubclass(kind, GatedRMT) and ("assoc_layers" in names) == (kind is ARMT)
 
 
 def _memories(module, x, n):
@@ -86,6 +87,26 @@ def test_the_half_open_gate_mixes_the_written_and_the_read_memory(family):
     written = _memories(gated, x, 1)[0]  # z = 1: the written rows themselves
     init = gated.initial_memory(2).detach()
     torch.testing.assert_close(first, 0.5 * written + 0.5 * init, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_hard_gate_closed_keeps_the_memory_bitwise_where_a_sigmoid_gate_leaks(family):
+    """gated_hard: z = hardsigmoid(a) is exactly 0 for a <= -3, so with the gate's bias at -4 (and small random
+    W_z) 24 segments leave the learned initial memory bit for bit; the sigmoid gate at the same weights lets it
+    drift. At the start (W_z = 0, b_z = 0) both gates are 1/2 and carry the same memory."""
+    hard, soft = FAMILIES[family](memory_layout="gated_hard"), FAMILIES[family](memory_layout="gated")
+    soft.load_state_dict(hard.state_dict())
+    hard.eval(), soft.eval()
+    x = torch.randint(4, 40, (2, 24 * T))
+    for a, b in zip(_memories(hard, x, 2), _memories(soft, x, 2)):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        hard.memory_gate.weight.normal_(0, 0.01)
+    soft.load_state_dict(hard.state_dict())
+    _gate_bias(hard, -4.0), _gate_bias(soft, -4.0)
+    init = hard.initial_memory(2).detach()
+    assert all(torch.equal(m, init) for m in _memories(hard, x, 24))
+    assert not torch.equal(_memories(soft, x, 24)[-1], init)
 
 
 def test_the_gate_learns_through_the_carried_memory():
