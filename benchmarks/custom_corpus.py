@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=os.path.join(REPO, "outputs", "custom-corpus-bench"))
     ap.add_argument("--run-level", default="char", choices=["word", "bpe", "char"])
     ap.add_argument("--workers", default="2", help="WORKERS for prepare.sh")
+    ap.add_argument("--variants", default="", help="also run run.sh with these flags on the same data, each into "
+                    "its own SAVE: 'NAME=FLAGS;NAME=FLAGS' (e.g. 'none=--mem-tokens 0;armt=--arch armt_tiny'); their "
+                    "results.json go under \"variants\"")
     ap.add_argument("extra", nargs="*", help="flags passed on to run.sh (after --)")
     a = ap.parse_args(argv)
     if not os.path.isfile(a.raw):
@@ -67,7 +70,23 @@ def main(argv=None) -> int:
     run.update(command=f"DATA=OUT/bin examples/custom-corpus/run.sh {' '.join(a.extra)}".strip(),
                level=a.run_level, script_seconds=round(run_seconds, 1))
     result = {"raw": os.path.basename(os.path.dirname(os.path.abspath(a.raw))) + "/" + os.path.basename(a.raw),
-              "prepare": levels, "run": run}
+              "prepare": levels, "run": run, "variants": {}}
+    for spec in filter(None, (v.strip() for v in a.variants.split(";"))):
+        name, _, flags = spec.partition("=")
+        vsave = os.path.join(a.workdir, f"ckpt_{a.run_level}_{name}")
+        venv = dict(env, SAVE=vsave)
+        try:
+            secs = _run(["bash", os.path.join(EXAMPLE, "run.sh"), *flags.split()], venv,
+                        os.path.join(a.workdir, f"run_{name}.log"))
+            v = json.load(open(os.path.join(vsave, "results.json")))
+            v.pop("provenance", None)
+            v.update(script_seconds=round(secs, 1))
+        except SystemExit as e:  # a run that stops (e.g. a non-finite loss) is a result: its last lines
+            tail = open(os.path.join(a.workdir, f"run_{name}.log")).read().strip().splitlines()[-3:]
+            v = {"stopped": str(e), "last_lines": tail}
+        v.update(command=f"DATA=OUT/bin examples/custom-corpus/run.sh {flags}".strip(), flags=flags)
+        result["variants"][name] = v
+        print(json.dumps({name: {k: v.get(k) for k in ("test_bpc_raw", "valid_loss", "stopped")}}), flush=True)
     write_results(a.out, result)
     print(f"wrote {a.out}")
     return 0

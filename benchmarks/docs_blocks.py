@@ -417,13 +417,13 @@ if __name__ == "__main__":
 
 
 def render_memorization_ablation(data: dict) -> str:
-    """benchmarks/memorization_ablation.py: accuracy at N, 2N, 8N, 32N segments and 1M tokens per recipe and seed
-    (rows that stopped training say so), one table per task, each row with its own commit."""
+    """benchmarks/memorization_ablation.py: accuracy at N, 2N, 8N, 32N segments and the longest length per recipe
+    and seed (rows that stopped training say so), one table per task, each row with its own commit."""
     lines = []
     for task in sorted({r["task"] for r in data["rows"]}):
         rows = [r for r in data["rows"] if r["task"] == task]
         lines += [f"**{task}**", "", "| recipe | what changes | seed | scored on | curriculum reached | N | 2N | 8N | "
-                  "32N | 1M tokens | commit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "32N | longest (tokens) | commit |", "|" + " --- |" * 11]
         for r in rows:
             commit = (r.get("provenance", {}).get("commit") or "?")[:7]
             head = f"| {r['recipe']} | {r['change']} | {r['seed']} | {r['subset']} |"
@@ -431,7 +431,8 @@ def render_memorization_ablation(data: dict) -> str:
                 lines.append(f"{head} training stopped at stage {r.get('curriculum_stage_reached')}: "
                              f"{r.get('last_error_line') or r.get('training_stopped')} | | | | | | {commit} |")
                 continue
-            accs = " | ".join(f"{e['accuracy']:.1f}" for e in r["rows"])
+            accs = " | ".join(f"{e['accuracy']:.1f}" for e in r["rows"][:-1])
+            accs += f" | {r['rows'][-1]['accuracy']:.1f} ({r['rows'][-1]['tokens']:,})"
             lines.append(f"{head} {r['curriculum_stage_reached']} of {r.get('trained_to', '?')} "
                          f"({r['final_valid_accuracy']:.1f}% valid) | {accs} | {commit} |")
         lines.append("")

@@ -1,14 +1,15 @@
 """What makes memory hold beyond its trained length (issue 29): one recipe at a time against memorization.py's
 RMT baseline, each scored at the trained length N, at 2N, 8N, 32N segments and at 1,000,000 tokens.
 
-    python benchmarks/memorization_ablation.py --recipes rmt,rmt_gated [--task fact_memorization] [--seed 1] \\
-        [--subset valid] [--out benchmarks/results/memorization_ablation.json] [--png PNG] [--workdir DIR]
+    python benchmarks/memorization_ablation.py --recipes rmt,rmt_gated [--task fact_memorization] [--seeds 1,2] \\
+        [--subset valid|test|valid,test] [--out benchmarks/results/memorization_ablation.json] [--png PNG] \\
+        [--workdir DIR] [--max-tokens 1000000]
 
 Every recipe is memorization.py's run (rmt-data memorization on the tinyshakespeare noise, fairseq-train of
 rmt_encoder_tiny with the segment curriculum 1 -> N, T = 32, 3000 updates, batch 32, lr 1e-3 unless the recipe
 says otherwise) plus the recipe's flags, then rmt-extrapolate-classify of checkpoint_last.pt on 64 documents per
-length of --subset (valid by default: recipes are chosen on validation; the headline rows are re-run with
---subset test and two seeds). Rows accumulate in --out, one per (task, recipe, seed, subset), each with its own
+length of each split in --subset (valid by default: recipes are chosen on validation; the headline rows are
+scored on test, two seeds). Rows accumulate in --out, one per (task, recipe, seed, subset), each with its own
 command, commit and machine; a recipe whose training stops is a row too (its error line). --render re-draws the
 PNG from --out without training.
 """
@@ -39,6 +40,8 @@ RECIPES = {
     "rmt_gated_hard_mix": ("hard gated write + --curriculum-mix",
                            RMT + ["--memory-layout", "gated_hard", "--curriculum-mix"]),
     "rmt_mix": ("lengths 1..stage per document (--curriculum-mix)", RMT + ["--curriculum-mix"]),
+    "rmt_mix_8seg": ("--curriculum-mix, curriculum to 8 segments, 6000 updates",
+                    RMT + ["--curriculum-mix", "--max-num-segments", "8", "--max-update", "6000"]),
     "rmt_mem16": ("16 memory tokens", ["--mem-tokens", "16"]),
     "rmt_8seg": ("curriculum to 8 segments, 6000 updates", RMT + ["--max-num-segments", "8", "--max-update", "6000"]),
     "rmt_gated_mix": ("gated write + --curriculum-mix", RMT + ["--memory-layout", "gated", "--curriculum-mix"]),
@@ -58,15 +61,16 @@ RECIPES.update({
 MAX_TOKENS = 1_000_000
 
 
-def lengths_of(N: int, T: int):
-    """N, 2N, 8N, 32N segments and the first length reaching 1M tokens."""
-    return [N, 2 * N, 8 * N, 32 * N, math.ceil(MAX_TOKENS / T)]
+def lengths_of(N: int, T: int, max_tokens: int = MAX_TOKENS):
+    """N, 2N, 8N, 32N segments and the first length reaching max_tokens (1M)."""
+    return [N, 2 * N, 8 * N, 32 * N, math.ceil(max_tokens / T)]
 
 
-def train_and_score(name, a, data, bindir, T, N):
+def train_and_score(name, a, data, bindir, T, N, seed):
+    """Train recipe `name` with `seed`, score the checkpoint on each of --subset's splits -> one row per split."""
     flags = RECIPES[name][1]
     n_max = int(flags[flags.index("--max-num-segments") + 1]) if "--max-num-segments" in flags else N
-    work = os.path.join(a.workdir, f"{a.task}_{name}_s{a.seed}")
+    work = os.path.join(a.workdir, f"{a.task}_{name}_s{seed}")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     cmd = [os.path.join(bindir, "fairseq-train"), data, "--user-dir", os.path.join(REPO, "user_dir"),
@@ -75,10 +79,10 @@ def train_and_score(name, a, data, bindir, T, N):
            "--curriculum-threshold", "95", "--batch-size", "32", "--optimizer", "adam", "--lr", "1e-3",
            "--clip-norm", "1.0", "--max-update", str(a.max_update), "--max-epoch", "1000",
            "--validate-interval-updates", "100", "--validate-interval", "1000", "--no-epoch-checkpoints",
-           "--no-save-optimizer-state", "--seed", str(a.seed), "--num-workers", "0", "--log-format", "json",
+           "--no-save-optimizer-state", "--seed", str(seed), "--num-workers", "0", "--log-format", "json",
            "--log-interval", "50", "--cpu", "--save-dir", os.path.join(work, "ckpt")] + flags
-    row = {"task": a.task, "recipe": name, "change": RECIPES[name][0], "flags": flags, "seed": a.seed,
-           "subset": a.subset, "num_docs": a.num_docs}
+    row = {"task": a.task, "recipe": name, "change": RECIPES[name][0], "flags": flags, "seed": seed,
+           "num_docs": a.num_docs, "max_segments": N}
     try:
         log, secs = run(cmd, os.path.join(work, "train.log"))
     except SystemExit as e:
@@ -88,20 +92,24 @@ def train_and_score(name, a, data, bindir, T, N):
         err = [ln for ln in log.splitlines() if "Error" in ln and not ln.startswith(" ")]
         row.update(training_stopped=str(e), last_error_line=err[-1] if err else None, last_valid_update=upd,
                    last_valid_accuracy=acc, curriculum_stage_reached=1 + len(stages))
-        return row
+        return [dict(row, subset=subset) for subset in a.subset.split(",")]
     upd, acc, stages = last_valid(log)
     row.update(train_seconds=round(secs, 1), updates=upd, final_valid_accuracy=acc,
                curriculum_stage_reached=1 + len(stages), trained_to=n_max)
-    out = os.path.join(work, "extrapolate")
-    run([os.path.join(bindir, "rmt-extrapolate-classify"), "--path", os.path.join(work, "ckpt", "checkpoint_last.pt"),
-         "--data", data, "--out", out, "--num-docs", str(a.num_docs), "--subset", a.subset,
-         "--segments", ",".join(str(n) for n in lengths_of(1 + len(stages), T))],
-        os.path.join(work, "extrapolate.log"))
-    with open(os.path.join(out, "extrapolation.json")) as f:
-        rep = json.load(f)
-    row["rows"] = [{k: r[k] for k in ("segments", "tokens", "accuracy", "us_per_token")} for r in rep["rows"]]
-    row["chance"] = rep["chance"]
-    return row
+    rows = []
+    for subset in a.subset.split(","):
+        out = os.path.join(work, f"extrapolate_{subset}")
+        run([os.path.join(bindir, "rmt-extrapolate-classify"), "--path",
+             os.path.join(work, "ckpt", "checkpoint_last.pt"), "--data", data, "--out", out, "--num-docs",
+             str(a.num_docs), "--subset", subset,
+             "--segments", ",".join(str(n) for n in lengths_of(1 + len(stages), T, a.max_tokens))],
+            os.path.join(work, f"extrapolate_{subset}.log"))
+        with open(os.path.join(out, "extrapolation.json")) as f:
+            rep = json.load(f)
+        rows.append(dict(row, subset=subset, chance=rep["chance"],
+                         rows=[{k: r[k] for k in ("segments", "tokens", "accuracy", "us_per_token")}
+                               for r in rep["rows"]]))
+    return rows
 
 
 def plot(rows, png):
@@ -130,11 +138,13 @@ def main(argv=None):
     ap.add_argument("--recipes", default="rmt", help="comma-separated, from: " + ", ".join(RECIPES))
     ap.add_argument("--task", default="fact_memorization", choices=["fact_memorization", "fact_detection",
                                                                       "reasoning"])
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--subset", default="valid", choices=["valid", "test"])
+    ap.add_argument("--seeds", default="1", help="comma-separated: one training per seed")
+    ap.add_argument("--subset", default="valid", help="valid, test or valid,test: the split(s) each checkpoint is "
+                    "scored on")
     ap.add_argument("--max-segments", type=int, default=5, help="the curriculum's last stage N (a recipe may raise it)")
     ap.add_argument("--max-update", type=int, default=3000)
     ap.add_argument("--num-docs", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="the longest length scored, in tokens")
     ap.add_argument("--out", default="benchmarks/results/memorization_ablation.json")
     ap.add_argument("--png", default="benchmarks/results/memorization_ablation.png")
     ap.add_argument("--workdir", default="/tmp/rmt_ablation")
@@ -159,19 +169,21 @@ def main(argv=None):
         run([os.path.join(bindir, "rmt-data"), "memorization", a.task, "--out", data, "--train-size", "20000",
              "--valid-size", "256", "--test-size", "64", "--noise-file", SHAKESPEARE],
             os.path.join(a.workdir, f"data_{a.task}.log"))
-    for name in names:
-        row = train_and_score(name, a, data, bindir, T, N)
-        row["provenance"] = provenance()
-        key = (row["task"], row["recipe"], row["seed"], row["subset"])
-        results["rows"] = [r for r in results["rows"] if (r["task"], r["recipe"], r["seed"], r["subset"]) != key]
-        results["rows"].append(row)
-        with open(a.out, "w") as f:
-            json.dump(results, f, indent=1)
-        acc = " / ".join(f"{e['accuracy']:.1f}" for e in row.get("rows", []))
-        print(f"{a.task} {name} seed {a.seed}: stage {row.get('curriculum_stage_reached')}, "
-              f"{row.get('train_seconds', 'stopped')} s; {a.subset} accuracy at "
-              f"{[e['segments'] for e in row.get('rows', [])]} segments: "
-              f"{acc or row.get('last_error_line')}", flush=True)
+    if set(a.subset.split(",")) - {"valid", "test"}:
+        sys.exit(f"error: --subset: valid, test or both, got {a.subset!r}")
+    for name, seed in [(n, int(s)) for n in names for s in a.seeds.split(",")]:
+        for row in train_and_score(name, a, data, bindir, T, N, seed):
+            row["provenance"] = provenance()
+            key = (row["task"], row["recipe"], row["seed"], row["subset"])
+            results["rows"] = [r for r in results["rows"]
+                               if (r["task"], r["recipe"], r["seed"], r["subset"]) != key] + [row]
+            with open(a.out, "w") as f:
+                json.dump(results, f, indent=1)
+            acc = " / ".join(f"{e['accuracy']:.1f}" for e in row.get("rows", []))
+            print(f"{a.task} {name} seed {seed}: stage {row.get('curriculum_stage_reached')}, "
+                  f"{row.get('train_seconds', 'stopped')} s; {row['subset']} accuracy at "
+                  f"{[e['segments'] for e in row.get('rows', [])]} segments: "
+                  f"{acc or row.get('last_error_line')}", flush=True)
     plot(results["rows"], a.png)
 
 

@@ -31,6 +31,7 @@ from omegaconf import II
 from rmt_fairseq import checkpoints, compat, distributed, quiet
 from rmt_fairseq.data.streams import StreamDataset, flatten_indexed_dataset
 from rmt_fairseq.errors import RMTConfigError, check, install_excepthook
+from rmt_fairseq.models.config import ARMT_MEMORY_RESET_INTERVAL
 from rmt_fairseq.modules.generation import unknown_prompt_message
 from rmt_fairseq.modules.recurrence import (
     BPTT_MODES,
@@ -68,7 +69,8 @@ class RMTLMConfig(FairseqDataclass):
                   "so the model keeps learning to work from the empty memory that validation and fairseq-eval-lm "
                   "start each stream with. Without it a training stream's memory is reset only at the start of "
                   "an epoch; ARMT's associative memory then holds values written by long-gone parameters (issue "
-                  "29). Default: never (an ARMT preset sets its own, which --help with --arch shows)"},
+                  "29). 0: never. Default: never, except for ARMT models (--associative-memory): every "
+                  f"{ARMT_MEMORY_RESET_INTERVAL} segments"},
     )
     eval_segments_per_batch: int = field(
         default=1,
@@ -252,7 +254,8 @@ class RMTLMTask(FairseqTask):
               f"--bptt-unroll must be >= 0, got {cfg.bptt_unroll}")
         check(str(cfg.bptt_mode) in BPTT_MODES, f"--bptt-mode must be one of {BPTT_MODES}, got {cfg.bptt_mode}")
         R = getattr(cfg, "memory_reset_interval", None)
-        check(R is None or R >= 1, f"--memory-reset-interval must be >= 1 segments, got {R}")
+        check(R is None or R >= 0, f"--memory-reset-interval must be >= 0 segments (0: never), got {R}")
+        self.reset_interval = R or None  # resolved for the model in build_model (ARMT's default)
         check(getattr(cfg, "eval_segments_per_batch", 1) >= 1,
               f"--eval-segments-per-batch must be >= 1, got {getattr(cfg, 'eval_segments_per_batch', 1)}")
         if cfg.tokens_per_sample is not None:
@@ -326,6 +329,9 @@ class RMTLMTask(FairseqTask):
                   f"--associative-memory), got --mem-tokens {getattr(cfg, 'mem_tokens', 0)}")
         if not from_checkpoint:
             check_memory_can_learn(decoder, self.bptt_unroll)
+            R = getattr(self.cfg, "memory_reset_interval", None)
+            self.reset_interval = (ARMT_MEMORY_RESET_INTERVAL if getattr(decoder, "associative", False) else None) \
+                if R is None else (R or None)
         if carries_memory(decoder) and self.bptt_unroll == 0:
             logger.warning("--bptt-unroll 0 with memory tokens: write memory receives no gradient; use >= 1")
         if resume is not None:
@@ -338,9 +344,12 @@ class RMTLMTask(FairseqTask):
     def run_summary(self, model) -> str:
         """Memory kind, segment length, streams and BPTT unroll of the run, in one line ("memory: ...; ...")."""
         K = self.bptt_unroll or 0
+        bptt = bptt_summary(model.decoder, K, self.bptt_mode, segments_per_batch(self.bptt_mode, K))
+        if self.reset_interval:
+            bptt += f"; training streams restart their memory every {self.reset_interval} segments " \
+                    f"(--memory-reset-interval{'' if self.cfg.memory_reset_interval else ', ARMT default'})"
         return training_summary(model.decoder, f"segment {self.seg_len} tokens (--tokens-per-sample)",
-                                self.cfg.batch_size, "streams",
-                                bptt_summary(model.decoder, K, self.bptt_mode, segments_per_batch(self.bptt_mode, K)))
+                                self.cfg.batch_size, "streams", bptt)
 
     @staticmethod
     def _continue_as_trained(path: str, cfg) -> None:
@@ -600,7 +609,7 @@ class RMTLMTask(FairseqTask):
         have run since the last reset. Keyed by both, so validating on the training split (--valid-subset train)
         never touches the training streams' memory."""
         key = (mode, sample["split"])
-        R = getattr(self.cfg, "memory_reset_interval", None)
+        R = self.reset_interval
         if sample["batch_index"] == 0 or key not in self.states or \
                 (mode == "train" and R and self.states[key].segments_seen >= R):
             self.states[key] = RecurrentState()

@@ -104,3 +104,21 @@ def test_memory_reset_interval_restarts_the_training_streams_only(recall_data, i
         else:  # training: 2 segments a batch (--bptt-unroll 1, block); validation: 1
             per = 2 if mode == "train" else 1
             assert seen == [per * (i + 1) for i in range(6)] and fresh_in == [True] + [False] * 5
+
+
+@pytest.mark.parametrize("arch,flags,interval", [
+    ("armt_tiny", [], 16), ("armt_tiny", ["--memory-reset-interval", 0], None),
+    ("armt_tiny", ["--memory-reset-interval", 5], 5), ("rmt_tiny", [], None)])
+def test_armt_training_streams_restart_their_memory_by_default(recall_data, arch, flags, interval):
+    """ARMT's associative matrix grows without bound on never-reset streams (issue 29): --task rmt_lm restarts an
+    ARMT model's training streams every 16 segments unless --memory-reset-interval says otherwise (0: never); the
+    run's summary line says so."""
+    from helpers import build_from_cli_args
+
+    cfg, task, model, criterion = build_from_cli_args([
+        recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--arch", arch, "--criterion",
+        "rmt_cross_entropy", "--tokens-per-sample", 8, "--batch-size", 2, "--bptt-unroll", 1, "--cpu", *flags])
+    assert task.reset_interval == interval
+    summary = task.run_summary(model)
+    assert (f"restart their memory every {interval} segments" in summary) == (interval is not None), summary
+    assert ("ARMT default" in summary) == (interval == 16)
