@@ -105,6 +105,28 @@ def test_memorization_quick_runs_the_real_clis(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 0
 
 
+def test_memorization_ablation_trains_once_and_scores_both_splits(tmp_path):
+    """memorization_ablation.py through the real CLIs: the recipe's flags reach fairseq-train (its summary line),
+    one training per seed is scored on valid and test at N, 2N, 8N, 32N and the longest length, rows accumulate."""
+    out = tmp_path / "a.json"
+    base = [sys.executable, "benchmarks/memorization_ablation.py", "--max-update", "20", "--max-segments", "2",
+            "--num-docs", "4", "--max-tokens", "2000", "--out", str(out), "--png", str(tmp_path / "a.png"),
+            "--workdir", str(tmp_path / "w")]
+    subprocess.run(base + ["--recipes", "rmt_gated_hard_mix", "--subset", "valid,test"], cwd=REPO, check=True,
+                   capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["recipe"], r["subset"], r["seed"]) for r in rows] == [("rmt_gated_hard_mix", "valid", 1),
+                                                                    ("rmt_gated_hard_mix", "test", 1)]
+    log = (tmp_path / "w" / "fact_memorization_rmt_gated_hard_mix_s1" / "train.log").read_text()
+    assert "--memory-layout gated_hard" in log and "--curriculum-mix: training documents of 1 to" in log
+    n = rows[0]["curriculum_stage_reached"]
+    assert [e["segments"] for e in rows[0]["rows"]] == [n, 2 * n, 8 * n, 32 * n, 63]  # 63 x 32 >= 2000 tokens
+    assert all(0 <= e["accuracy"] <= 100 for r in rows for e in r["rows"])
+    p = subprocess.run(base + ["--recipes", "nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "error: --recipes: unknown recipe 'nope'" in p.stderr
+    assert len(json.loads(out.read_text())["rows"]) == 2  # a refused run leaves the results as they were
+
+
 def test_scaleout_quick(tmp_path):
     out = tmp_path / "s.json"
     subprocess.run([sys.executable, "benchmarks/scaleout.py", "--quick", "--out", str(out)], cwd=REPO,
