@@ -412,8 +412,6 @@ def main(argv=None) -> int:
     return 1 if stale else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def render_memorization_ablation(data: dict) -> str:
@@ -444,3 +442,25 @@ def render_memorization_ablation(data: dict) -> str:
 
 
 REGISTRY["memorization_ablation"] = ("benchmarks/results/memorization_ablation.json", render_memorization_ablation)
+
+
+def render_custom_corpus_variants(data: dict) -> str:
+    """benchmarks/custom_corpus.py --variants: run.sh's default run and each variant on the same char-level data."""
+    lines = ["| run | flags added to run.sh | test bpc | valid loss (bits) |", "| --- | --- | --- | --- |",
+             f"| run.sh's default (rmt_tiny, 4 memory tokens) | | {data['run']['test_bpc_raw']:.4f} | "
+             f"{data['run']['valid_loss']:.4f} |"]
+    for name, v in data["variants"].items():
+        if v.get("stopped"):
+            last = next((ln for ln in reversed(v.get("last_lines", [])) if ln.startswith("error:")), v["stopped"])
+            lines.append(f"| {name} | `{v['flags']}` | stopped: {last} | |")
+        else:
+            lines.append(f"| {name} | `{v['flags']}` | {v['test_bpc_raw']:.4f} | {v['valid_loss']:.4f} |")
+    lines += ["", _source(data, "benchmarks/results/custom_corpus_armt.json")]
+    return "\n".join(lines)
+
+
+REGISTRY["custom_corpus_armt"] = ("benchmarks/results/custom_corpus_armt.json", render_custom_corpus_variants)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
