@@ -169,6 +169,15 @@ def check_memory_can_learn(module, bptt_unroll: Optional[int]) -> None:
           "--bptt-unroll >= 1")
 
 
+def memory_reset_interval(cfg, module) -> Optional[int]:
+    """The training streams' restart interval in segments (None: never): --memory-reset-interval, 0 meaning never;
+    not given, ARMT_MEMORY_RESET_INTERVAL for an associative model (`module`: its decoder), else never."""
+    R = getattr(cfg, "memory_reset_interval", None)
+    if R is None:
+        return ARMT_MEMORY_RESET_INTERVAL if getattr(module, "associative", False) else None
+    return R or None
+
+
 def memory_summary(module, fresh_per: Optional[str] = None) -> str:
     """What a model (its decoder or encoder) carries from segment to segment, with the flags that set it;
     `fresh_per` ("sample"): the task starts it afresh for every sample."""
@@ -255,7 +264,7 @@ class RMTLMTask(FairseqTask):
         check(str(cfg.bptt_mode) in BPTT_MODES, f"--bptt-mode must be one of {BPTT_MODES}, got {cfg.bptt_mode}")
         R = getattr(cfg, "memory_reset_interval", None)
         check(R is None or R >= 0, f"--memory-reset-interval must be >= 0 segments (0: never), got {R}")
-        self.reset_interval = R or None  # resolved for the model in build_model (ARMT's default)
+        self.reset_interval = None  # training streams' restart interval, set for the model by build_model
         check(getattr(cfg, "eval_segments_per_batch", 1) >= 1,
               f"--eval-segments-per-batch must be >= 1, got {getattr(cfg, 'eval_segments_per_batch', 1)}")
         if cfg.tokens_per_sample is not None:
@@ -329,9 +338,7 @@ class RMTLMTask(FairseqTask):
                   f"--associative-memory), got --mem-tokens {getattr(cfg, 'mem_tokens', 0)}")
         if not from_checkpoint:
             check_memory_can_learn(decoder, self.bptt_unroll)
-            R = getattr(self.cfg, "memory_reset_interval", None)
-            self.reset_interval = (ARMT_MEMORY_RESET_INTERVAL if getattr(decoder, "associative", False) else None) \
-                if R is None else (R or None)
+            self.reset_interval = memory_reset_interval(self.cfg, decoder)
         if carries_memory(decoder) and self.bptt_unroll == 0:
             logger.warning("--bptt-unroll 0 with memory tokens: write memory receives no gradient; use >= 1")
         if resume is not None:
