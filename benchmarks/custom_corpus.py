@@ -33,6 +33,17 @@ def _run(cmd, env, log):
     return time.perf_counter() - t0
 
 
+def run_example(flags, data, save, log) -> dict:
+    """run.sh with `flags` on `data` into `save` -> its results.json (less its provenance) with the command and the
+    script's seconds; exits naming the log if run.sh fails."""
+    seconds = _run(["bash", os.path.join(EXAMPLE, "run.sh"), *flags], dict(os.environ, DATA=data, SAVE=save), log)
+    result = json.load(open(os.path.join(save, "results.json")))
+    result.pop("provenance", None)
+    result.update(command=f"DATA=OUT/bin examples/custom-corpus/run.sh {' '.join(flags)}".strip(),
+                  script_seconds=round(seconds, 1))
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--raw", default=DEFAULT_RAW, help="the raw text (default: tinyshakespeare)")
@@ -62,30 +73,20 @@ def main(argv=None) -> int:
                          "seconds": round(seconds, 1), "dictionary": sum(1 for _ in open(f"{out}/bin/dict.txt")) + 4,
                          "splits": {s: {**splits[s], **counts.get(s, {})} for s in ("train", "valid", "test")}}
         print(json.dumps({level: levels[level]}), flush=True)
-    save = os.path.join(a.workdir, f"ckpt_{a.run_level}")
-    env = dict(os.environ, DATA=os.path.join(a.workdir, a.run_level, "bin"), SAVE=save)
-    run_seconds = _run(["bash", os.path.join(EXAMPLE, "run.sh"), *a.extra], env, os.path.join(a.workdir, "run.log"))
-    run = json.load(open(os.path.join(save, "results.json")))
-    run.pop("provenance", None)
-    run.update(command=f"DATA=OUT/bin examples/custom-corpus/run.sh {' '.join(a.extra)}".strip(),
-               level=a.run_level, script_seconds=round(run_seconds, 1))
+    data = os.path.join(a.workdir, a.run_level, "bin")
+    run = run_example(a.extra, data, os.path.join(a.workdir, f"ckpt_{a.run_level}"), os.path.join(a.workdir, "run.log"))
+    run.update(level=a.run_level)
     result = {"raw": os.path.basename(os.path.dirname(os.path.abspath(a.raw))) + "/" + os.path.basename(a.raw),
               "prepare": levels, "run": run, "variants": {}}
     for spec in filter(None, (v.strip() for v in a.variants.split(";"))):
         name, _, flags = spec.partition("=")
-        vsave = os.path.join(a.workdir, f"ckpt_{a.run_level}_{name}")
-        venv = dict(env, SAVE=vsave)
+        log = os.path.join(a.workdir, f"run_{name}.log")
         try:
-            secs = _run(["bash", os.path.join(EXAMPLE, "run.sh"), *flags.split()], venv,
-                        os.path.join(a.workdir, f"run_{name}.log"))
-            v = json.load(open(os.path.join(vsave, "results.json")))
-            v.pop("provenance", None)
-            v.update(script_seconds=round(secs, 1))
+            v = run_example(flags.split(), data, os.path.join(a.workdir, f"ckpt_{a.run_level}_{name}"), log)
         except SystemExit as e:  # a run that stops (e.g. a non-finite loss) is a result: its last lines
-            tail = open(os.path.join(a.workdir, f"run_{name}.log")).read().strip().splitlines()[-3:]
-            v = {"stopped": str(e), "last_lines": tail}
-        v.update(command=f"DATA=OUT/bin examples/custom-corpus/run.sh {flags}".strip(), flags=flags)
-        result["variants"][name] = v
+            v = {"stopped": str(e), "last_lines": open(log).read().strip().splitlines()[-3:],
+                 "command": f"DATA=OUT/bin examples/custom-corpus/run.sh {flags}".strip()}
+        result["variants"][name] = dict(v, flags=flags)
         print(json.dumps({name: {k: v.get(k) for k in ("test_bpc_raw", "valid_loss", "stopped")}}), flush=True)
     write_results(a.out, result)
     print(f"wrote {a.out}")
