@@ -30,13 +30,16 @@ _state = {"installed": False}
 
 def _record_source(state: dict, path: str) -> dict:
     """The loaded checkpoint's model config names its file (`checkpoint_file`, models/config.py TrainedWithConfig),
-    for the error lines of the model build that follows; only configs of this plugin's families have the field."""
+    for the error lines of the model build that follows; only configs of this plugin's families have the field.
+    A config from before --associative-write existed gets the write rule its model was trained with (parallel)."""
     from omegaconf import OmegaConf, open_dict
 
     model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
     if OmegaConf.is_config(model_cfg) and "dictionary_fingerprint" in model_cfg:
         with open_dict(model_cfg):
             model_cfg.checkpoint_file = path
+            if "associative_memory" in model_cfg and "associative_write" not in model_cfg:
+                model_cfg.associative_write = "parallel"  # written before --associative-write: the rule it used
     return state
 # what torch.load / fairseq's upgrade raise on a truncated or corrupt file
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError)

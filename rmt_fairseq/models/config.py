@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 MEMORY_LAYOUTS = ChoiceEnum(list(LAYOUTS))
 STATE_DTYPES = ChoiceEnum(list(associative.STATE_DTYPES))
+WRITE_RULES = ChoiceEnum(list(associative.WRITE_RULES))
 SCHEDULE_CHOICES = ChoiceEnum(list(SCHEDULES))  # the segment loop's schedules (modules/recurrence.py)
 
 # ARMT's values in every family's ARMT presets (armt_*): DPFP's nu as in the paper, the diagonal schedule (exact) for
@@ -89,6 +90,15 @@ class MemoryConfig(FairseqDataclass):
     d_mem: int = field(default=64, metadata={"help": "--associative-memory: key dimension D before DPFP (the matrix "
                                                      "has 2 x --dpfp-nu x D rows per layer)"})
     dpfp_nu: int = field(default=3, metadata={"help": "--associative-memory: DPFP's nu (the paper's 3)"})
+    associative_write: WRITE_RULES = field(
+        default=associative.WRITE_RULES[0],
+        metadata={"help": "--associative-memory: how the M memory tokens of a segment write: sequential (one after "
+                  "another, each against the memory the ones before it left: the delta rule token by token, "
+                  "Schlag et al. 2021; stays bounded on never-restarted streams) or parallel (all against the memory "
+                  "before the segment, summed: the authors' code; M similar keys overshoot, the matrix grew without "
+                  "bound on never-restarted --task rmt_lm streams). Equal for one memory token or orthogonal keys. "
+                  "Checkpoints from before this flag load as parallel"},
+    )
     associative_state_dtype: STATE_DTYPES = field(
         default="fp32",
         metadata={"help": "--associative-memory: dtype the associative state is accumulated in: fp32 (also under "

@@ -15,6 +15,16 @@ Per layer l, with A_l (B x F x C) and z_l (B x F) the layer's associative state 
         gamma_j = clip(1 - (z_l . phi(k_j) + eps) / |phi(k_j)|^2, 0, 1), not differentiated   (correction term)
         A_l <- A_l + sum_j beta_j phi(k_j) (v_j - vbar_j)^T        (delta rule, eq. 3)
         z_l <- z_l + sum_j gamma_j phi(k_j)                        (eq. 4; gamma_j = 1 at the stream's start)
+  --associative-write: "parallel" computes every vbar_j, gamma_j against the state before the segment and adds the
+  sums (the authors' code); "sequential" (the default) applies the two lines to one memory token after another, so
+  token j's vbar_j and gamma_j see what tokens 1..j-1 wrote (the delta rule as Schlag et al. 2021 write it, token
+  by token). Where the M keys' features do not overlap the two agree. Where they do, the parallel write corrects
+  the same stored value M times: along a key the memory holds (z . phi(k) ~ 1, gamma 0) the stored value is scaled
+  by 1 - sum_j beta_j each segment, |1 - M| > 1 for M > 2 memory tokens with beta ~ 1, and the matrix grows
+  geometrically (armt_tiny on never-restarted --task rmt_lm streams: max |A| 2 -> 4e17 in 30 updates, then a
+  non-finite loss). Token by token, a key's first write brings z . phi(k) to about 1 (gamma) and each later write
+  scales the stored value by 1 - beta_j, in (0, 1): a rewrite replaces the value rather than overshooting it
+  (tests/modules/test_associative_rules.py).
 
 f = DEN_FLOOR (1e-2) keeps the read bounded where z . phi(q) = 0 but A . phi(q) != 0 (see DEN_FLOOR); the paper's
 denominator is z . phi + eps, which the floor leaves unchanged wherever it is >= f.
@@ -44,6 +54,7 @@ EPS = 1e-5  # the authors' denominator epsilon
 # unchanged wherever z . phi(q) + eps >= DEN_FLOOR. gamma (the correction term) keeps the unfloored denominator.
 DEN_FLOOR = 1e-2
 STATE_DTYPES = {"fp32": torch.float32, "model": None}  # None: the model's own dtype
+WRITE_RULES = ("sequential", "parallel")  # --associative-write (update's docstring); the first is the default
 
 
 def dpfp(x: torch.Tensor, nu: int) -> torch.Tensor:
@@ -62,9 +73,11 @@ class AssociativeMemory(nn.Module):
     """The associative block of one layer (module docstring): projections W_Q, W_K (C -> D), W_V (C -> C, zero at
     the start) and the write gate w_b (C -> 1). The state (A, z) is data passed in and returned, never kept."""
 
-    def __init__(self, embed_dim: int, d_mem: int, nu: int = 3):
+    def __init__(self, embed_dim: int, d_mem: int, nu: int = 3, write_rule: str = WRITE_RULES[0]):
         super().__init__()
-        self.d_mem, self.nu = d_mem, nu
+        if write_rule not in WRITE_RULES:
+            raise ValueError(f"associative write rule must be one of {WRITE_RULES}, got {write_rule!r}")
+        self.d_mem, self.nu, self.write_rule = d_mem, nu, write_rule
         self.q_proj = nn.Linear(embed_dim, d_mem, bias=False)
         self.k_proj = nn.Linear(embed_dim, d_mem, bias=False)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=False)
@@ -90,7 +103,7 @@ class AssociativeMemory(nn.Module):
         mk = feature(project(mem, self.k_proj.weight).to(dt), self.nu)  # B x M x F
         v = project(mem, self.v_proj.weight).to(dt)  # B x M x C
         beta = gate(mem, self.beta_proj.weight[0], self.beta_proj.bias).to(dt)  # B x M x 1
-        return update(mk, v, beta, A, z)
+        return update(mk, v, beta, A, z, self.write_rule)
 
 
 def gate(mem: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,9 +138,24 @@ def read(x: torch.Tensor, mq: torch.Tensor, A: Optional[torch.Tensor], z: Option
 
 
 def update(mk: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: Optional[torch.Tensor],
-           z: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+           z: Optional[torch.Tensor], rule: str = WRITE_RULES[0]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The write of the module docstring for any leading dims (...): mk = phi(k) ... x M x F, v ... x M x C, beta
-    ... x M x 1 (all in the state dtype), A ... x F x C and z ... x F or None (a stream's start) -> new (A, z)."""
+    ... x M x 1 (all in the state dtype), A ... x F x C and z ... x F or None (a stream's start) -> new (A, z).
+    `rule` (WRITE_RULES): "parallel" writes the M memory tokens at once, each against the state before the segment
+    (the authors' code); "sequential" writes them one after another, each against the state the ones before it
+    left (the delta rule token by token, as Schlag et al. 2021 write it)."""
+    if rule == "sequential":
+        for j in range(mk.size(-2)):
+            A, z = _write(mk[..., j : j + 1, :], v[..., j : j + 1, :], beta[..., j : j + 1, :], A, z)
+        return A, z
+    if rule != "parallel":
+        raise ValueError(f"associative write rule must be one of {WRITE_RULES}, got {rule!r}")
+    return _write(mk, v, beta, A, z)
+
+
+def _write(mk, v, beta, A, z):
+    """The paper's write (eqs. 3-4) of the rows of mk at once, each against (A, z) as given (None: zeros, with vbar 0
+    and gamma 1 as at a stream's start)."""
     if A is None:
         delta, gamma = v, 1.0
         A = mk.new_zeros(*mk.shape[:-2], mk.size(-1), v.size(-1))

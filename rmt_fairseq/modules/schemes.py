@@ -246,7 +246,8 @@ class ARMT(MemoryScheme):
     def build(self, name, embed_dim, num_layers, cfg, init_std=1.0):
         if name != "assoc_layers":
             return super().build(name, embed_dim, num_layers, cfg, init_std)
-        return nn.ModuleList(associative.AssociativeMemory(embed_dim, cfg.d_mem, cfg.dpfp_nu)
+        rule = str(cfg.associative_write)  # --associative-write
+        return nn.ModuleList(associative.AssociativeMemory(embed_dim, cfg.d_mem, cfg.dpfp_nu, rule)
                              for _ in range(num_layers))
 
     def blocks(self, owner, memory, batch_size):

@@ -30,8 +30,9 @@ def ref_phi(x, nu):
     return torch.tensor([v / max(norm, 1e-12) for v in out], dtype=torch.float64)
 
 
-def ref_write(block, mem, A, z):
-    """One stream: mem M x C -> (A F x C, z F); every memory token j uses the state before this segment."""
+def ref_write(block, mem, A, z, rule="parallel"):
+    """One stream: mem M x C -> (A F x C, z F). parallel: every memory token j uses the state before this segment
+    (the authors' code); sequential: token j uses the state tokens 1..j-1 left (the delta rule token by token)."""
     nu = block.nu
     Wk, Wv = block.k_proj.weight.double(), block.v_proj.weight.double()
     wb, bb = block.beta_proj.weight.double()[0], block.beta_proj.bias.double()[0]
@@ -40,15 +41,16 @@ def ref_write(block, mem, A, z):
     A0 = torch.zeros(F_, C, dtype=torch.float64) if first else A.clone()
     z0 = torch.zeros(F_, dtype=torch.float64) if first else z.clone()
     A1, z1 = A0.clone(), z0.clone()
-    for m in mem.double():
+    for j, m in enumerate(mem.double()):
         k = ref_phi(Wk @ m, nu)
         v = Wv @ m
         beta = 1.0 / (1.0 + math.exp(-float(wb @ m + bb)))
-        if first:
+        As, zs = (A1.clone(), z1.clone()) if rule == "sequential" else (A0, z0)
+        if first and (rule == "parallel" or j == 0):
             vbar, gamma = torch.zeros(C, dtype=torch.float64), 1.0
         else:
-            den = float(z0 @ k) + EPS
-            vbar = (A0.T @ k) / den
+            den = float(zs @ k) + EPS
+            vbar = (As.T @ k) / den
             gamma = min(max(1.0 - den / float(k @ k), 0.0), 1.0)
         A1 += beta * torch.outer(k, v - vbar)
         z1 += gamma * k
@@ -66,10 +68,11 @@ def ref_read(block, x, A, z):
     return torch.stack(rows)
 
 
-def test_update_and_read_equal_the_reference_over_three_segments():
+@pytest.mark.parametrize("rule", associative.WRITE_RULES)
+def test_update_and_read_equal_the_reference_over_three_segments(rule):
     torch.manual_seed(0)
     C, D, M, N, B = 6, 3, 4, 5, 2
-    block = associative.AssociativeMemory(C, D, nu=3).double()
+    block = associative.AssociativeMemory(C, D, nu=3, write_rule=rule).double()
     with torch.no_grad():
         block.v_proj.weight.normal_(0, 0.5)  # zero at the start; non-zero to store something
     assert block.feature_dim == 2 * 3 * D
@@ -81,7 +84,7 @@ def test_update_and_read_equal_the_reference_over_three_segments():
         for b in range(B):
             torch.testing.assert_close(got_read[b], ref_read(block, x[b], *refs[b]), rtol=1e-9, atol=1e-9)
         A, z = block.write(mem, A, z, torch.float64)
-        refs = [ref_write(block, mem[b], *refs[b]) for b in range(B)]
+        refs = [ref_write(block, mem[b], *refs[b], rule=rule) for b in range(B)]
         for b in range(B):
             torch.testing.assert_close(A[b], refs[b][0], rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(z[b], refs[b][1], rtol=1e-9, atol=1e-9)
@@ -266,3 +269,19 @@ def test_a_nonfinite_associative_state_is_reported_per_segment():
 def test_bad_armt_flags_are_one_line(flags, message):
     with pytest.raises(RMTConfigError, match=message.replace("(", r"\(")):
         tiny_model(associative_memory=True, **flags)
+
+
+def test_a_checkpoint_from_before_the_write_rule_flag_loads_with_the_rule_it_was_trained_with():
+    """Checkpoints written before --associative-write computed the parallel write; the loader
+    (rmt_fairseq/checkpoints.py) names that rule in their config, and leaves a recorded rule alone."""
+    from omegaconf import OmegaConf
+
+    from rmt_fairseq.checkpoints import _record_source
+
+    old = {"cfg": {"model": OmegaConf.create({"dictionary_fingerprint": "ab", "associative_memory": True})}}
+    assert _record_source(old, "/x/old.pt")["cfg"]["model"].associative_write == "parallel"
+    new = {"cfg": {"model": OmegaConf.create({"dictionary_fingerprint": "ab", "associative_memory": True,
+                                              "associative_write": "sequential"})}}
+    assert _record_source(new, "/x/new.pt")["cfg"]["model"].associative_write == "sequential"
+    model = tiny_model(mem_tokens=3, associative_memory=True, d_mem=4, associative_write="parallel")
+    assert {block.write_rule for block in model.decoder.assoc_layers} == {"parallel"}
