@@ -58,6 +58,17 @@ RECIPES.update({
     "rmt_wide_lr5e-4": ("4 layers, C 128, lr 5e-4", RMT + WIDE + ["--lr", "5e-4"]),
     "rmt_wide_mix": ("4 layers, C 128, --curriculum-mix", RMT + WIDE + ["--curriculum-mix"]),
 })
+# recipes that change the training data rather than the flags: rmt-data's --train-size (documents are generated on the
+# fly, so 4M costs nothing to write; a 3000-update run draws 96,000 of them, none twice, where the 20,000 default
+# repeats each about five times)
+FRESH = 4_000_000
+TRAIN_SIZE = {"rmt_fresh": FRESH, "rmt_gated_hard_mix_fresh": FRESH, "rmt_wide_fresh": FRESH}
+RECIPES.update({
+    "rmt_fresh": ("fresh documents: 4M generated on the fly, none drawn twice", RMT),
+    "rmt_gated_hard_mix_fresh": ("hard gated write + --curriculum-mix + fresh documents",
+                                 RMT + ["--memory-layout", "gated_hard", "--curriculum-mix"]),
+    "rmt_wide_fresh": ("4 layers, C 128 + fresh documents", RMT + WIDE),
+})
 MAX_TOKENS = 1_000_000
 
 
@@ -133,6 +144,19 @@ def plot(rows, png):
     fig.savefig(png, dpi=110)
 
 
+def prepare(a, bindir, train_size: int) -> str:
+    """rmt-data memorization of --task with `train_size` training documents (valid 256, test 64; the
+    tinyshakespeare noise), made once per size under --workdir -> its directory. Valid and test documents are the
+    same for every size (a document is a function of its split, index and seed)."""
+    data = os.path.join(a.workdir, f"data_{a.task}" + ("" if train_size == 20000 else f"_n{train_size}"))
+    if not os.path.isfile(os.path.join(data, "generator.json")):
+        os.makedirs(a.workdir, exist_ok=True)
+        run([os.path.join(bindir, "rmt-data"), "memorization", a.task, "--out", data, "--train-size",
+             str(train_size), "--valid-size", "256", "--test-size", "64", "--noise-file", SHAKESPEARE],
+            data + ".log")
+    return data
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default="rmt", help="comma-separated, from: " + ", ".join(RECIPES))
@@ -163,16 +187,12 @@ def main(argv=None):
             sys.exit(f"error: --recipes: unknown recipe {n!r} (known: {', '.join(RECIPES)})")
     T, N = 32, a.max_segments
     bindir = os.path.dirname(console_script("fairseq-train"))
-    data = os.path.join(a.workdir, f"data_{a.task}")
-    if not os.path.isfile(os.path.join(data, "generator.json")):
-        os.makedirs(a.workdir, exist_ok=True)
-        run([os.path.join(bindir, "rmt-data"), "memorization", a.task, "--out", data, "--train-size", "20000",
-             "--valid-size", "256", "--test-size", "64", "--noise-file", SHAKESPEARE],
-            os.path.join(a.workdir, f"data_{a.task}.log"))
     if set(a.subset.split(",")) - {"valid", "test"}:
         sys.exit(f"error: --subset: valid, test or both, got {a.subset!r}")
     for name, seed in [(n, int(s)) for n in names for s in a.seeds.split(",")]:
+        data = prepare(a, bindir, TRAIN_SIZE.get(name, 20000))
         for row in train_and_score(name, a, data, bindir, T, N, seed):
+            row["train_size"] = TRAIN_SIZE.get(name, 20000)
             row["provenance"] = provenance()
             key = (row["task"], row["recipe"], row["seed"], row["subset"])
             results["rows"] = [r for r in results["rows"]

@@ -57,6 +57,12 @@ class TrainedWithConfig(FairseqDataclass):
         default=None, metadata={"help": "set by the checkpoint loader (rmt_fairseq/checkpoints.py): the file this "
                                 "config was read from, named in the error lines of the checks above; not a flag"},
     )
+    trained_memory_reset_interval: Optional[int] = field(
+        default=None,
+        metadata={"help": "set when the model is built for training under --task rmt_lm: the segments after which "
+                  "its streams' memory starts afresh (0: never; --memory-reset-interval, or ARMT's default); "
+                  "validation, fairseq-eval-lm and the hub restart there too unless given --memory-reset-interval"},
+    )
     trained_tokens_per_sample: Optional[int] = field(
         default=None, metadata={"help": "set when the model is built for training under a per-sample task: its "
                                 "sample length (a different one at evaluation is logged)"},

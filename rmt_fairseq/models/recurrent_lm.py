@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rmt_fairseq.errors import RMTConfigError, check
+from rmt_fairseq.models.config import ARMT_MEMORY_RESET_INTERVAL
 from rmt_fairseq.models.trained_with import check_or_record_dictionary, check_vocabulary, data_dictionary_file
 from rmt_fairseq.modules.adaptive import adaptive_softmax_nll
 from rmt_fairseq.modules.recurrence import DEFAULT_SEGMENT_LEN, RecurrentState, run_segments
@@ -86,6 +87,7 @@ class RecurrentLM:
             check(self.segment_bptt_unroll >= 0, f"--segment-bptt-unroll must be >= 0, got {self.segment_bptt_unroll}")
         T = self._segment_len_from(cfg, task, task_cfg)
         self.decoder.segment_len = T
+        self.memory_reset_interval = None if self.per_sample else self._reset_interval_from(cfg, task_cfg)
         max_pos = getattr(getattr(self.decoder, "embed_positions", None), "max_positions", None)
         check(max_pos is None or T <= max_pos,
               f"segment length {T} is longer than the model's learned position table ({max_pos} positions, "
@@ -128,6 +130,28 @@ class RecurrentLM:
         if not self.per_sample and given is None and getattr(task_cfg, "tokens_per_sample", 0) is None:
             task_cfg.tokens_per_sample = T  # the stream task cuts its batches to the model's segment length
         return T
+
+    def _reset_interval_from(self, cfg, task_cfg) -> Optional[int]:
+        """Segments after which a stream's memory starts afresh, for every door (the forward applies it: training,
+        validation, fairseq-eval-lm, the hub), None for never. Under --task rmt_lm only (other stream-level tasks
+        start every sample fresh). Built for training: --memory-reset-interval (0: never), not given ARMT's
+        default for an associative model, recorded in the model's config (`trained_memory_reset_interval`);
+        loaded from a checkpoint: what it was trained with, unless --memory-reset-interval is given."""
+        if not hasattr(task_cfg, "memory_reset_interval"):
+            return None
+        given = task_cfg.memory_reset_interval
+        trained = getattr(cfg, "trained_memory_reset_interval", None)
+        if trained is None:  # built for training (or a checkpoint from before the field): recorded
+            R = given if given is not None else \
+                (ARMT_MEMORY_RESET_INTERVAL if getattr(self.decoder, "associative", False) else 0)
+            self.trained_with["trained_memory_reset_interval"] = R
+        else:
+            R = given if given is not None else trained
+            if R != trained:
+                logger.warning("--memory-reset-interval %d: streams restart their memory %s, not %s as the model "
+                               "was trained", R, f"every {R} segments" if R else "never",
+                               f"every {trained} segments" if trained else "never")
+        return R or None
 
     def _check_sample_length(self, T: int, cfg, task, task_cfg) -> None:
         """Per-sample recurrence: a sample (--tokens-per-sample S of the task) is whole segments; under
@@ -196,6 +220,9 @@ class RecurrentLM:
             state = rmt_state.for_model(self)
         else:
             state = rmt_state if rmt_state is not None else RecurrentState()
+        R = getattr(self, "memory_reset_interval", None)
+        if not self.per_sample and R and state.segments_seen >= R:
+            state.reset()  # the streams restart where training restarted them (_reset_interval_from)
         param = next(self.parameters())
         # a resumed / exported state joins the model's device and dtype (ARMT's state: its own dtype)
         state.to(src_tokens.device, param.dtype, getattr(self.decoder, "assoc_dtype", None) or param.dtype)

@@ -65,12 +65,12 @@ class RMTLMConfig(FairseqDataclass):
     )
     memory_reset_interval: Optional[int] = field(
         default=None,
-        metadata={"help": "training streams only: start their memory (and cache) afresh once every N segments, "
-                  "so the model keeps learning to work from the empty memory that validation and fairseq-eval-lm "
-                  "start each stream with. Without it a training stream's memory is reset only at the start of "
-                  "an epoch; ARMT's associative memory then holds values written by long-gone parameters (issue "
-                  "29). 0: never. Default: never, except for ARMT models (--associative-memory): every "
-                  f"{ARMT_MEMORY_RESET_INTERVAL} segments"},
+        metadata={"help": "start every stream's memory (and cache) afresh once every N segments, in training and "
+                  "in evaluation alike: recorded in the checkpoint, so validation, fairseq-eval-lm and the hub "
+                  "restart where training did (given to a tool, it overrides what the model was trained with; 0: "
+                  "never, e.g. to carry memory across a whole split). Without it a training stream's memory is "
+                  "reset only at the start of an epoch. Default: never, except for ARMT models "
+                  f"(--associative-memory): every {ARMT_MEMORY_RESET_INTERVAL} segments (issue 29)"},
     )
     eval_segments_per_batch: int = field(
         default=1,
@@ -169,15 +169,6 @@ def check_memory_can_learn(module, bptt_unroll: Optional[int]) -> None:
           "--bptt-unroll >= 1")
 
 
-def memory_reset_interval(cfg, module) -> Optional[int]:
-    """The training streams' restart interval in segments (None: never): --memory-reset-interval, 0 meaning never;
-    not given, ARMT_MEMORY_RESET_INTERVAL for an associative model (`module`: its decoder), else never."""
-    R = getattr(cfg, "memory_reset_interval", None)
-    if R is None:
-        return ARMT_MEMORY_RESET_INTERVAL if getattr(module, "associative", False) else None
-    return R or None
-
-
 def memory_summary(module, fresh_per: Optional[str] = None) -> str:
     """What a model (its decoder or encoder) carries from segment to segment, with the flags that set it;
     `fresh_per` ("sample"): the task starts it afresh for every sample."""
@@ -264,7 +255,7 @@ class RMTLMTask(FairseqTask):
         check(str(cfg.bptt_mode) in BPTT_MODES, f"--bptt-mode must be one of {BPTT_MODES}, got {cfg.bptt_mode}")
         R = getattr(cfg, "memory_reset_interval", None)
         check(R is None or R >= 0, f"--memory-reset-interval must be >= 0 segments (0: never), got {R}")
-        self.reset_interval = None  # training streams' restart interval, set for the model by build_model
+        self.reset_interval = None  # the streams' restart interval: the model's (build_model)
         check(getattr(cfg, "eval_segments_per_batch", 1) >= 1,
               f"--eval-segments-per-batch must be >= 1, got {getattr(cfg, 'eval_segments_per_batch', 1)}")
         if cfg.tokens_per_sample is not None:
@@ -336,9 +327,9 @@ class RMTLMTask(FairseqTask):
             check(decoder is not None and carries_memory(decoder),
                   f"--bptt-mode sliding needs recurrent memory (--mem-tokens > 0 with --memory-layout rmt, or "
                   f"--associative-memory), got --mem-tokens {getattr(cfg, 'mem_tokens', 0)}")
+        self.reset_interval = getattr(model, "memory_reset_interval", None)  # its forward applies it; summary
         if not from_checkpoint:
             check_memory_can_learn(decoder, self.bptt_unroll)
-            self.reset_interval = memory_reset_interval(self.cfg, decoder)
         if carries_memory(decoder) and self.bptt_unroll == 0:
             logger.warning("--bptt-unroll 0 with memory tokens: write memory receives no gradient; use >= 1")
         if resume is not None:
@@ -353,8 +344,8 @@ class RMTLMTask(FairseqTask):
         K = self.bptt_unroll or 0
         bptt = bptt_summary(model.decoder, K, self.bptt_mode, segments_per_batch(self.bptt_mode, K))
         if self.reset_interval:
-            bptt += f"; training streams restart their memory every {self.reset_interval} segments " \
-                    f"(--memory-reset-interval{'' if self.cfg.memory_reset_interval else ', ARMT default'})"
+            bptt += f"; streams restart their memory every {self.reset_interval} segments, in training and " \
+                    f"evaluation (--memory-reset-interval{'' if self.cfg.memory_reset_interval else ', ARMT default'})"
         return training_summary(model.decoder, f"segment {self.seg_len} tokens (--tokens-per-sample)",
                                 self.cfg.batch_size, "streams", bptt)
 
@@ -612,13 +603,11 @@ class RMTLMTask(FairseqTask):
 
     def state_for(self, sample, mode: str) -> RecurrentState:
         """The state of `mode` ("train" or "valid") on the sample's split, reset on the first batch of a pass
-        (batch_index 0) and, for training with --memory-reset-interval N, at the first batch once N segments
-        have run since the last reset. Keyed by both, so validating on the training split (--valid-subset train)
-        never touches the training streams' memory."""
+        (batch_index 0); the model's forward restarts it every --memory-reset-interval segments (models/
+        recurrent_lm.py). Keyed by both, so validating on the training split (--valid-subset train) never touches
+        the training streams' memory."""
         key = (mode, sample["split"])
-        R = self.reset_interval
-        if sample["batch_index"] == 0 or key not in self.states or \
-                (mode == "train" and R and self.states[key].segments_seen >= R):
+        if sample["batch_index"] == 0 or key not in self.states:
             self.states[key] = RecurrentState()
         return self.states[key]
 

@@ -439,7 +439,8 @@ def test_presets_parse_to_the_stock_settings(name):
     assert {k: ours[k] for k in stock} == stock
     assert set(ours) - set(stock) == {"mem_tokens", "segment_len", "segment_bptt_unroll", "lm_path",
                                       "dictionary_fingerprint", "trained_segment_len",
-                                      "trained_tokens_per_sample", "associative_memory", "d_mem", "dpfp_nu",
+                                      "trained_tokens_per_sample", "trained_memory_reset_interval",
+                                      "associative_memory", "d_mem", "dpfp_nu", "associative_write",
                                       "associative_state_dtype", "inference_schedule", "memory_layout",
                                       "checkpoint_file"}
     assert ours["mem_tokens"] == 10 and ours["associative_memory"] is False

@@ -79,10 +79,10 @@ def test_training_state_is_saved_and_restored():
 
 
 @pytest.mark.parametrize("interval", [None, 3])
-def test_memory_reset_interval_restarts_the_training_streams_only(recall_data, interval):
-    """--memory-reset-interval N: a training batch gets a fresh state once N segments have run since the last
-    reset (2 segments a batch here: 2, 4, fresh, 2, 4, ...); validation streams (1 segment a batch) are never
-    reset mid-pass."""
+def test_memory_reset_interval_restarts_training_and_validation_streams_alike(recall_data, interval):
+    """--memory-reset-interval N: once N segments have run since the last reset, the model's forward starts the
+    streams afresh, for training (2 segments a batch here: 2, 4, fresh, 2, 4, ...) and validation (1 a batch: 1, 2,
+    3, fresh, ...) alike; without it neither restarts mid-pass."""
     from helpers import build_from_cli_args
 
     flags = [] if interval is None else ["--memory-reset-interval", interval]
@@ -91,19 +91,40 @@ def test_memory_reset_interval_restarts_the_training_streams_only(recall_data, i
         "rmt_cross_entropy", "--tokens-per-sample", 8, "--batch-size", 2, "--bptt-unroll", 1, "--cpu", *flags])
     for mode, split in (("train", "train"), ("valid", "valid")):
         task.load_dataset(split)
-        seen, fresh_in = [], []
+        seen = []
         for i, sample in enumerate(task.get_batch_iterator(task.dataset(split)).next_epoch_itr(shuffle=False)):
-            if i == 6:
+            if i == 7:
                 break
-            state_in = task.state_for(sample, mode)
-            fresh_in.append(state_in.memory is None)
             task.run_step(mode, sample, lambda: criterion(model, sample))
             seen.append(task.states[(mode, split)].segments_seen)
-        if mode == "train" and interval == 3:
-            assert seen == [2, 4, 2, 4, 2, 4] and fresh_in == [True, False, True, False, True, False]
-        else:  # training: 2 segments a batch (--bptt-unroll 1, block); validation: 1
-            per = 2 if mode == "train" else 1
-            assert seen == [per * (i + 1) for i in range(6)] and fresh_in == [True] + [False] * 5
+        per = 2 if mode == "train" else 1  # training: 2 segments a batch (--bptt-unroll 1, block); validation: 1
+        if interval is None:
+            assert seen == [per * (i + 1) for i in range(7)]
+        else:
+            assert seen == ([2, 4, 2, 4, 2, 4, 2] if mode == "train" else [1, 2, 3, 1, 2, 3, 1]), seen
+
+
+def test_a_loaded_model_restarts_where_it_was_trained_unless_told_otherwise(recall_data, tmp_path):
+    """The interval travels in the model's config (trained_memory_reset_interval): a model built from it restarts
+    its streams there in every forward (fairseq-eval-lm's StreamStates included); --memory-reset-interval at
+    evaluation overrides it (0: never)."""
+    from helpers import build_from_cli_args
+    from rmt_fairseq.models.recurrent_lm import StreamStates
+
+    base = [recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "armt_tiny", "--criterion",
+            "rmt_cross_entropy", "--tokens-per-sample", 8, "--batch-size", 2, "--bptt-unroll", 1, "--cpu"]
+    _, _, trained, _ = build_from_cli_args(base + ["--memory-reset-interval", 3])
+    assert trained.trained_with["trained_memory_reset_interval"] == 3
+    for eval_flags, expect in (([], [1, 2, 3, 1, 2]), (["--memory-reset-interval", 0], [1, 2, 3, 4, 5]),
+                               (["--memory-reset-interval", 2], [1, 2, 1, 2, 1])):
+        _, _, model, _ = build_from_cli_args(base + ["--trained-memory-reset-interval", 3] + eval_flags)
+        assert model.memory_reset_interval == (expect.index(1, 1) if 1 in expect[1:] else None)
+        streams, seen = StreamStates(), []
+        x = torch.randint(4, 20, (2, 8))
+        for _ in range(5):
+            model(x, rmt_state=streams)
+            seen.append(streams.for_model(model).segments_seen)
+        assert seen == expect, (eval_flags, seen)
 
 
 @pytest.mark.parametrize("arch,flags,interval", [
@@ -118,7 +139,8 @@ def test_armt_training_streams_restart_their_memory_by_default(recall_data, arch
     cfg, task, model, criterion = build_from_cli_args([
         recall_data, "--user-dir", "user_dir", "--task", "rmt_lm", "--arch", arch, "--criterion",
         "rmt_cross_entropy", "--tokens-per-sample", 8, "--batch-size", 2, "--bptt-unroll", 1, "--cpu", *flags])
-    assert task.reset_interval == interval
+    assert task.reset_interval == interval == model.memory_reset_interval
+    assert model.trained_with["trained_memory_reset_interval"] == (interval or 0)
     summary = task.run_summary(model)
     assert (f"restart their memory every {interval} segments" in summary) == (interval is not None), summary
     assert ("ARMT default" in summary) == (interval == 16)
