@@ -62,12 +62,17 @@ RECIPES.update({
 # fly, so 4M costs nothing to write; a 3000-update run draws 96,000 of them, none twice, where the 20,000 default
 # repeats each about five times)
 FRESH = 4_000_000
-TRAIN_SIZE = {"rmt_fresh": FRESH, "rmt_gated_hard_mix_fresh": FRESH, "rmt_wide_fresh": FRESH}
+TRAIN_SIZE = {"rmt_fresh": FRESH, "rmt_gated_hard_mix_fresh": FRESH, "rmt_wide_fresh": FRESH, "rmt_preln_fresh": FRESH,
+              "rmt_lr3e-4_fresh": FRESH}
 RECIPES.update({
     "rmt_fresh": ("fresh documents: 4M generated on the fly, none drawn twice", RMT),
     "rmt_gated_hard_mix_fresh": ("hard gated write + --curriculum-mix + fresh documents",
                                  RMT + ["--memory-layout", "gated_hard", "--curriculum-mix"]),
     "rmt_wide_fresh": ("4 layers, C 128 + fresh documents", RMT + WIDE),
+    "rmt_preln_fresh": ("pre-norm layers (--encoder-normalize-before) + fresh documents",
+                        RMT + ["--encoder-normalize-before"]),
+    "rmt_lr3e-4_fresh": ("lr 3e-4 with 500 warmup updates + fresh documents",
+                         RMT + ["--lr", "3e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "500"]),
 })
 MAX_TOKENS = 1_000_000
 

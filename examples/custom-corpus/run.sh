@@ -28,10 +28,11 @@ if [ "$NCUDA" = 0 ]; then DEVICE=(--cpu); fi
 GPUS=${GPUS:-$((NCUDA > 0 ? NCUDA : 2))}
 mkdir -p "$SAVE"
 
-# rmt_tiny (2 layers, C 64) with 4 memory tokens, segments of 64 tokens, gradient through memory across one
-# segment boundary; 16 parallel streams per process. Sized for a CPU; see README.md for larger settings.
+# rmt_tiny (2 layers, C 64) with its preset's 4 memory tokens (another --arch brings its own: armt_tiny 8), segments
+# of 64 tokens, gradient through memory across one segment boundary; 16 parallel streams per process. Sized for a
+# CPU; see README.md for larger settings.
 TRAIN=(--user-dir "$REPO/user_dir" --task rmt_lm --arch rmt_tiny --criterion rmt_cross_entropy
-  --tokens-per-sample 64 --mem-tokens 4 --bptt-unroll 1 --batch-size 16
+  --tokens-per-sample 64 --bptt-unroll 1 --batch-size 16
   --optimizer adam --lr 2e-3 --lr-scheduler cosine --warmup-updates 100 --clip-norm 1.0 --max-update 2000
   --seed 1 --num-workers 0 --save-dir "$SAVE" --no-epoch-checkpoints --log-format simple --log-interval 100
   "${DEVICE[@]}")

@@ -410,9 +410,9 @@ PRESETS = {
                               "tokens."),
     "rmt_tiny": (TINY, "2 layers, C=64: for tests and the CPU demo."),
     # ARMT (Rodkin et al. 2024): the same backbones with per-layer associative memory (models/config.py ARMT_*)
-    "armt_tiny": (dict(TINY, **ARMT_PRESET, d_mem=16),
-                  "rmt_tiny with ARMT: 2 layers, C=64, 4 memory tokens writing a d_mem 16 associative memory per "
-                  "layer."),
+    "armt_tiny": (dict(TINY, **ARMT_PRESET, mem_tokens=8, d_mem=32),
+                  "rmt_tiny with ARMT: 2 layers, C=64, 8 memory tokens writing a d_mem 32 associative memory per "
+                  "layer (chosen on validation, examples/custom-corpus)."),
     "armt_wt103": (dict(WT103, **ARMT_BASE), "rmt_wt103's Transformer-XL base with ARMT: 16 memory tokens, d_mem 64 "
                    "per layer; segment 150."),
     "armt_enwik8": (dict(ENWIK8, **ARMT_BASE), "rmt_enwik8's 12-layer model with ARMT: 16 memory tokens, d_mem 64 "

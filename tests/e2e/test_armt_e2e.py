@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(TESTS, "deepspeed"))
 T = 8
 TOL = 2e-4  # losses are printed to 4 decimals; two ranks sum in another order than one process
 UPDATES = 8
-F = 2 * 3 * 16  # armt_tiny's DPFP feature rows: 2 x nu 3 x d_mem 16
+F = 2 * 3 * 32  # armt_tiny's DPFP feature rows: 2 x nu 3 x d_mem 32
 C = 64
 ARMT = ["--user-dir", "user_dir", "--task", "rmt_lm", "--arch", "armt_tiny", "--criterion", "rmt_cross_entropy",
         "--tokens-per-sample", T, "--cpu", "--num-workers", 0, "--seed", 1, "--log-format", "simple",
