@@ -28,10 +28,11 @@ SCHEDULE_CHOICES = ChoiceEnum(list(SCHEDULES))  # the segment loop's schedules (
 # MEMORY_SIZE per run)
 ARMT_PRESET = dict(associative_memory=True, dpfp_nu=3, inference_schedule="diagonal")
 ARMT_BASE = dict(ARMT_PRESET, d_mem=64, mem_tokens=16)
-# --task rmt_lm restarts an ARMT model's training streams every this many segments unless --memory-reset-interval
-# says otherwise (issue 29): on never-reset streams the associative matrix grew without bound (max |A| 2 -> 4e17 in
-# 30 updates of armt_tiny on characters, then a non-finite loss); chosen on validation among 16 and 64
-# (benchmarks/custom_corpus.py variants).
+# --task rmt_lm restarts an ARMT model's streams every this many segments, in training and evaluation, unless
+# --memory-reset-interval says otherwise (issue 29; models/recurrent_lm.py applies it). Trained on never-restarted
+# streams, ARMT lost its way from the empty memory evaluation starts with (benchmarks/results/char_lm.json row
+# armt5_k1_r0); with the parallel write the matrix also grew without bound there. Chosen on validation among 4, 16
+# and 64 (examples/custom-corpus variants).
 ARMT_MEMORY_RESET_INTERVAL = 16
 
 
