@@ -420,11 +420,12 @@ def render_memorization_ablation(data: dict) -> str:
     lines = []
     for task in sorted({r["task"] for r in data["rows"]}):
         rows = [r for r in data["rows"] if r["task"] == task]
-        lines += [f"**{task}**", "", "| recipe | what changes | seed | scored on | curriculum reached | N | 2N | 8N | "
-                  "32N | longest (tokens) | commit |", "|" + " --- |" * 11]
+        lines += [f"**{task}**", "", "| recipe | what changes | seed | scored on | updates | curriculum reached | N | "
+                  "2N | 8N | 32N | longest (tokens) | commit |", "|" + " --- |" * 12]
         for r in rows:
             commit = (r.get("provenance", {}).get("commit") or "?")[:7]
-            head = f"| {r['recipe']} | {r['change']} | {r['seed']} | {r['subset']} |"
+            updates = r.get("updates") or r.get("last_valid_update") or "?"
+            head = f"| {r['recipe']} | {r['change']} | {r['seed']} | {r['subset']} | {updates} |"
             if "rows" not in r:
                 lines.append(f"{head} training stopped at stage {r.get('curriculum_stage_reached')}: "
                              f"{r.get('last_error_line') or r.get('training_stopped')} | | | | | | {commit} |")
