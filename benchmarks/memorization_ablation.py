@@ -62,13 +62,16 @@ RECIPES.update({
 # fly, so 4M costs nothing to write; a 3000-update run draws 96,000 of them, none twice, where the 20,000 default
 # repeats each about five times)
 FRESH = 4_000_000
-TRAIN_SIZE = {"rmt_fresh": FRESH, "rmt_gated_hard_mix_fresh": FRESH, "rmt_wide_fresh": FRESH, "rmt_preln_fresh": FRESH,
-              "rmt_lr3e-4_fresh": FRESH}
+# recipes on generated noise words (n0..n999: no template word can occur in the noise) instead of tinyshakespeare's
+GENERATED_NOISE = {"rmt_fresh_gen_noise"}
+TRAIN_SIZE = {name: FRESH for name in ("rmt_fresh_gen_noise", "rmt_fresh", "rmt_gated_hard_mix_fresh", "rmt_wide_fresh",
+                                        "rmt_preln_fresh", "rmt_lr3e-4_fresh")}
 RECIPES.update({
     "rmt_fresh": ("fresh documents: 4M generated on the fly, none drawn twice", RMT),
     "rmt_gated_hard_mix_fresh": ("hard gated write + --curriculum-mix + fresh documents",
                                  RMT + ["--memory-layout", "gated_hard", "--curriculum-mix"]),
     "rmt_wide_fresh": ("4 layers, C 128 + fresh documents", RMT + WIDE),
+    "rmt_fresh_gen_noise": ("fresh documents in generated noise words (no template word in the noise)", RMT),
     "rmt_preln_fresh": ("pre-norm layers (--encoder-normalize-before) + fresh documents",
                         RMT + ["--encoder-normalize-before"]),
     "rmt_lr3e-4_fresh": ("lr 3e-4 with 500 warmup updates + fresh documents",
@@ -149,16 +152,18 @@ def plot(rows, png):
     fig.savefig(png, dpi=110)
 
 
-def prepare(a, bindir, train_size: int) -> str:
-    """rmt-data memorization of --task with `train_size` training documents (valid 256, test 64; the
-    tinyshakespeare noise), made once per size under --workdir -> its directory. Valid and test documents are the
-    same for every size (a document is a function of its split, index and seed)."""
-    data = os.path.join(a.workdir, f"data_{a.task}" + ("" if train_size == 20000 else f"_n{train_size}"))
+def prepare(a, bindir, train_size: int, shakespeare: bool = True) -> str:
+    """rmt-data memorization of --task with `train_size` training documents (valid 256, test 64), in the
+    tinyshakespeare noise or (shakespeare False) generated noise words, made once per variant under --workdir -> its
+    directory. Valid and test documents are the same for every size (a document is a function of its split, index
+    and seed)."""
+    data = os.path.join(a.workdir, f"data_{a.task}" + ("" if train_size == 20000 else f"_n{train_size}")
+                        + ("" if shakespeare else "_gen"))
     if not os.path.isfile(os.path.join(data, "generator.json")):
         os.makedirs(a.workdir, exist_ok=True)
         run([os.path.join(bindir, "rmt-data"), "memorization", a.task, "--out", data, "--train-size",
-             str(train_size), "--valid-size", "256", "--test-size", "64", "--noise-file", SHAKESPEARE],
-            data + ".log")
+             str(train_size), "--valid-size", "256", "--test-size", "64"]
+            + (["--noise-file", SHAKESPEARE] if shakespeare else []), data + ".log")
     return data
 
 
@@ -195,7 +200,7 @@ def main(argv=None):
     if set(a.subset.split(",")) - {"valid", "test"}:
         sys.exit(f"error: --subset: valid, test or both, got {a.subset!r}")
     for name, seed in [(n, int(s)) for n in names for s in a.seeds.split(",")]:
-        data = prepare(a, bindir, TRAIN_SIZE.get(name, 20000))
+        data = prepare(a, bindir, TRAIN_SIZE.get(name, 20000), name not in GENERATED_NOISE)
         for row in train_and_score(name, a, data, bindir, T, N, seed):
             row["train_size"] = TRAIN_SIZE.get(name, 20000)
             row["provenance"] = provenance()
