@@ -47,6 +47,8 @@ RECIPES = {
     "rmt_gated_mix": ("gated write + --curriculum-mix", RMT + ["--memory-layout", "gated", "--curriculum-mix"]),
     "armt_lr5e-4": ("ARMT, lr 5e-4 (memorization.py's)", ARMT + ["--lr", "5e-4"]),
     "armt": ("ARMT at the shared lr 1e-3 (denominator floored)", ARMT),
+    "armt_parallel": ("ARMT at lr 1e-3, the authors' parallel write (--associative-write parallel)",
+                      ARMT + ["--associative-write", "parallel"]),
     "armt_mix": ("ARMT + --curriculum-mix", ARMT + ["--curriculum-mix"]),
     "armt_gated_mix": ("ARMT with a gated token memory + --curriculum-mix",
                        ARMT + ["--memory-layout", "gated", "--curriculum-mix"]),
