@@ -220,8 +220,8 @@ class RecurrentLM:
             state = rmt_state.for_model(self)
         else:
             state = rmt_state if rmt_state is not None else RecurrentState()
-        R = getattr(self, "memory_reset_interval", None)
-        if not self.per_sample and R and state.segments_seen >= R:
+        R = getattr(self, "memory_reset_interval", None)  # None for per-sample models (setup_from_task)
+        if R and state.segments_seen >= R:
             state.reset()  # the streams restart where training restarted them (_reset_interval_from)
         param = next(self.parameters())
         # a resumed / exported state joins the model's device and dtype (ARMT's state: its own dtype)

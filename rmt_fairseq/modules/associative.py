@@ -144,13 +144,11 @@ def update(mk: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, A: Optional[to
     `rule` (WRITE_RULES): "parallel" writes the M memory tokens at once, each against the state before the segment
     (the authors' code); "sequential" writes them one after another, each against the state the ones before it
     left (the delta rule token by token, as Schlag et al. 2021 write it)."""
-    if rule == "sequential":
-        for j in range(mk.size(-2)):
-            A, z = _write(mk[..., j : j + 1, :], v[..., j : j + 1, :], beta[..., j : j + 1, :], A, z)
-        return A, z
-    if rule != "parallel":
-        raise ValueError(f"associative write rule must be one of {WRITE_RULES}, got {rule!r}")
-    return _write(mk, v, beta, A, z)
+    if rule == "parallel":
+        return _write(mk, v, beta, A, z)
+    for j in range(mk.size(-2)):  # sequential (AssociativeMemory checks the rule once, when built)
+        A, z = _write(mk[..., j : j + 1, :], v[..., j : j + 1, :], beta[..., j : j + 1, :], A, z)
+    return A, z
 
 
 def _write(mk, v, beta, A, z):

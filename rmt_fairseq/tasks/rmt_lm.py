@@ -255,7 +255,6 @@ class RMTLMTask(FairseqTask):
         check(str(cfg.bptt_mode) in BPTT_MODES, f"--bptt-mode must be one of {BPTT_MODES}, got {cfg.bptt_mode}")
         R = getattr(cfg, "memory_reset_interval", None)
         check(R is None or R >= 0, f"--memory-reset-interval must be >= 0 segments (0: never), got {R}")
-        self.reset_interval = None  # the streams' restart interval: the model's (build_model)
         check(getattr(cfg, "eval_segments_per_batch", 1) >= 1,
               f"--eval-segments-per-batch must be >= 1, got {getattr(cfg, 'eval_segments_per_batch', 1)}")
         if cfg.tokens_per_sample is not None:
@@ -327,7 +326,6 @@ class RMTLMTask(FairseqTask):
             check(decoder is not None and carries_memory(decoder),
                   f"--bptt-mode sliding needs recurrent memory (--mem-tokens > 0 with --memory-layout rmt, or "
                   f"--associative-memory), got --mem-tokens {getattr(cfg, 'mem_tokens', 0)}")
-        self.reset_interval = getattr(model, "memory_reset_interval", None)  # its forward applies it; summary
         if not from_checkpoint:
             check_memory_can_learn(decoder, self.bptt_unroll)
         if carries_memory(decoder) and self.bptt_unroll == 0:
@@ -343,8 +341,9 @@ class RMTLMTask(FairseqTask):
         """Memory kind, segment length, streams and BPTT unroll of the run, in one line ("memory: ...; ...")."""
         K = self.bptt_unroll or 0
         bptt = bptt_summary(model.decoder, K, self.bptt_mode, segments_per_batch(self.bptt_mode, K))
-        if self.reset_interval:
-            bptt += f"; streams restart their memory every {self.reset_interval} segments, in training and " \
+        R = getattr(model, "memory_reset_interval", None)  # the model's forward applies it (models/recurrent_lm.py)
+        if R:
+            bptt += f"; streams restart their memory every {R} segments, in training and " \
                     f"evaluation (--memory-reset-interval{'' if self.cfg.memory_reset_interval else ', ARMT default'})"
         return training_summary(model.decoder, f"segment {self.seg_len} tokens (--tokens-per-sample)",
                                 self.cfg.batch_size, "streams", bptt)
