@@ -148,9 +148,9 @@ class RecurrentLM:
         else:
             R = given if given is not None else trained
             if R != trained:
-                logger.warning("--memory-reset-interval %d: streams restart their memory %s, not %s as the model "
-                               "was trained", R, f"every {R} segments" if R else "never",
-                               f"every {trained} segments" if trained else "never")
+                every = lambda n: f"every {n} segments" if n else "never"  # noqa: E731
+                logger.warning("--memory-reset-interval %d: streams restart their memory %s, where training "
+                               "restarted them %s", R, every(R), every(trained))
         return R or None
 
     def _check_sample_length(self, T: int, cfg, task, task_cfg) -> None:
