@@ -67,7 +67,8 @@ FRESH = 4_000_000
 # recipes on generated noise words (n0..n999: no template word can occur in the noise) instead of tinyshakespeare's
 GENERATED_NOISE = {"rmt_fresh_gen_noise"}
 TRAIN_SIZE = {name: FRESH for name in ("rmt_fresh_gen_noise", "rmt_fresh", "rmt_gated_hard_mix_fresh", "rmt_wide_fresh",
-                                        "rmt_preln_fresh", "rmt_lr3e-4_fresh")}
+                                        "rmt_preln_fresh", "rmt_lr3e-4_fresh",
+                                        "rmt_gated_hard_mix_8seg_fresh")}
 RECIPES.update({
     "rmt_fresh": ("fresh documents: 4M generated on the fly, none drawn twice", RMT),
     "rmt_gated_hard_mix_fresh": ("hard gated write + --curriculum-mix + fresh documents",
@@ -78,6 +79,15 @@ RECIPES.update({
                         RMT + ["--encoder-normalize-before"]),
     "rmt_lr3e-4_fresh": ("lr 3e-4 with 500 warmup updates + fresh documents",
                          RMT + ["--lr", "3e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "500"]),
+    "rmt_gated_hard_mix_bias-2": ("hard gated write + --curriculum-mix, the gate starting to keep memory "
+                                  "(--memory-gate-bias -2: writes 1/6)",
+                                  RMT + ["--memory-layout", "gated_hard", "--curriculum-mix",
+                                         "--memory-gate-bias", "-2"]),
+    "rmt_gated_hard_mix_8seg": ("hard gated write + --curriculum-mix, curriculum to 8 segments",
+                                RMT + ["--memory-layout", "gated_hard", "--curriculum-mix", "--max-num-segments", "8"]),
+    "rmt_gated_hard_mix_8seg_fresh": ("hard gated write + --curriculum-mix, curriculum to 8 segments, fresh documents",
+                                      RMT + ["--memory-layout", "gated_hard", "--curriculum-mix",
+                                             "--max-num-segments", "8"]),
 })
 MAX_TOKENS = 1_000_000
 

@@ -88,6 +88,13 @@ class MemoryConfig(FairseqDataclass):
                   "the memory read; gated_hard: the same with a hard-sigmoid gate, so a closed slot keeps its memory "
                   "exactly over any length (modules/schemes.py)"},
     )
+    memory_gate_bias: Optional[float] = field(
+        default=None,
+        metadata={"help": "--memory-layout gated, gated_hard: the update gate's initial bias b_z (default 0: the gate "
+                  "starts half open). Negative starts the memory keeping what it holds, as a forget-gate bias "
+                  "does for an LSTM (Gers et al. 2000; Jozefowicz et al. 2015), e.g. -2: a hard gate writes 1/6 "
+                  "at the start; gated_hard needs a value in (-3, 3), where its gradient is not zero"},
+    )
     associative_memory: bool = field(
         default=False,
         metadata={"help": "ARMT: per layer an associative matrix written by the --mem-tokens memory tokens of each "
@@ -171,6 +178,14 @@ def validate_memory(cfg) -> None:
     layout = str(getattr(cfg, "memory_layout", None) or "rmt")
     check(layout in LAYOUTS, f"--memory-layout must be one of {', '.join(LAYOUTS)}, got {layout}")
     check(layout == "rmt" or cfg.mem_tokens > 0, f"--memory-layout {layout} needs --mem-tokens > 0, got --mem-tokens 0")
+    gate_bias = getattr(cfg, "memory_gate_bias", None)
+    if gate_bias is not None:
+        check(layout in ("gated", "gated_hard"),
+              f"--memory-gate-bias initialises the update gate of --memory-layout gated or gated_hard; --memory-layout "
+              f"{layout} has none (got --memory-gate-bias {gate_bias})")
+        check(layout != "gated_hard" or -3 < gate_bias < 3,
+              f"--memory-gate-bias must be in (-3, 3) for --memory-layout gated_hard (the hard sigmoid has no "
+              f"gradient outside it: the gate could never move), got {gate_bias}")
     if not getattr(cfg, "associative_memory", False):
         return
     check(cfg.d_mem >= 1, f"--d-mem must be >= 1, got {cfg.d_mem}")

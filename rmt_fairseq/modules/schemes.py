@@ -20,11 +20,13 @@ Schemes (`scheme_from(cfg)` picks one from the flags; `LAYOUTS` are --memory-lay
   gated  RMT with a gated write             rmt's rows; the next memory is z * w + (1 - z) * r, w the written rows,
                                             r the memory read, z = sigmoid(W_z [w; r] + b_z) per slot and channel
                                             (a GRU-style update gate: memory kept where z is small). W_z starts at
-                                            zero, so z = sigmoid(b_z) = 1/2 before training
+                                            zero and b_z at --memory-gate-bias (default 0), so z = sigmoid(b_z)
+                                            (1/2 by default) before training
   gated_hard the gated write, a hard gate       z = hardsigmoid(W_z [w; r] + b_z) = clamp(a / 6 + 1/2, 0, 1)
                                             (torch's): exactly 0 where a <= -3, so a slot the gate closes keeps its
                                             memory bit for bit over any number of segments (issue 29: a sigmoid
-                                            gate only leaks slower); 1/2 before training as above
+                                            gate only leaks slower); hardsigmoid(b_z) before training (1/2 by
+                                            default; b_z = -2: 1/6)
   armt   ARMT (Rodkin et al. 2024)          causal: [segment T | memory M], bidirectional: [memory M | segment T];
                                             learned tokens, not carried; per layer an associative matrix read by
                                             every row before the layer and written by the memory rows after it
@@ -205,7 +207,7 @@ class GatedRMT(RMT):
             return super().build(name, embed_dim, num_layers, cfg, init_std)
         gate = nn.Linear(2 * embed_dim, embed_dim)
         nn.init.zeros_(gate.weight)
-        nn.init.zeros_(gate.bias)
+        nn.init.constant_(gate.bias, float(getattr(cfg, "memory_gate_bias", None) or 0.0))  # --memory-gate-bias
         return gate
 
     gate = staticmethod(torch.sigmoid)

@@ -109,6 +109,37 @@ def test_a_hard_gate_closed_keeps_the_memory_bitwise_where_a_sigmoid_gate_leaks(
     assert not torch.equal(_memories(soft, x, 24)[-1], init)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("layout,z", [("gated", 1 / (1 + 2.718281828459045 ** 2)), ("gated_hard", 1 / 6)])
+def test_the_gate_bias_flag_sets_how_much_the_first_write_lets_in(family, layout, z):
+    """--memory-gate-bias -2: the gate starts at sigmoid(-2) (gated) or hardsigmoid(-2) = 1/6 (gated_hard), so the
+    first carried memory is z x the written rows + (1 - z) x the memory read, in every family."""
+    gated = FAMILIES[family](memory_layout=layout, memory_gate_bias=-2.0).eval()
+    assert torch.equal(gated.memory_gate.bias, torch.full_like(gated.memory_gate.bias, -2.0))
+    x = torch.randint(4, 40, (2, 2 * T))
+    first = _memories(gated, x, 1)[0]
+    _gate_bias(gated, 30.0)
+    written = _memories(gated, x, 1)[0]
+    init = gated.initial_memory(2).detach()
+    torch.testing.assert_close(first, z * written + (1 - z) * init, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags,error", [
+    (dict(memory_gate_bias=-2.0), "--memory-gate-bias initialises the update gate of --memory-layout gated or "
+                                  "gated_hard; --memory-layout rmt has none (got --memory-gate-bias -2.0)"),
+    (dict(memory_layout="gated_hard", memory_gate_bias=-3.0), "--memory-gate-bias must be in (-3, 3) for "
+                                                              "--memory-layout gated_hard"),
+])
+def test_a_gate_bias_that_cannot_be_honoured_is_refused(flags, error):
+    from rmt_fairseq.errors import RMTConfigError
+    from rmt_fairseq.models.config import validate_memory
+
+    cfg = RMTEncoderConfig(mem_tokens=3, **flags)
+    with pytest.raises(RMTConfigError) as e:
+        validate_memory(cfg)
+    assert error in str(e.value)
+
+
 def test_the_gate_learns_through_the_carried_memory():
     model = tiny_model(memory_layout="gated").train()
     x = torch.randint(4, 40, (2, 3 * T))
