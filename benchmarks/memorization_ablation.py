@@ -83,6 +83,10 @@ RECIPES.update({
                                   "(--memory-gate-bias -2: writes 1/6)",
                                   RMT + ["--memory-layout", "gated_hard", "--curriculum-mix",
                                          "--memory-gate-bias", "-2"]),
+    "rmt_gated_hard_mix_readgate": ("hard gated write + --curriculum-mix, the gate seeing the memory read alone "
+                                    "(--memory-gate-input read)",
+                                    RMT + ["--memory-layout", "gated_hard", "--curriculum-mix",
+                                           "--memory-gate-input", "read"]),
     "rmt_gated_hard_mix_8seg": ("hard gated write + --curriculum-mix, curriculum to 8 segments",
                                 RMT + ["--memory-layout", "gated_hard", "--curriculum-mix", "--max-num-segments", "8"]),
     "rmt_gated_hard_mix_8seg_fresh": ("hard gated write + --curriculum-mix, curriculum to 8 segments, fresh documents",

@@ -14,11 +14,12 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.recurrence import DEFAULT_SEGMENT_LEN, SCHEDULES
-from rmt_fairseq.modules.schemes import LAYOUTS
+from rmt_fairseq.modules.schemes import GATE_INPUTS, LAYOUTS
 
 logger = logging.getLogger(__name__)
 
 MEMORY_LAYOUTS = ChoiceEnum(list(LAYOUTS))
+GATE_INPUT_CHOICES = ChoiceEnum(list(GATE_INPUTS))
 STATE_DTYPES = ChoiceEnum(list(associative.STATE_DTYPES))
 WRITE_RULES = ChoiceEnum(list(associative.WRITE_RULES))
 SCHEDULE_CHOICES = ChoiceEnum(list(SCHEDULES))  # the segment loop's schedules (modules/recurrence.py)
@@ -94,6 +95,13 @@ class MemoryConfig(FairseqDataclass):
                   "starts half open). Negative starts the memory keeping what it holds, as a forget-gate bias "
                   "does for an LSTM (Gers et al. 2000; Jozefowicz et al. 2015), e.g. -2: a hard gate writes 1/6 "
                   "at the start; gated_hard needs a value in (-3, 3), where its gradient is not zero"},
+    )
+    memory_gate_input: GATE_INPUT_CHOICES = field(
+        default=GATE_INPUTS[0],
+        metadata={"help": "--memory-layout gated, gated_hard: what the update gate sees: both (the written rows and "
+                  "the memory read, [w; r]) or read (the memory read alone: a slot whose gate closes on every "
+                  "channel sees the same input in the next segment, so it stays closed and keeps its memory over "
+                  "any length, whatever the segments bring)"},
     )
     associative_memory: bool = field(
         default=False,
@@ -186,6 +194,11 @@ def validate_memory(cfg) -> None:
         check(layout != "gated_hard" or -3 < gate_bias < 3,
               f"--memory-gate-bias must be in (-3, 3) for --memory-layout gated_hard (the hard sigmoid has no "
               f"gradient outside it: the gate could never move), got {gate_bias}")
+    gate_input = str(getattr(cfg, "memory_gate_input", None) or GATE_INPUTS[0])
+    check(gate_input in GATE_INPUTS, f"--memory-gate-input must be one of {', '.join(GATE_INPUTS)}, got {gate_input}")
+    check(gate_input == GATE_INPUTS[0] or layout in ("gated", "gated_hard"),
+          f"--memory-gate-input chooses the update gate's input of --memory-layout gated or gated_hard; "
+          f"--memory-layout {layout} has none (got --memory-gate-input {gate_input})")
     if not getattr(cfg, "associative_memory", False):
         return
     check(cfg.d_mem >= 1, f"--d-mem must be >= 1, got {cfg.d_mem}")

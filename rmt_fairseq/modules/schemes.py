@@ -21,7 +21,10 @@ Schemes (`scheme_from(cfg)` picks one from the flags; `LAYOUTS` are --memory-lay
                                             r the memory read, z = sigmoid(W_z [w; r] + b_z) per slot and channel
                                             (a GRU-style update gate: memory kept where z is small). W_z starts at
                                             zero and b_z at --memory-gate-bias (default 0), so z = sigmoid(b_z)
-                                            (1/2 by default) before training
+                                            (1/2 by default) before training. --memory-gate-input read: z =
+                                            gate(W_z r + b_z), the memory read alone (a GRU update gate without
+                                            its input term): a slot closed on every channel sees the same input
+                                            next segment, so it stays closed and keeps its memory for good
   gated_hard the gated write, a hard gate       z = hardsigmoid(W_z [w; r] + b_z) = clamp(a / 6 + 1/2, 0, 1)
                                             (torch's): exactly 0 where a <= -3, so a slot the gate closes keeps its
                                             memory bit for bit over any number of segments (issue 29: a sigmoid
@@ -48,6 +51,7 @@ from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.memory import MemoryTokens
 
 LAYOUTS = ("rmt", "mt", "gated", "gated_hard")  # --memory-layout (ARMT: --associative-memory on the rmt layout)
+GATE_INPUTS = ("both", "read")  # --memory-gate-input: what the update gate of gated / gated_hard sees; first: default
 
 
 class MemoryScheme:
@@ -205,7 +209,8 @@ class GatedRMT(RMT):
     def build(self, name, embed_dim, num_layers, cfg, init_std=1.0):
         if name != "memory_gate":
             return super().build(name, embed_dim, num_layers, cfg, init_std)
-        gate = nn.Linear(2 * embed_dim, embed_dim)
+        inputs = 1 if str(getattr(cfg, "memory_gate_input", None) or GATE_INPUTS[0]) == "read" else 2
+        gate = nn.Linear(inputs * embed_dim, embed_dim)  # --memory-gate-input: [w; r] (2C) or r (C)
         nn.init.zeros_(gate.weight)
         nn.init.constant_(gate.bias, float(getattr(cfg, "memory_gate_bias", None) or 0.0))  # --memory-gate-bias
         return gate
@@ -213,9 +218,10 @@ class GatedRMT(RMT):
     gate = staticmethod(torch.sigmoid)
 
     def carry(self, owner, h, rows, read):
-        w = h[:, rows]  # B x M x C
-        z = self.gate(owner.memory_gate(torch.cat([w, read.to(w.dtype)], dim=-1)))  # B x M x C
-        return z * w + (1 - z) * read.to(w.dtype)
+        w, r = h[:, rows], read.to(h.dtype)  # B x M x C
+        gate_in = r if owner.memory_gate.in_features == r.size(-1) else torch.cat([w, r], dim=-1)
+        z = self.gate(owner.memory_gate(gate_in))  # B x M x C
+        return z * w + (1 - z) * r
 
     def describe(self, owner):
         return (f"RMT with a gated write, {self.M} memory tokens (--mem-tokens, --memory-layout {self.name}) whose "

@@ -118,7 +118,7 @@ STRUCTURAL_FIELDS = ["decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_d
                      "decoder_head_dim", "mem_tokens", "share_decoder_input_output_embed", "adaptive_input",
                      "adaptive_input_cutoff", "adaptive_input_factor", "adaptive_softmax_cutoff",
                      "adaptive_softmax_factor", "tie_adaptive_weights", "tie_adaptive_proj", "embedding_impl",
-                     "div_val", "associative_memory", "d_mem", "dpfp_nu", "memory_layout"]
+                     "div_val", "associative_memory", "d_mem", "dpfp_nu", "memory_layout", "memory_gate_input"]
 
 
 def _linked(cfg, key):

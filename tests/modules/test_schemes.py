@@ -129,6 +129,8 @@ def test_the_gate_bias_flag_sets_how_much_the_first_write_lets_in(family, layout
                                   "gated_hard; --memory-layout rmt has none (got --memory-gate-bias -2.0)"),
     (dict(memory_layout="gated_hard", memory_gate_bias=-3.0), "--memory-gate-bias must be in (-3, 3) for "
                                                               "--memory-layout gated_hard"),
+    (dict(memory_gate_input="read"), "--memory-gate-input chooses the update gate's input of --memory-layout gated "
+                                     "or gated_hard; --memory-layout rmt has none (got --memory-gate-input read)"),
 ])
 def test_a_gate_bias_that_cannot_be_honoured_is_refused(flags, error):
     from rmt_fairseq.errors import RMTConfigError
@@ -138,6 +140,31 @@ def test_a_gate_bias_that_cannot_be_honoured_is_refused(flags, error):
     with pytest.raises(RMTConfigError) as e:
         validate_memory(cfg)
     assert error in str(e.value)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_gate_on_the_read_alone_once_closed_stays_closed_where_one_on_both_opens(family):
+    """--memory-gate-input read: z = hardsigmoid(W_z r + b_z) sees the memory read alone, so a slot closed on every
+    channel sees the same input in every later segment and keeps its memory bit for bit, whatever the segments
+    bring. The same read weights with the written rows as a second input (the default) open on some segment."""
+    torch.manual_seed(1)
+    by_read = FAMILIES[family](memory_layout="gated_hard", memory_gate_input="read").eval()
+    both = FAMILIES[family](memory_layout="gated_hard").eval()
+    assert by_read.memory_gate.in_features == both.memory_gate.in_features // 2
+    both.load_state_dict({k: v for k, v in by_read.state_dict().items() if not k.startswith("memory_gate.")},
+                         strict=False)
+    init = by_read.initial_memory(2).detach()  # 2 x M x C
+    with torch.no_grad():
+        by_read.memory_gate.weight.normal_(0, 0.5)
+        a = by_read.memory_gate(init[0])  # M x C: the gate's pre-activation on the initial memory
+        by_read.memory_gate.bias.sub_(a.max(0).values + 3.5)  # every channel of every slot at or below -3.5
+        C = init.size(-1)
+        both.memory_gate.weight.normal_(0, 0.5)  # the written rows' half
+        both.memory_gate.weight[:, C:] = by_read.memory_gate.weight  # the read half: by_read's
+        both.memory_gate.bias.copy_(by_read.memory_gate.bias)
+    x = torch.randint(4, 40, (2, 24 * T))
+    assert all(torch.equal(m, init) for m in _memories(by_read, x, 24))
+    assert not torch.equal(_memories(both, x, 24)[-1], init)
 
 
 def test_the_gate_learns_through_the_carried_memory():
