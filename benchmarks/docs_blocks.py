@@ -420,23 +420,27 @@ def render_memorization_ablation(data: dict) -> str:
     lines = []
     for task in sorted({r["task"] for r in data["rows"]}):
         rows = [r for r in data["rows"] if r["task"] == task]
-        lines += [f"**{task}**", "", "| recipe | what changes | seed | scored on | updates | curriculum reached | N | "
-                  "2N | 8N | 32N | longest (tokens) | commit |", "|" + " --- |" * 12]
+        lines += [f"**{task}**", "", "| recipe | what changes | seed | scored on | updates | curriculum reached | "
+                  "closed gate | N | 2N | 8N | 32N | longest (tokens) | commit |", "|" + " --- |" * 13]
         for r in rows:
             commit = (r.get("provenance", {}).get("commit") or "?")[:7]
             updates = r.get("updates") or r.get("last_valid_update") or "?"
             head = f"| {r['recipe']} | {r['change']} | {r['seed']} | {r['subset']} | {updates} |"
             if "rows" not in r:
                 lines.append(f"{head} training stopped at stage {r.get('curriculum_stage_reached')}: "
-                             f"{r.get('last_error_line') or r.get('training_stopped')} | | | | | | {commit} |")
+                             f"{r.get('last_error_line') or r.get('training_stopped')} | | | | | | | {commit} |")
                 continue
             accs = " | ".join(f"{e['accuracy']:.1f}" for e in r["rows"][:-1])
             accs += f" | {r['rows'][-1]['accuracy']:.1f} ({r['rows'][-1]['tokens']:,})"
+            gate = r.get("gate_closed_share")
             lines.append(f"{head} {r['curriculum_stage_reached']} of {r.get('trained_to', '?')} "
-                         f"({r['final_valid_accuracy']:.1f}% valid) | {accs} | {commit} |")
+                         f"({r['final_valid_accuracy']:.1f}% valid) | {'' if gate is None else f'{100 * gate:.1f}%'} "
+                         f"| {accs} | {commit} |")
         lines.append("")
     p = data["rows"][-1].get("provenance") if data["rows"] else None
-    lines.append("Accuracy (%) of 64 documents per length; N = the curriculum stage reached; chance 16.7. "
+    lines.append("Accuracy (%) of 64 documents per length; N = the curriculum stage reached; chance 16.7. Closed gate "
+                 "(gated_hard): the share of the update gate's channels exactly closed (they keep their memory bit "
+                 "for bit) over segments 2 to 160 of 64 validation documents, the checkpoint's. "
                  + _source({"provenance": p}, "benchmarks/results/memorization_ablation.json")
                  + " Each row was measured by its own run of the script (commit column).")
     return "\n".join(lines)

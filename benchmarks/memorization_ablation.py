@@ -131,6 +131,7 @@ def train_and_score(name, a, data, bindir, T, N, seed):
     upd, acc, stages = last_valid(log)
     row.update(train_seconds=round(secs, 1), updates=upd, final_valid_accuracy=acc,
                curriculum_stage_reached=1 + len(stages), trained_to=n_max)
+    row["gate_closed_share"] = gate_closed_share(os.path.join(work, "ckpt", "checkpoint_last.pt"), data, a.num_docs)
     rows = []
     for subset in a.subset.split(","):
         out = os.path.join(work, f"extrapolate_{subset}")
@@ -145,6 +146,39 @@ def train_and_score(name, a, data, bindir, T, N, seed):
                          rows=[{k: r[k] for k in ("segments", "tokens", "accuracy", "us_per_token")}
                                for r in rep["rows"]]))
     return rows
+
+
+GATE_SEGMENTS = 160  # the gate is measured over segments 2 .. GATE_SEGMENTS of each document
+
+
+def gate_closed_share(ckpt: str, data: str, num_docs: int = 64, segments: int = GATE_SEGMENTS):
+    """Share of the hard update gate's channels (slots x C) exactly closed, pre-activation <= -3 (hardsigmoid 0: the
+    channel keeps its memory bit for bit), over segments 2..`segments` of the first num_docs validation documents
+    (segment 1 writes the fact), through the model's forward with a hook on its `memory_gate`; None for a checkpoint
+    without --memory-layout gated_hard. A leak of a few percent per segment is harmless over the trained length and
+    not over 31,250 segments: this says which channels cannot leak."""
+    import torch
+    from fairseq import checkpoint_utils, utils
+
+    from rmt_fairseq.data.documents import encode
+    from rmt_fairseq.modules.recurrence import RecurrentState
+
+    utils.import_user_module(argparse.Namespace(user_dir=os.path.join(REPO, "user_dir")))
+    state = checkpoint_utils.load_checkpoint_to_cpu(ckpt, {"data": data})
+    if str(state["cfg"]["model"].get("memory_layout")) != "gated_hard":
+        return None
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], {"data": data}, state=state)
+    model = models[0].eval()
+    task.load_dataset("valid")
+    ds, T = task.datasets["valid"], task.cfg.tokens_per_sample
+    docs = [ds.document(i, length=segments * T) for i in range(num_docs)]
+    closed = []
+    hook = model.encoder.memory_gate.register_forward_hook(lambda m, i, out: closed.append((out <= -3).float().mean()))
+    src = torch.stack([encode(task.dictionary, d.tokens(0, segments * T)) for d in docs])
+    with torch.no_grad():
+        model(src, segment_len=T, rmt_state=RecurrentState())
+    hook.remove()
+    return round(float(torch.stack(closed[1:]).mean()), 4)  # the carries after segments 2..segments
 
 
 def plot(rows, png):
@@ -199,6 +233,9 @@ def main(argv=None):
     ap.add_argument("--png", default="benchmarks/results/memorization_ablation.png")
     ap.add_argument("--workdir", default="/tmp/rmt_ablation")
     ap.add_argument("--render", action="store_true", help="only re-draw --png from --out")
+    ap.add_argument("--measure-gates", default=None, metavar="DIRS",
+                    help="only add gate_closed_share to the rows of --out whose checkpoint is under one of these "
+                         "comma-separated earlier --workdir directories (gated_hard recipes trained before it existed)")
     a = ap.parse_args(argv)
     results = {"rows": []}
     if os.path.isfile(a.out):
@@ -206,6 +243,21 @@ def main(argv=None):
             results = json.load(f)
     if a.render:
         plot(results["rows"], a.png)
+        return
+    if a.measure_gates:
+        for r in results["rows"]:
+            if "gated_hard" not in r["flags"] or "gate_closed_share" in r:
+                continue
+            for d in a.measure_gates.split(","):
+                ckpt = os.path.join(d, f"{r['task']}_{r['recipe']}_s{r['seed']}", "ckpt", "checkpoint_last.pt")
+                data = os.path.join(d, f"data_{r['task']}" + (f"_n{r['train_size']}" if r.get("train_size", 20000)
+                                                               != 20000 else ""))
+                if os.path.isfile(ckpt) and os.path.isdir(data):
+                    r["gate_closed_share"] = gate_closed_share(ckpt, data)
+                    print(f"{r['task']} {r['recipe']} seed {r['seed']}: closed gate share {r['gate_closed_share']}")
+                    break
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
         return
     names = a.recipes.split(",")
     for n in names:

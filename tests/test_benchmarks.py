@@ -122,6 +122,7 @@ def test_memorization_ablation_trains_once_and_scores_both_splits(tmp_path):
     n = rows[0]["curriculum_stage_reached"]
     assert [e["segments"] for e in rows[0]["rows"]] == [n, 2 * n, 8 * n, 32 * n, 63]  # 63 x 32 >= 2000 tokens
     assert all(0 <= e["accuracy"] <= 100 for r in rows for e in r["rows"])
+    assert 0 <= rows[0]["gate_closed_share"] <= 1 and rows[0]["gate_closed_share"] == rows[1]["gate_closed_share"]
     p = subprocess.run(base + ["--recipes", "nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "error: --recipes: unknown recipe 'nope'" in p.stderr
     assert len(json.loads(out.read_text())["rows"]) == 2  # a refused run leaves the results as they were
