@@ -442,7 +442,7 @@ def test_presets_parse_to_the_stock_settings(name):
                                       "trained_tokens_per_sample", "trained_memory_reset_interval",
                                       "associative_memory", "d_mem", "dpfp_nu", "associative_write",
                                       "associative_state_dtype", "inference_schedule", "memory_layout",
-                                      "checkpoint_file"}
+                                      "memory_gate_bias", "memory_gate_input", "checkpoint_file"}
     assert ours["mem_tokens"] == 10 and ours["associative_memory"] is False
     assert ours["inference_schedule"] == "sequential"
     armt = parse(f"armt_{name}")
