@@ -87,6 +87,10 @@ RECIPES.update({
                                     "(--memory-gate-input read)",
                                     RMT + ["--memory-layout", "gated_hard", "--curriculum-mix",
                                            "--memory-gate-input", "read"]),
+    "rmt_gated_hard_mix_readgate_bias-2": ("hard gated write + --curriculum-mix, the gate on the memory read alone "
+                                           "and starting to keep it (--memory-gate-input read --memory-gate-bias -2)",
+                                           RMT + ["--memory-layout", "gated_hard", "--curriculum-mix",
+                                                  "--memory-gate-input", "read", "--memory-gate-bias", "-2"]),
     "rmt_gated_hard_mix_8seg": ("hard gated write + --curriculum-mix, curriculum to 8 segments",
                                 RMT + ["--memory-layout", "gated_hard", "--curriculum-mix", "--max-num-segments", "8"]),
     "rmt_gated_hard_mix_8seg_fresh": ("hard gated write + --curriculum-mix, curriculum to 8 segments, fresh documents",
