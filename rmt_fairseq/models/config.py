@@ -14,7 +14,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from rmt_fairseq.errors import RMTConfigError, check
 from rmt_fairseq.modules import associative
 from rmt_fairseq.modules.recurrence import DEFAULT_SEGMENT_LEN, SCHEDULES
-from rmt_fairseq.modules.schemes import GATE_INPUTS, LAYOUTS
+from rmt_fairseq.modules.schemes import GATE_INPUTS, GATED_LAYOUTS, LAYOUTS
 
 logger = logging.getLogger(__name__)
 
@@ -188,16 +188,16 @@ def validate_memory(cfg) -> None:
     check(layout == "rmt" or cfg.mem_tokens > 0, f"--memory-layout {layout} needs --mem-tokens > 0, got --mem-tokens 0")
     gate_bias = getattr(cfg, "memory_gate_bias", None)
     if gate_bias is not None:
-        check(layout in ("gated", "gated_hard"),
-              f"--memory-gate-bias initialises the update gate of --memory-layout gated or gated_hard; --memory-layout "
-              f"{layout} has none (got --memory-gate-bias {gate_bias})")
+        check(layout in GATED_LAYOUTS,
+              f"--memory-gate-bias initialises the update gate of --memory-layout {' or '.join(GATED_LAYOUTS)}; "
+              f"--memory-layout {layout} has none (got --memory-gate-bias {gate_bias})")
         check(layout != "gated_hard" or -3 < gate_bias < 3,
               f"--memory-gate-bias must be in (-3, 3) for --memory-layout gated_hard (the hard sigmoid has no "
               f"gradient outside it: the gate could never move), got {gate_bias}")
     gate_input = str(getattr(cfg, "memory_gate_input", None) or GATE_INPUTS[0])
     check(gate_input in GATE_INPUTS, f"--memory-gate-input must be one of {', '.join(GATE_INPUTS)}, got {gate_input}")
-    check(gate_input == GATE_INPUTS[0] or layout in ("gated", "gated_hard"),
-          f"--memory-gate-input chooses the update gate's input of --memory-layout gated or gated_hard; "
+    check(gate_input == GATE_INPUTS[0] or layout in GATED_LAYOUTS,
+          f"--memory-gate-input chooses the update gate's input of --memory-layout {' or '.join(GATED_LAYOUTS)}; "
           f"--memory-layout {layout} has none (got --memory-gate-input {gate_input})")
     if not getattr(cfg, "associative_memory", False):
         return

@@ -284,6 +284,7 @@ class ARMT(MemoryScheme):
 
 
 SCHEMES = {"none": MemoryScheme, "mt": MT, "rmt": RMT, "gated": GatedRMT, "gated_hard": HardGatedRMT, "armt": ARMT}
+GATED_LAYOUTS = tuple(n for n, kind in SCHEMES.items() if issubclass(kind, GatedRMT))  # those with an update gate
 
 
 def scheme_name(cfg) -> str:
