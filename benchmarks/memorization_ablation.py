@@ -164,8 +164,7 @@ def gate_closed_share(ckpt: str, data: str, num_docs: int = 64, segments: int = 
     import torch
     from fairseq import checkpoint_utils, utils
 
-    from rmt_fairseq.data.documents import encode
-    from rmt_fairseq.modules.recurrence import RecurrentState
+    from rmt_fairseq.cli.extrapolate_classification import evaluate_length
 
     utils.import_user_module(argparse.Namespace(user_dir=os.path.join(REPO, "user_dir")))
     state = checkpoint_utils.load_checkpoint_to_cpu(ckpt, {"data": data})
@@ -174,13 +173,10 @@ def gate_closed_share(ckpt: str, data: str, num_docs: int = 64, segments: int = 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], {"data": data}, state=state)
     model = models[0].eval()
     task.load_dataset("valid")
-    ds, T = task.datasets["valid"], task.cfg.tokens_per_sample
-    docs = [ds.document(i, length=segments * T) for i in range(num_docs)]
     closed = []
     hook = model.encoder.memory_gate.register_forward_hook(lambda m, i, out: closed.append((out <= -3).float().mean()))
-    src = torch.stack([encode(task.dictionary, d.tokens(0, segments * T)) for d in docs])
-    with torch.no_grad():
-        model(src, segment_len=T, rmt_state=RecurrentState())
+    # the documents streamed as rmt-extrapolate-classify streams them: one batch, one chunk, one carry per segment
+    evaluate_length(task, model, segments, num_docs, batch_size=num_docs, chunk=segments, subset="valid")
     hook.remove()
     return round(float(torch.stack(closed[1:]).mean()), 4)  # the carries after segments 2..segments
 
